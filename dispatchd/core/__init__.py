@@ -1,0 +1,7 @@
+"""The functional core: pure code, no asyncio, no I/O, the time passed in.
+
+- ``model``: the immutable dispatch value and its protobuf conversion.
+- ``recurrence``: occurrences of a dispatch, built on dateutil's rrule.
+- ``engine``: the state machine turning API changes and time into messages.
+- ``wire``: the wire-v1 encoding of those messages for AMQP.
+"""

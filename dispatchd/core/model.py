@@ -1,0 +1,166 @@
+"""The dispatch model: an immutable value for one version of one dispatch.
+
+Everything downstream (recurrence, engine, wire, SDK) works on this type, so
+it is a frozen dataclass with plain, comparable fields. The target and the
+enums are reused from ``frequenz-client-dispatch`` (so its conversions apply);
+the recurrence is our own frozen copy of its mutable ``RecurrenceRule``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from frequenz.api.dispatch.v1.dispatch_pb2 import Dispatch as PBDispatch
+from frequenz.client.dispatch.recurrence import EndCriteria, Frequency, RecurrenceRule, Weekday
+from frequenz.client.dispatch.types import Dispatch as ClientDispatch
+from frequenz.client.dispatch.types import (
+    DispatchId,
+    TargetCategories,
+    TargetComponents,
+    TargetIds,
+)
+
+__all__ = [
+    "Dispatch",
+    "Frequency",
+    "Recurrence",
+    "TargetCategories",
+    "TargetComponents",
+    "TargetIds",
+    "Weekday",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recurrence:
+    """An RFC 5545-style rule; ``None`` on a dispatch means one-off.
+
+    Count and until are mutually exclusive, as in the API's ``EndCriteria``.
+    """
+
+    frequency: Frequency
+    interval: int = 1
+    count: int | None = None
+    until: datetime | None = None
+    byminutes: tuple[int, ...] = ()
+    byhours: tuple[int, ...] = ()
+    byweekdays: tuple[Weekday, ...] = ()
+    bymonthdays: tuple[int, ...] = ()
+    bymonths: tuple[int, ...] = ()
+
+    @classmethod
+    def from_client(cls, rule: RecurrenceRule) -> Recurrence | None:
+        """Freeze the client's rule; an UNSPECIFIED frequency means one-off."""
+        if rule.frequency == Frequency.UNSPECIFIED:
+            return None
+        end = rule.end_criteria
+        return cls(
+            frequency=rule.frequency,
+            interval=rule.interval,
+            count=end.count if end else None,
+            until=end.until if end else None,
+            byminutes=tuple(rule.byminutes),
+            byhours=tuple(rule.byhours),
+            byweekdays=tuple(rule.byweekdays),
+            bymonthdays=tuple(rule.bymonthdays),
+            bymonths=tuple(rule.bymonths),
+        )
+
+    def to_client(self) -> RecurrenceRule:
+        """The client's mutable rule, for protobuf conversion and the API client."""
+        end = None
+        if self.count is not None or self.until is not None:
+            end = EndCriteria(count=self.count, until=self.until)
+        return RecurrenceRule(
+            frequency=self.frequency,
+            interval=self.interval,
+            end_criteria=end,
+            byminutes=list(self.byminutes),
+            byhours=list(self.byhours),
+            byweekdays=list(self.byweekdays),
+            bymonthdays=list(self.bymonthdays),
+            bymonths=list(self.bymonths),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispatch:
+    """One version of a dispatch, as the API last described it.
+
+    ``payload`` is a plain mapping that nobody mutates; equality compares
+    every field, which is how the engine tells a real change from a no-op.
+    """
+
+    id: int
+    microgrid_id: int
+    type: str
+    start_time: datetime
+    duration: timedelta | None
+    target: TargetComponents
+    active: bool = True
+    dry_run: bool = False
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    recurrence: Recurrence | None = None
+    create_time: datetime
+    update_time: datetime
+    end_time: datetime | None = None
+
+    @classmethod
+    def from_client(cls, dispatch: ClientDispatch, microgrid_id: int) -> Dispatch:
+        """Convert what ``DispatchApiClient`` yields."""
+        return cls(
+            id=int(dispatch.id),
+            microgrid_id=microgrid_id,
+            type=dispatch.type,
+            start_time=_utc(dispatch.start_time),
+            duration=dispatch.duration,
+            target=dispatch.target,
+            active=dispatch.active,
+            dry_run=dispatch.dry_run,
+            payload=dict(dispatch.payload),
+            recurrence=Recurrence.from_client(dispatch.recurrence),
+            create_time=_utc(dispatch.create_time),
+            update_time=_utc(dispatch.update_time),
+            end_time=_utc(dispatch.end_time) if dispatch.end_time else None,
+        )
+
+    def to_client(self) -> ClientDispatch:
+        """The ``frequenz-client-dispatch`` value with the same fields."""
+        return ClientDispatch(
+            id=DispatchId(self.id),
+            type=self.type,
+            start_time=self.start_time,
+            duration=self.duration,
+            target=self.target,
+            active=self.active,
+            dry_run=self.dry_run,
+            payload=dict(self.payload),
+            recurrence=self.recurrence.to_client() if self.recurrence else RecurrenceRule(),
+            create_time=self.create_time,
+            update_time=self.update_time,
+            end_time=self.end_time,
+        )
+
+    @classmethod
+    def from_protobuf(cls, message: PBDispatch, microgrid_id: int) -> Dispatch:
+        """Convert the API's protobuf message (the microgrid id is not in it)."""
+        return cls.from_client(ClientDispatch.from_protobuf(message), microgrid_id)
+
+    def to_protobuf(self) -> PBDispatch:
+        """The API's protobuf message."""
+        return self.to_client().to_protobuf()
+
+    @property
+    def is_recurring(self) -> bool:
+        """Whether the recurrence rule applies (infinite dispatches ignore it)."""
+        return self.recurrence is not None and self.duration is not None
+
+
+def _utc(moment: datetime) -> datetime:
+    """Normalise to an aware UTC datetime so comparisons never mix kinds."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -1,0 +1,1 @@
+"""Occurrences of a dispatch, from dateutil's rrule in UTC (not built yet)."""

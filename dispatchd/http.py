@@ -1,0 +1,1 @@
+"""HTTP endpoints: /metrics, /livez, /healthz, /readyz (not built yet)."""

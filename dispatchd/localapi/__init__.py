@@ -1,0 +1,1 @@
+"""The local dispatch API: MicrogridDispatchService on SQLite (not built yet)."""

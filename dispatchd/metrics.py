@@ -1,0 +1,1 @@
+"""Prometheus metric definitions, one place for every dispatchd_ name (not built yet)."""

@@ -1,0 +1,1 @@
+"""Publisher: outbox to RabbitMQ with confirms, pipelined, per-dispatch order kept (not built yet)."""

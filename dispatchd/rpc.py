@@ -1,0 +1,1 @@
+"""Snapshot RPC server on <exchange>.rpc (wire-v1 section 6) (not built yet)."""

@@ -1,0 +1,1 @@
+"""dispatchd schedule: print the occurrences the daemon would run in a window (not built yet)."""
