@@ -1,1 +1,94 @@
-"""Prometheus metric definitions, one place for every dispatchd_ name (not built yet)."""
+"""Prometheus metric definitions, one place for every ``dispatchd_`` name.
+
+The names, types and labels are the contract of operations.md § Metrics;
+every module imports its metrics from here so none is defined twice. They
+live on a dedicated registry so tests and embedders never collide with the
+process-wide default registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from dispatchd import __version__
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+DISPATCH_STATES = ("scheduled", "running", "finished", "inactive", "invalid")
+
+DISPATCHES = Gauge(
+    "dispatchd_dispatches",
+    "Known dispatches per microgrid, by schedule state.",
+    ["microgrid_id", "state"],
+    registry=REGISTRY,
+)
+
+MESSAGES_PUBLISHED = Counter(
+    "dispatchd_messages_published_total",
+    "Messages the broker confirmed, by kind (lifecycle/running) and event.",
+    ["kind", "event"],
+    registry=REGISTRY,
+)
+
+MESSAGES_UNROUTABLE = Counter(
+    "dispatchd_messages_unroutable_total",
+    "Messages the broker returned because no queue was bound to receive them.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+OUTBOX_MESSAGES = Gauge(
+    "dispatchd_outbox_messages",
+    "Messages written to the durable outbox and not yet confirmed by the broker.",
+    registry=REGISTRY,
+)
+
+TRANSITION_LATENESS = Histogram(
+    "dispatchd_transition_lateness_seconds",
+    "How late a message was emitted after its transition was due (emitted_at - scheduled_for).",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    registry=REGISTRY,
+)
+
+API_STREAM_UP = Gauge(
+    "dispatchd_api_stream_up",
+    "1 while the dispatch API event stream of a microgrid is connected.",
+    ["microgrid_id"],
+    registry=REGISTRY,
+)
+
+API_RECONNECTS = Counter(
+    "dispatchd_api_reconnects_total",
+    "Reconnections to the dispatch API stream.",
+    ["microgrid_id"],
+    registry=REGISTRY,
+)
+
+API_LAST_SYNC_TIMESTAMP = Gauge(
+    "dispatchd_api_last_sync_timestamp_seconds",
+    "Unix time of the last completed full sync with the dispatch API.",
+    ["microgrid_id"],
+    registry=REGISTRY,
+)
+
+BROKER_UP = Gauge(
+    "dispatchd_broker_up",
+    "1 while the publisher is connected to the broker with a usable channel.",
+    registry=REGISTRY,
+)
+
+RPC_REQUESTS = Counter(
+    "dispatchd_rpc_requests_total",
+    "Snapshot RPC requests, by method and outcome.",
+    ["method", "outcome"],
+    registry=REGISTRY,
+)
+
+BUILD_INFO = Gauge(
+    "dispatchd_build_info",
+    "Always 1; the version label tells which build runs.",
+    ["version"],
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(version=__version__).set(1)
