@@ -1,0 +1,525 @@
+"""Configuration: defaults < TOML file < ``DISPATCHD_*`` environment, validated once.
+
+Everything that reads settings gets a frozen :class:`Settings`; nothing else in
+the project looks at files or the environment for configuration. Secrets are
+``SecretStr`` (or :class:`SecretUrl` for the AMQP URL) so that printing or
+logging a settings object never shows them, and each secret also accepts a
+``<key>_file`` variant that is read here, before validation, so a missing file
+is reported with its key like any other problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "ENV_PREFIX",
+    "SECRET_KEYS",
+    "AmqpConfig",
+    "ApiConfig",
+    "ConfigError",
+    "HttpConfig",
+    "LocalApiConfig",
+    "LogConfig",
+    "SecretUrl",
+    "Settings",
+    "StateConfig",
+    "effective_config",
+    "load_config",
+    "mask_url",
+    "split_host_port",
+]
+
+ENV_PREFIX = "DISPATCHD_"
+_ENV_NESTED = "__"
+_CONFIG_ENV = ENV_PREFIX + "CONFIG"
+MASK = "***"
+
+SECRET_KEYS: tuple[str, ...] = (
+    "api.auth_key",
+    "api.sign_secret",
+    "api.local.auth_keys",
+    "api.local.sign_secret",
+    "amqp.url",
+)
+"""Dotted keys that hold secrets; each also accepts ``<key>_file``."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """Every problem found while loading the configuration, as (key, message) pairs."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems: list[tuple[str, str]] = list(problems)
+        super().__init__("; ".join(f"{key}: {message}" for key, message in self.problems))
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to print or log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:{MASK}@"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=userinfo + host))
+
+
+class SecretUrl(SecretStr):
+    """A URL whose password is a secret: shown with the password as ``***``."""
+
+    def _display(self) -> str:
+        return mask_url(self.get_secret_value())
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too); ``ValueError`` names what is wrong."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"expected host:port, got {address!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _check_listen(address: str) -> str:
+    split_host_port(address)
+    return address
+
+
+def _check_url(url: str, schemes: tuple[str, ...]) -> SplitResult:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ValueError(f"scheme must be {' or '.join(schemes)}, got {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    return parts
+
+
+def _blank_to_none(value: Any) -> Any:
+    """An empty secret means "not set", as in the spec's ``sign_secret = ""``."""
+    if value == "" or (isinstance(value, SecretStr) and not value.get_secret_value()):
+        return None
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalApiConfig(_Section):
+    """The local dispatch API, embedded in ``run`` or served alone by ``dispatchd api``."""
+
+    listen: str = "127.0.0.1:50051"
+    database: Path = Path("dispatches.sqlite3")
+    auth_keys: list[SecretStr] = Field(default_factory=list)
+    sign_secret: SecretStr | None = None
+
+    _listen = field_validator("listen")(_check_listen)
+    _blank = field_validator("sign_secret", mode="before")(_blank_to_none)
+
+    @field_validator("auth_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value() for key in keys):
+            raise ValueError("an accepted key must not be empty")
+        return keys
+
+
+class ApiConfig(_Section):
+    """The dispatch API to sync from; ``url`` unset means the embedded local API."""
+
+    url: str | None = None
+    auth_key: SecretStr | None = None
+    sign_secret: SecretStr | None = None
+    call_timeout: PositiveFloat = 60.0
+    stream_timeout: PositiveFloat = 300.0
+    local: LocalApiConfig = Field(default_factory=LocalApiConfig)
+
+    _blank = field_validator("auth_key", "sign_secret", mode="before")(_blank_to_none)
+
+    @field_validator("url")
+    @classmethod
+    def _grpc_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = _check_url(url, ("grpc", "grpcs"))
+        if parts.username or parts.password or parts.path not in ("", "/") or parts.fragment:
+            raise ValueError("expected grpc[s]://host:port[?options], nothing else")
+        return url
+
+    @property
+    def client_url(self) -> str | None:
+        """The URL in the form ``DispatchApiClient`` takes (it knows only ``grpc://``).
+
+        ``grpcs://`` becomes ``grpc://…?ssl=true``; ``None`` when embedded.
+        """
+        if self.url is None:
+            return None
+        parts = urlsplit(self.url)
+        if parts.scheme == "grpc":
+            return self.url
+        query = dict(parse_qsl(parts.query))
+        query["ssl"] = "true"
+        return urlunsplit(("grpc", parts.netloc, "", urlencode(query), ""))
+
+
+class AmqpConfig(_Section):
+    """The RabbitMQ broker and the topic exchange the daemon publishes to."""
+
+    url: SecretUrl = SecretUrl("amqp://guest:guest@localhost:5672/")
+    exchange: str = Field(default="dispatch", min_length=1, max_length=255)
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, url: SecretUrl) -> SecretUrl:
+        try:
+            _check_url(url.get_secret_value(), ("amqp", "amqps"))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (in {url})") from None
+        return url
+
+
+class StateConfig(_Section):
+    """Where the daemon keeps its SQLite state."""
+
+    dir: Path = Path("./var")
+
+
+class HttpConfig(_Section):
+    """The /metrics, /livez and /readyz listener."""
+
+    listen: str = "127.0.0.1:9464"
+
+    _listen = field_validator("listen")(_check_listen)
+
+
+class LogConfig(_Section):
+    """Log level and renderer; ``auto`` picks console on a TTY, else JSON."""
+
+    level: str = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        upper = level.upper()
+        if upper not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        return upper
+
+
+class Settings(BaseSettings):
+    """The whole configuration.
+
+    ``microgrid_ids`` defaults to ``[1]`` so that a bare ``dispatchd run``
+    against the embedded API (which serves any microgrid) works with no file.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    microgrid_ids: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    shutdown_timeout: PositiveFloat = 10.0
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    amqp: AmqpConfig = Field(default_factory=AmqpConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only what :func:`load_config` passes in: it layers file and environment itself.
+
+        That keeps the environment an argument (tests pass a mapping), lets
+        unknown ``DISPATCHD_*`` names be reported, and reads ``*_file`` secrets
+        before validation so their errors carry their keys.
+        """
+        return (init_settings,)
+
+    @field_validator("microgrid_ids")
+    @classmethod
+    def _unique_ids(cls, ids: list[int]) -> list[int]:
+        if len(set(ids)) != len(ids):
+            raise ValueError("microgrid ids must not repeat")
+        return ids
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        """Put a relative database under state.dir; let the embedded API's auth apply to us.
+
+        With ``api.url`` unset the daemon talks to its own local API, so its
+        client credentials default to the local API's accepted key and secret,
+        and contradicting them is an error rather than a silent auth failure.
+        """
+        local = self.api.local
+        api = self.api
+        if not local.database.is_absolute():
+            local = local.model_copy(update={"database": self.state.dir / local.database})
+        if api.url is None:
+            accepted = [key.get_secret_value() for key in local.auth_keys]
+            if api.auth_key is None and accepted:
+                api = api.model_copy(update={"auth_key": local.auth_keys[0]})
+            elif (
+                api.auth_key is not None
+                and accepted
+                and api.auth_key.get_secret_value() not in accepted
+            ):
+                raise ValueError(
+                    "api.auth_key: must be one of api.local.auth_keys "
+                    "when the embedded local API is used (api.url unset)"
+                )
+            if api.sign_secret is None and local.sign_secret is not None:
+                api = api.model_copy(update={"sign_secret": local.sign_secret})
+            elif (
+                api.sign_secret is not None
+                and local.sign_secret is not None
+                and api.sign_secret.get_secret_value() != local.sign_secret.get_secret_value()
+            ):
+                raise ValueError(
+                    "api.sign_secret: must equal api.local.sign_secret "
+                    "when the embedded local API is used (api.url unset)"
+                )
+        api = api.model_copy(update={"local": local})
+        object.__setattr__(self, "api", api)
+        return self
+
+    @property
+    def embedded_api(self) -> bool:
+        """Whether ``run`` starts the local API itself (``api.url`` unset)."""
+        return self.api.url is None
+
+    @property
+    def log_level(self) -> int:
+        """The ``logging`` level number for ``log.level``."""
+        level: int = logging.getLevelNamesMapping()[self.log.level]
+        return level
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Load defaults < TOML file < environment and validate, or raise one ``ConfigError``.
+
+    ``path`` None falls back to ``DISPATCHD_CONFIG`` and then to no file.
+    ``env`` None means ``os.environ``; tests pass their own mapping.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    problems: list[tuple[str, str]] = []
+    if path is None and environ.get(_CONFIG_ENV):
+        path = Path(environ[_CONFIG_ENV])
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_toml(path, problems)
+    _merge(raw, _from_env(environ, problems))
+    _read_secret_files(raw, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Settings(**raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(error) for error in exc.errors()]) from None
+
+
+def _read_toml(path: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(("config", f"cannot read {path}: {exc.strerror or exc}"))
+        return {}
+    except UnicodeDecodeError as exc:
+        problems.append(("config", f"{path} is not UTF-8 text: {exc.reason}"))
+        return {}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(("config", f"{path}: invalid TOML: {exc}"))
+        return {}
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+    """A pydantic error as (dotted key, message); model-level errors have no loc."""
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    if key == "config" and ": " in message:
+        key, _, message = message.partition(": ")
+    return key, message
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return {name: info.annotation for name, info in model.model_fields.items()}
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(
+        get_origin(arg) is list for arg in get_args(annotation)
+    )
+
+
+def _from_env(environ: Mapping[str, str], problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """``DISPATCHD_A__B=v`` as ``{"a": {"b": v}}``; unknown names are problems, not ignored.
+
+    A misspelt variable (one ``_`` instead of ``__``) would otherwise be
+    dropped silently, which is exactly the mistake ``extra="forbid"`` is for.
+    List and table values are JSON (``DISPATCHD_MICROGRID_IDS='[7, 8]'``).
+    """
+    result: dict[str, Any] = {}
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == _CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(_ENV_NESTED)
+        annotation = _env_target(path)
+        if annotation is None:
+            hint = f" (nested keys are separated by '{_ENV_NESTED}')" if len(path) == 1 else ""
+            problems.append((name, f"unknown setting{hint}"))
+            continue
+        value: Any = environ[name]
+        if _is_model(annotation) or _is_list(annotation):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                problems.append((name, f"expected JSON, e.g. '[7, 8]': {exc.msg}"))
+                continue
+        _set(result, path, value)
+    return result
+
+
+def _env_target(path: Sequence[str]) -> Any:
+    """The annotation of the setting at ``path``, or None if there is no such setting."""
+    annotation: Any = Settings
+    for depth, part in enumerate(path):
+        if not _is_model(annotation):
+            return None
+        fields = _section_fields(annotation)
+        is_last = depth == len(path) - 1
+        secret = ".".join([*path[:depth], part.removesuffix("_file")])
+        if is_last and part.endswith("_file") and secret in SECRET_KEYS:
+            return str
+        if part not in fields:
+            return None
+        annotation = fields[part]
+    return annotation
+
+
+def _set(target: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+    target[path[-1]] = value
+
+
+def _read_secret_files(raw: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+    """Replace each ``<secret>_file`` by the file's content, trailing newline stripped."""
+    for key in SECRET_KEYS:
+        *parents, leaf = key.split(".")
+        section: Any = raw
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or f"{leaf}_file" not in section:
+            continue
+        file_key = f"{key}_file"
+        file_name = section.pop(f"{leaf}_file")
+        if leaf in section:
+            problems.append((key, f"set either {leaf} or {leaf}_file, not both"))
+            continue
+        if not isinstance(file_name, str) or not file_name:
+            problems.append((file_key, "must be a file path"))
+            continue
+        try:
+            content = Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append((file_key, f"cannot read {file_name}: {reason}"))
+            continue
+        if leaf == "auth_keys":
+            section[leaf] = [line.strip() for line in content.splitlines() if line.strip()]
+        else:
+            section[leaf] = content
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret masked, for ``check-config``.
+
+    Unset optional values are left out (TOML has no null).
+    """
+    return _plain(settings)
+
+
+def _plain(model: BaseModel) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if value is None:
+            continue
+        result[name] = _plain_value(value)
+    return result
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _plain(value)
+    if isinstance(value, SecretUrl):
+        return str(value)
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, list):
+        return [_plain_value(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
