@@ -326,6 +326,17 @@ class Settings(BaseSettings):
         """Whether ``run`` starts the local API itself (``api.url`` unset)."""
         return self.api.url is None
 
+    def secret_values(self) -> list[str]:
+        """The plain text of every configured secret, so logs can mask them anywhere."""
+        values = [key.get_secret_value() for key in self.api.local.auth_keys]
+        for secret in (self.api.auth_key, self.api.sign_secret, self.api.local.sign_secret):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        password = urlsplit(self.amqp.url.get_secret_value()).password
+        if password:
+            values.append(password)
+        return values
+
     @property
     def log_level(self) -> int:
         """The ``logging`` level number for ``log.level``."""
