@@ -1,0 +1,336 @@
+"""The ``dispatchd`` command line: parse, load the configuration, hand over to a command module.
+
+Exit codes (operations.md): 0 done, 2 bad configuration or arguments, 1 any
+other failure. Expected errors are one line on stderr, never a traceback.
+
+The commands themselves live elsewhere and are found by name, so this module
+stays thin and works while they are being built:
+
+- ``run``: ``dispatchd.daemon.main(settings: Settings) -> int``
+- ``schedule``: ``dispatchd.schedule.main(settings, *, microgrid_id, start, end,
+  dispatch_type) -> int`` (``start``/``end`` aware UTC datetimes,
+  ``dispatch_type`` ``str | None``)
+- ``tail``: ``dispatchd.tail.main(settings, *, bindings: list[str], raw_json: bool) -> int``
+- ``api``: ``dispatchd.localapi.server.LocalApiServer`` (driven from here)
+
+A module without that function prints "not implemented yet" and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from dispatchd import __version__
+from dispatchd.config import ConfigError, Settings, effective_config, load_config, split_host_port
+from dispatchd.logs import configure_from_settings, get_logger
+
+__all__ = ["build_parser", "main", "render_toml"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_CONFIG_HELP = (
+    "TOML configuration file (default: $DISPATCHD_CONFIG, else built-in defaults); "
+    "DISPATCHD_* environment variables override it"
+)
+
+
+class _UsageError(Exception):
+    """A bad argument value found after parsing; reported like argparse's own errors."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, public so tests and docs can walk the commands."""
+    parser = argparse.ArgumentParser(
+        prog="dispatchd",
+        description=(
+            "Sync dispatches from the Frequenz Dispatch API, schedule them and publish "
+            "their lifecycle and running state to a RabbitMQ topic exchange."
+        ),
+        epilog="Exit codes: 0 done, 2 bad configuration or arguments, 1 any other failure.",
+    )
+    parser.add_argument("--version", action="version", version=f"dispatchd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description)
+        sub.add_argument("--config", metavar="FILE", type=Path, help=_CONFIG_HELP)
+        return sub
+
+    command(
+        "run",
+        "run the daemon",
+        "Run the daemon: sync every configured microgrid, schedule its dispatches, "
+        "publish lifecycle and running messages, serve the snapshot RPC, /metrics, "
+        "/livez and /readyz, until SIGTERM or SIGINT; then stop gracefully within "
+        "shutdown_timeout. With api.url unset it also starts the embedded local API.",
+    )
+    check = command(
+        "check-config",
+        "validate the configuration and print it",
+        "Load and validate the configuration and print the effective values with "
+        "secrets masked (exit 0), or print every problem as 'key: message' (exit 2).",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    command(
+        "api",
+        "serve only the local dispatch API",
+        "Serve only the local dispatch API (MicrogridDispatchService on SQLite) on "
+        "api.local.listen, for docker compose and development, until SIGTERM or SIGINT.",
+    )
+    schedule = command(
+        "schedule",
+        "print the occurrences in a time window",
+        "Print the occurrences (start, end, dispatch id, type) the daemon would run "
+        "for one microgrid in a time window, computed by the daemon's own code.",
+    )
+    schedule.add_argument(
+        "--microgrid", metavar="ID", type=_positive_int, required=True, help="microgrid id"
+    )
+    schedule.add_argument(
+        "--from",
+        dest="start",
+        metavar="TIME",
+        type=_timestamp,
+        help="window start, ISO 8601 (naive times are UTC) or 'now' (default: now)",
+    )
+    schedule.add_argument(
+        "--to",
+        dest="end",
+        metavar="TIME",
+        type=_timestamp,
+        help="window end, ISO 8601 or 'now' (default: 24 hours after the start)",
+    )
+    schedule.add_argument(
+        "--type", dest="dispatch_type", metavar="T", help="only dispatches of this type"
+    )
+    tail = command(
+        "tail",
+        "print every message on the exchange",
+        "Subscribe to the exchange and print every message, one line each, readable "
+        "by people. Stop with Ctrl-C.",
+    )
+    tail.add_argument(
+        "--bind",
+        metavar="KEY",
+        action="append",
+        default=[],
+        dest="bindings",
+        help="binding key, repeatable (default: '#', everything)",
+    )
+    tail.add_argument("--json", action="store_true", help="print the raw JSON bodies")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _timestamp(text: str) -> datetime:
+    if text == "now":
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time like 2026-05-01T12:00:00+02:00, got {text!r}"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dispatchd`` script and ``python -m dispatchd``."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argparse's own errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    name: str = args.command
+    try:
+        settings = load_config(args.config)
+        if name == "check-config":
+            return _check_config(settings, as_json=args.json, out=sys.stdout)
+        return _COMMANDS[name](settings, args)
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            print(f"{key}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except _UsageError as exc:
+        print(f"dispatchd {name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # one clear line instead of a traceback (operations.md)
+        print(f"dispatchd {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _check_config(settings: Settings, *, as_json: bool, out: TextIO) -> int:
+    values = effective_config(settings)
+    if as_json:
+        out.write(json.dumps(values, indent=2) + "\n")
+    else:
+        out.write("# effective dispatchd configuration; secrets are masked\n")
+        if settings.embedded_api:
+            out.write("# api.url is unset: the embedded local API (api.local) is used\n")
+        out.write(render_toml(values))
+    return EXIT_OK
+
+
+def render_toml(values: dict[str, Any]) -> str:
+    """Nested plain data (str, int, float, bool, lists of those, tables) as TOML."""
+    lines: list[str] = []
+    _render_table(values, [], lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render_table(values: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+    if path and scalars:
+        lines.append(f"\n[{'.'.join(path)}]")
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables.items():
+        _render_table(table, [*path, key], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _not_yet(name: str) -> int:
+    print(f"dispatchd {name}: not implemented yet", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _command_function(module_name: str) -> Callable[..., int] | None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+    function: Callable[..., int] | None = getattr(module, "main", None)
+    return function
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    daemon = _command_function("dispatchd.daemon")
+    if daemon is None:
+        return _not_yet("run")
+    return daemon(settings)
+
+
+def _schedule(settings: Settings, args: argparse.Namespace) -> int:
+    start: datetime = args.start or datetime.now(UTC)
+    end: datetime = args.end or start + timedelta(days=1)
+    if end <= start:
+        raise _UsageError("--to must be after --from")
+    schedule = _command_function("dispatchd.schedule")
+    if schedule is None:
+        return _not_yet("schedule")
+    return schedule(
+        settings,
+        microgrid_id=args.microgrid,
+        start=start,
+        end=end,
+        dispatch_type=args.dispatch_type,
+    )
+
+
+def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    tail = _command_function("dispatchd.tail")
+    if tail is None:
+        return _not_yet("tail")
+    return tail(settings, bindings=list(args.bindings) or ["#"], raw_json=args.json)
+
+
+class _LocalApiServer(Protocol):
+    async def start(self) -> int: ...
+    async def stop(self, grace: float | None) -> None: ...
+    async def wait_closed(self) -> None: ...
+
+
+def _api(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module("dispatchd.localapi.server")
+    except ModuleNotFoundError as exc:
+        if exc.name != "dispatchd.localapi.server":
+            raise
+        return _not_yet("api")
+    server_class = getattr(module, "LocalApiServer", None)
+    if server_class is None:
+        return _not_yet("api")
+    configure_from_settings(settings)
+    local = settings.api.local
+    local.database.parent.mkdir(parents=True, exist_ok=True)
+    server: _LocalApiServer = server_class(
+        listen=local.listen,
+        database=local.database,
+        auth_keys=[key.get_secret_value() for key in local.auth_keys],
+        sign_secret=local.sign_secret.get_secret_value() if local.sign_secret else "",
+    )
+    return asyncio.run(_serve_until_signal(server, local.listen, settings.shutdown_timeout))
+
+
+async def _serve_until_signal(server: _LocalApiServer, listen: str, grace: float) -> int:
+    log = get_logger("dispatchd.api")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    port = await server.start()
+    host, _ = split_host_port(listen)
+    log.info("local dispatch API listening", address=f"{host}:{port}")
+    stopping = asyncio.ensure_future(stop.wait())
+    closed = asyncio.ensure_future(server.wait_closed())
+    await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
+    if closed.done():
+        stopping.cancel()
+        log.error("local dispatch API stopped unexpectedly")
+        return EXIT_FAILURE
+    log.info("stopping local dispatch API", grace_seconds=grace)
+    await server.stop(grace)
+    with contextlib.suppress(asyncio.CancelledError):
+        await closed
+    log.info("local dispatch API stopped")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": _run,
+    "api": _api,
+    "schedule": _schedule,
+    "tail": _tail,
+}
