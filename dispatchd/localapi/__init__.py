@@ -1,1 +1,5 @@
-"""The local dispatch API: MicrogridDispatchService on SQLite (not built yet)."""
+"""The local dispatch API: ``MicrogridDispatchService`` over gRPC, kept in SQLite."""
+
+from dispatchd.localapi.server import LocalApiServer
+
+__all__ = ["LocalApiServer"]

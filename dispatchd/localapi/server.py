@@ -1,0 +1,87 @@
+"""The local dispatch API server: gRPC (``grpc.aio``) in front of SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+import structlog
+from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
+
+from dispatchd.localapi.auth import Authenticator, AuthInterceptor
+from dispatchd.localapi.broadcaster import Broadcaster
+from dispatchd.localapi.service import DispatchService
+from dispatchd.localapi.storage import Storage
+
+_log = structlog.get_logger(__name__)
+
+
+class LocalApiServer:
+    """``MicrogridDispatchService`` on ``listen``, dispatches kept in ``database``.
+
+    With ``auth_keys`` only calls carrying one of them as ``key`` metadata are
+    served; with ``sign_secret`` calls must also carry a valid HMAC signature.
+    """
+
+    def __init__(
+        self,
+        *,
+        listen: str,
+        database: pathlib.Path,
+        auth_keys: Sequence[str] = (),
+        sign_secret: str = "",
+    ) -> None:
+        self._listen = listen
+        self._database = database
+        self._authenticator = Authenticator(auth_keys=auth_keys, sign_secret=sign_secret)
+        self.broadcaster = Broadcaster()
+        """The event fan-out (exposed so embedders and tests can observe streams)."""
+        self._server: grpc.aio.Server | None = None
+        self._storage: Storage | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Open the database and bind; returns the bound port (``:0`` picks a free one)."""
+        if self._server is not None:
+            raise RuntimeError("LocalApiServer already started")
+        storage = Storage(self._database)
+        interceptors = [AuthInterceptor(self._authenticator)] if self._authenticator.enabled else []
+        # Without this, gRPC sets SO_REUSEPORT and a second server would share the port.
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        dispatch_pb2_grpc.add_MicrogridDispatchServiceServicer_to_server(
+            DispatchService(storage, self.broadcaster), server
+        )
+        try:
+            port = server.add_insecure_port(self._listen)
+        except RuntimeError:
+            storage.close()
+            raise
+        if port == 0:
+            storage.close()
+            raise OSError(f"cannot listen on {self._listen}")
+        await server.start()
+        self._server = server
+        self._storage = storage
+        self._stopped.clear()
+        _log.info("local dispatch API listening", listen=self._listen, port=port)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """End the streams, stop serving (waiting ``grace`` seconds for calls), close the DB."""
+        server, storage = self._server, self._storage
+        if server is None or storage is None:
+            return
+        self._server = None
+        self._storage = None
+        self.broadcaster.close_all()
+        await server.stop(grace)
+        storage.close()
+        self._stopped.set()
+        _log.info("local dispatch API stopped")
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`stop` has finished."""
+        await self._stopped.wait()
