@@ -1,0 +1,697 @@
+"""wire-v1 bodies: the spec's golden example, round trips, times, malformed input.
+
+The hypothesis strategies here are shared with test_wire_routing and
+test_wire_snapshot.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from frequenz.client.common.microgrid.electrical_components import ElectricalComponentCategory
+from frequenz.client.dispatch.types import (
+    BatteryType,
+    EvChargerType,
+    InverterType,
+    TargetCategories,
+    TargetCategory,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatchd.core import wire
+from dispatchd.core.messages import (
+    Event,
+    LifecycleMessage,
+    Message,
+    Occurrence,
+    Reason,
+    RunningMessage,
+)
+from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds, Weekday
+
+# ------------------------------------------------------------------ strategies
+
+times = st.datetimes(
+    min_value=datetime(1970, 1, 1), max_value=datetime(2300, 1, 1), timezones=st.just(UTC)
+)
+whole_second_times = times.map(lambda moment: moment.replace(microsecond=0))
+any_times = st.one_of(whole_second_times, times)
+
+durations = st.one_of(
+    st.none(),
+    st.integers(min_value=0, max_value=10**9).map(lambda s: timedelta(seconds=s)),
+    st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=36500)),
+)
+
+component_categories = st.sampled_from(list(ElectricalComponentCategory))
+category_types = st.one_of(
+    st.sampled_from(list(BatteryType)),
+    st.sampled_from(list(EvChargerType)),
+    st.sampled_from(list(InverterType)),
+)
+targets = st.one_of(
+    st.lists(st.integers(min_value=0, max_value=2**63)).map(lambda ids: TargetIds(*ids)),
+    st.lists(component_categories).map(lambda cats: TargetCategories(*cats)),
+    st.lists(st.one_of(component_categories, category_types)).map(
+        lambda cats: TargetCategories(*cats)
+    ),
+)
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+payloads = st.dictionaries(st.text(), json_values, max_size=5)
+
+
+@st.composite
+def recurrences(draw: st.DrawFn) -> Recurrence:
+    end = draw(st.sampled_from(["none", "count", "until"]))
+    small_ints = st.lists(st.integers(min_value=-400, max_value=400), max_size=5)
+    return Recurrence(
+        frequency=draw(st.sampled_from(list(Frequency))),
+        interval=draw(st.integers(min_value=0, max_value=1000)),
+        count=draw(st.integers(min_value=0, max_value=10**6)) if end == "count" else None,
+        until=draw(any_times) if end == "until" else None,
+        byminutes=tuple(draw(small_ints)),
+        byhours=tuple(draw(small_ints)),
+        byweekdays=tuple(draw(st.lists(st.sampled_from(list(Weekday)), max_size=7))),
+        bymonthdays=tuple(draw(small_ints)),
+        bymonths=tuple(draw(small_ints)),
+    )
+
+
+dispatch_types = st.one_of(
+    st.sampled_from(["PEAK_SHAVING", "a.b", "*", "#", "", "Wärme pumpe"]), st.text()
+)
+
+
+@st.composite
+def dispatches(draw: st.DrawFn, microgrid_id: int | None = None) -> Dispatch:
+    return Dispatch(
+        id=draw(st.integers(min_value=0, max_value=2**63)),
+        microgrid_id=(
+            microgrid_id
+            if microgrid_id is not None
+            else draw(st.integers(min_value=0, max_value=2**64 - 1))
+        ),
+        type=draw(dispatch_types),
+        start_time=draw(any_times),
+        duration=draw(durations),
+        target=draw(targets),
+        active=draw(st.booleans()),
+        dry_run=draw(st.booleans()),
+        payload=draw(payloads),
+        recurrence=draw(st.one_of(st.none(), recurrences())),
+        create_time=draw(any_times),
+        update_time=draw(any_times),
+        end_time=draw(st.one_of(st.none(), any_times)),
+    )
+
+
+@st.composite
+def lifecycle_messages(draw: st.DrawFn) -> LifecycleMessage:
+    dispatch = draw(dispatches())
+    return LifecycleMessage(
+        event=draw(st.sampled_from([Event.CREATED, Event.UPDATED, Event.DELETED])),
+        dispatch=dispatch,
+        routing_type=draw(st.one_of(st.just(dispatch.type), dispatch_types)),
+        emitted_at=draw(any_times),
+    )
+
+
+@st.composite
+def running_messages(draw: st.DrawFn) -> RunningMessage:
+    return RunningMessage(
+        event=draw(st.sampled_from([Event.RUNNING, Event.STOPPED])),
+        reason=draw(st.sampled_from(list(Reason))),
+        dispatch=draw(dispatches()),
+        occurrence=Occurrence(draw(any_times), draw(st.one_of(st.none(), any_times))),
+        until=draw(st.one_of(st.none(), any_times)),
+        scheduled_for=draw(any_times),
+        emitted_at=draw(any_times),
+        sequence=draw(st.integers(min_value=0, max_value=2**63)),
+        running_state_change_synced=draw(st.one_of(st.none(), any_times)),
+        missed_runs=tuple(draw(st.lists(any_times, max_size=5))),
+    )
+
+
+messages: st.SearchStrategy[Message] = st.one_of(lifecycle_messages(), running_messages())
+
+FEW = settings(max_examples=150, deadline=None)
+
+# ---------------------------------------------------------------------- golden
+
+SPEC_EXAMPLE = """
+{
+  "schema": "dispatchd/v1",
+  "kind": "running",
+  "event": "running",
+  "reason": "started",
+  "microgrid_id": 7,
+  "dispatch": {
+    "id": 42,
+    "type": "PEAK_SHAVING",
+    "start_time": "2026-11-23T10:00:00Z",
+    "duration": 900,
+    "target": {"component_ids": [3, 4]},
+    "active": true,
+    "dry_run": false,
+    "payload": {"power_w": -5000},
+    "recurrence": null,
+    "create_time": "2026-11-20T08:00:00Z",
+    "update_time": "2026-11-22T09:30:00Z",
+    "end_time": "2026-11-23T10:15:00Z"
+  },
+  "occurrence": {"start": "2026-11-23T10:00:00Z", "end": "2026-11-23T10:15:00Z"},
+  "until": "2026-11-23T10:15:00Z",
+  "scheduled_for": "2026-11-23T10:00:00Z",
+  "emitted_at": "2026-11-23T10:00:00.004Z",
+  "sequence": 3,
+  "running_state_change_synced": "2026-11-22T10:15:00Z",
+  "missed_runs": []
+}
+"""
+
+
+def spec_dispatch() -> Dispatch:
+    start = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+    return Dispatch(
+        id=42,
+        microgrid_id=7,
+        type="PEAK_SHAVING",
+        start_time=start,
+        duration=timedelta(seconds=900),
+        target=TargetIds(4, 3),
+        active=True,
+        dry_run=False,
+        payload={"power_w": -5000},
+        recurrence=None,
+        create_time=datetime(2026, 11, 20, 8, 0, tzinfo=UTC),
+        update_time=datetime(2026, 11, 22, 9, 30, tzinfo=UTC),
+        end_time=start + timedelta(minutes=15),
+    )
+
+
+def spec_message() -> RunningMessage:
+    dispatch = spec_dispatch()
+    end = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
+    return RunningMessage(
+        event=Event.RUNNING,
+        reason=Reason.STARTED,
+        dispatch=dispatch,
+        occurrence=Occurrence(dispatch.start_time, end),
+        until=end,
+        scheduled_for=dispatch.start_time,
+        emitted_at=dispatch.start_time + timedelta(milliseconds=4),
+        sequence=3,
+        running_state_change_synced=datetime(2026, 11, 22, 10, 15, tzinfo=UTC),
+        missed_runs=(),
+    )
+
+
+def test_spec_example_is_reproduced_exactly() -> None:
+    envelope = wire.encode(spec_message())
+
+    assert json.loads(envelope.body) == json.loads(SPEC_EXAMPLE)
+    assert envelope.routing_key == "microgrid.7.running.running.PEAK_SHAVING"
+    assert envelope.type == "dispatch.running"
+    assert envelope.headers == {
+        "microgrid_id": 7,
+        "dispatch_id": 42,
+        "dispatch_type": "PEAK_SHAVING",
+        "event": "running",
+        "schema": "dispatchd/v1",
+    }
+    assert (envelope.microgrid_id, envelope.dispatch_id) == (7, 42)
+
+
+def test_spec_example_decodes_to_the_message() -> None:
+    assert wire.decode(SPEC_EXAMPLE.encode()) == spec_message()
+
+
+def test_constants() -> None:
+    assert (wire.CONTENT_TYPE, wire.APP_ID, wire.SCHEMA) == (
+        "application/json",
+        "dispatchd",
+        "dispatchd/v1",
+    )
+
+
+def test_body_is_utf8_not_ascii_escaped() -> None:
+    message = replace(spec_message(), dispatch=replace(spec_dispatch(), type="Wärme"))
+    assert "Wärme".encode() in wire.encode(message).body
+
+
+def test_lifecycle_body_has_every_key_with_running_ones_null() -> None:
+    dispatch = spec_dispatch()
+    message = LifecycleMessage(
+        event=Event.UPDATED,
+        dispatch=dispatch,
+        routing_type="OLD_TYPE",
+        emitted_at=datetime(2026, 11, 22, 9, 30, 0, 123456, tzinfo=UTC),
+    )
+    envelope = wire.encode(message)
+    body = json.loads(envelope.body)
+
+    assert set(body) == set(json.loads(SPEC_EXAMPLE))
+    assert (body["kind"], body["event"], body["microgrid_id"]) == ("lifecycle", "updated", 7)
+    assert body["emitted_at"] == "2026-11-22T09:30:00.123456Z"
+    running_only = ["reason", "occurrence", "until", "scheduled_for", "sequence"]
+    running_only += ["running_state_change_synced", "missed_runs"]
+    assert all(body[key] is None for key in running_only)
+    assert body["dispatch"] == json.loads(SPEC_EXAMPLE)["dispatch"]
+    assert envelope.type == "dispatch.lifecycle"
+    assert envelope.routing_key == "microgrid.7.lifecycle.updated.OLD_TYPE"
+    assert envelope.headers["dispatch_type"] == "OLD_TYPE"
+    assert envelope.headers["event"] == "updated"
+    assert wire.decode(envelope.body, envelope.headers) == message
+    # Without the header the routing type falls back to the body's type.
+    assert wire.decode(envelope.body).routing_type == "PEAK_SHAVING"
+
+
+# ---------------------------------------------------------------------- target
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (TargetIds(9, 3, 4), {"component_ids": [3, 4, 9]}),
+        (TargetIds(), {"component_ids": []}),
+        (
+            TargetCategories(
+                ElectricalComponentCategory.INVERTER, ElectricalComponentCategory.BATTERY
+            ),
+            {"component_categories": ["BATTERY", "INVERTER"]},
+        ),
+        (TargetCategories(), {"component_categories": []}),
+        (
+            TargetCategories(
+                ElectricalComponentCategory.METER,
+                BatteryType.LI_ION,
+                ElectricalComponentCategory.BATTERY,
+                InverterType.PV,
+            ),
+            {
+                "component_categories_types": [
+                    {"category": "BATTERY", "type": None},
+                    {"category": "BATTERY", "type": "LI_ION"},
+                    {"category": "INVERTER", "type": "PV"},
+                    {"category": "METER", "type": None},
+                ]
+            },
+        ),
+        (
+            TargetCategories(EvChargerType.DC),
+            {"component_categories_types": [{"category": "EV_CHARGER", "type": "DC"}]},
+        ),
+    ],
+)
+def test_target_forms(target: Any, expected: dict[str, Any]) -> None:
+    dispatch = replace(spec_dispatch(), target=target)
+    encoded = wire.dispatch_to_json(dispatch)
+    assert encoded["target"] == expected
+    decoded = wire.dispatch_from_json(encoded, 7)
+    assert decoded == dispatch
+    assert type(decoded.target) is type(target)
+
+
+def test_typed_categories_with_null_type_decode_as_plain_categories() -> None:
+    obj = wire.dispatch_to_json(spec_dispatch())
+    obj["target"] = {"component_categories_types": [{"category": "BATTERY", "type": None}]}
+    target = wire.dispatch_from_json(obj, 7).target
+    assert target == TargetCategories(ElectricalComponentCategory.BATTERY)
+    assert isinstance(target, TargetCategories)
+    assert all(category.type is None for category in target)
+
+
+def test_deprecated_solar_inverter_name_is_accepted_as_pv() -> None:
+    obj = wire.dispatch_to_json(spec_dispatch())
+    obj["target"] = {"component_categories_types": [{"category": "INVERTER", "type": "SOLAR"}]}
+    assert wire.dispatch_from_json(obj, 7).target == TargetCategories(
+        TargetCategory(target=InverterType.PV)
+    )
+
+
+# ------------------------------------------------------------------ recurrence
+
+
+def test_recurrence_shape() -> None:
+    rule = Recurrence(
+        frequency=Frequency.WEEKLY,
+        interval=2,
+        until=datetime(2027, 1, 1, tzinfo=UTC),
+        byhours=(10, 8),
+        byweekdays=(Weekday.MONDAY, Weekday.FRIDAY),
+        bymonthdays=(-1,),
+    )
+    obj = wire.dispatch_to_json(replace(spec_dispatch(), recurrence=rule))
+    assert obj["recurrence"] == {
+        "frequency": "WEEKLY",
+        "interval": 2,
+        "end_criteria": {"until": "2027-01-01T00:00:00Z"},
+        "byminutes": [],
+        "byhours": [10, 8],
+        "byweekdays": ["MONDAY", "FRIDAY"],
+        "bymonthdays": [-1],
+        "bymonths": [],
+    }
+    counted = replace(rule, until=None, count=5)
+    assert wire.dispatch_to_json(replace(spec_dispatch(), recurrence=counted))["recurrence"][
+        "end_criteria"
+    ] == {"count": 5}
+    endless = replace(rule, until=None)
+    assert (
+        wire.dispatch_to_json(replace(spec_dispatch(), recurrence=endless))["recurrence"][
+            "end_criteria"
+        ]
+        is None
+    )
+
+
+def test_duration_null_and_fractional() -> None:
+    assert wire.dispatch_to_json(replace(spec_dispatch(), duration=None))["duration"] is None
+    half = replace(spec_dispatch(), duration=timedelta(seconds=1, microseconds=500000))
+    assert wire.dispatch_to_json(half)["duration"] == 1.5
+    assert wire.dispatch_from_json(wire.dispatch_to_json(half), 7) == half
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@FEW
+@given(dispatches())
+def test_dispatch_json_round_trip(dispatch: Dispatch) -> None:
+    obj = wire.dispatch_to_json(dispatch)
+    # The store and the RPC keep it as JSON text, so go through text too.
+    decoded = wire.dispatch_from_json(json.loads(json.dumps(obj)), dispatch.microgrid_id)
+    assert decoded == dispatch
+    assert type(decoded.target) is type(dispatch.target)
+
+
+@FEW
+@given(messages)
+def test_message_round_trip(message: Message) -> None:
+    envelope = wire.encode(message)
+    decoded = wire.decode(envelope.body, envelope.headers)
+    assert decoded == message
+    assert type(decoded.dispatch.target) is type(message.dispatch.target)
+    # Deterministic: encoding again gives the very same bytes.
+    assert wire.encode(message) == envelope
+
+
+@FEW
+@given(running_messages())
+def test_running_decode_needs_no_headers(message: RunningMessage) -> None:
+    assert wire.decode(wire.encode(message).body) == message
+
+
+# ----------------------------------------------------------------------- times
+
+
+@pytest.mark.parametrize(
+    ("moment", "text"),
+    [
+        (datetime(2026, 11, 23, 10, 0, tzinfo=UTC), "2026-11-23T10:00:00Z"),
+        (datetime(2026, 11, 23, 10, 0, 0, 4000, tzinfo=UTC), "2026-11-23T10:00:00.004Z"),
+        (datetime(2026, 11, 23, 10, 0, 0, 4001, tzinfo=UTC), "2026-11-23T10:00:00.004001Z"),
+        (datetime(2026, 11, 23, 10, 0, 0, 120000, tzinfo=UTC), "2026-11-23T10:00:00.120Z"),
+        (datetime(2026, 11, 23, 10, 0), "2026-11-23T10:00:00Z"),
+        (
+            datetime(2026, 11, 23, 11, 30, tzinfo=timezone(timedelta(hours=1, minutes=30))),
+            "2026-11-23T10:00:00Z",
+        ),
+        (datetime(5, 1, 2, 3, 4, 5, tzinfo=UTC), "0005-01-02T03:04:05Z"),
+    ],
+)
+def test_format_time(moment: datetime, text: str) -> None:
+    assert wire.format_time(moment) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-23T10:00:00Z",
+        "2026-11-23T10:00:00+00:00",
+        "2026-11-23T10:00:00-00:00",
+        "2026-11-23t10:00:00z",
+        "2026-11-23 10:00:00Z",
+        "2026-11-23T11:00:00+01:00",
+        "2026-11-23T08:30:00-01:30",
+        "2026-11-23T10:00:00.000Z",
+        "2026-11-23T10:00:00.000000000Z",
+    ],
+)
+def test_parse_time_accepts_rfc3339(text: str) -> None:
+    assert wire.parse_time(text) == datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+    assert wire.parse_time(text).tzinfo is UTC
+
+
+def test_parse_time_truncates_below_microseconds() -> None:
+    assert wire.parse_time("2026-11-23T10:00:00.1234569Z") == datetime(
+        2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-23",
+        "2026-11-23T10:00:00",
+        "2026-11-23T10:00Z",
+        "20261123T100000Z",
+        "2026-13-01T00:00:00Z",
+        "2026-11-23T24:00:00Z",
+        "2026-11-23T10:00:00+24:00",
+        "2026-11-23T10:00:00.Z",
+        "2026-11-23T10:00:00Z ",
+        "0001-01-01T00:00:00+01:00",
+        "\uff12\uff10\uff12\uff16-11-23T10:00:00Z",  # full-width digits
+    ],
+)
+def test_parse_time_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"RFC 3339|range|month|hour"):
+        wire.parse_time(text)
+
+
+@FEW
+@given(times)
+def test_time_round_trip(moment: datetime) -> None:
+    assert wire.parse_time(wire.format_time(moment)) == moment
+
+
+# ------------------------------------------------------------------- malformed
+
+
+def _set(obj: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        obj = obj[key]
+    if value is _DELETE:
+        del obj[last]
+    else:
+        obj[last] = value
+
+
+_DELETE = object()
+_SPEC = json.loads(SPEC_EXAMPLE)
+_SPEC_WITH_RULE = copy.deepcopy(_SPEC)
+_SPEC_WITH_RULE["dispatch"]["recurrence"] = {
+    "frequency": "DAILY",
+    "interval": 1,
+    "end_criteria": {"count": 3},
+    "byminutes": [],
+    "byhours": [],
+    "byweekdays": ["MONDAY"],
+    "bymonthdays": [],
+    "bymonths": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        ("schema", _DELETE, "schema"),
+        ("schema", "dispatchd/v2", "schema"),
+        ("kind", _DELETE, "kind"),
+        ("kind", "status", "kind"),
+        ("event", "created", "event"),
+        ("event", 1, "event"),
+        ("reason", "bored", "reason"),
+        ("reason", None, "reason"),
+        ("microgrid_id", "7", "microgrid_id"),
+        ("microgrid_id", True, "microgrid_id"),
+        ("dispatch", _DELETE, "dispatch"),
+        ("dispatch", [], "dispatch"),
+        ("dispatch.id", 42.0, "dispatch.id"),
+        ("dispatch.type", None, "dispatch.type"),
+        ("dispatch.start_time", "yesterday", "dispatch.start_time"),
+        ("dispatch.start_time", "2026-11-23T10:00:00", "dispatch.start_time"),
+        ("dispatch.start_time", _DELETE, "dispatch.start_time"),
+        ("dispatch.duration", "900", "dispatch.duration"),
+        ("dispatch.duration", True, "dispatch.duration"),
+        ("dispatch.duration", 1e300, "dispatch.duration"),
+        ("dispatch.target", {}, "dispatch.target"),
+        ("dispatch.target", None, "dispatch.target"),
+        (
+            "dispatch.target",
+            {"component_ids": [1], "component_categories": ["BATTERY"]},
+            "dispatch.target",
+        ),
+        ("dispatch.target", {"component_ids": 3}, "dispatch.target.component_ids"),
+        ("dispatch.target", {"component_ids": [1, "2"]}, "dispatch.target.component_ids[1]"),
+        (
+            "dispatch.target",
+            {"component_categories": ["BATTERY", "TOASTER"]},
+            "dispatch.target.component_categories[1]",
+        ),
+        (
+            "dispatch.target",
+            {"component_categories_types": [{"category": "METER", "type": "LI_ION"}]},
+            "dispatch.target.component_categories_types[0].type",
+        ),
+        (
+            "dispatch.target",
+            {"component_categories_types": [{"category": "BATTERY", "type": "PV"}]},
+            "dispatch.target.component_categories_types[0].type",
+        ),
+        (
+            "dispatch.target",
+            {"component_categories_types": [{"type": "LI_ION"}]},
+            "dispatch.target.component_categories_types[0].category",
+        ),
+        ("dispatch.active", "true", "dispatch.active"),
+        ("dispatch.dry_run", _DELETE, "dispatch.dry_run"),
+        ("dispatch.payload", [1], "dispatch.payload"),
+        ("dispatch.payload", None, "dispatch.payload"),
+        ("dispatch.recurrence", "DAILY", "dispatch.recurrence"),
+        ("dispatch.create_time", None, "dispatch.create_time"),
+        ("dispatch.update_time", 1700000000, "dispatch.update_time"),
+        ("dispatch.end_time", "soon", "dispatch.end_time"),
+        ("occurrence", None, "occurrence"),
+        ("occurrence.start", None, "occurrence.start"),
+        ("occurrence.end", _DELETE, "occurrence.end"),
+        ("until", "later", "until"),
+        ("scheduled_for", None, "scheduled_for"),
+        ("emitted_at", _DELETE, "emitted_at"),
+        ("sequence", 3.0, "sequence"),
+        ("sequence", None, "sequence"),
+        ("running_state_change_synced", 0, "running_state_change_synced"),
+        ("missed_runs", None, "missed_runs"),
+        ("missed_runs", ["2026-11-23T10:00:00Z", "x"], "missed_runs[1]"),
+    ],
+)
+def test_malformed_body_names_the_key(path: str, value: Any, named: str) -> None:
+    body = copy.deepcopy(_SPEC)
+    _set(body, path, value)
+    with pytest.raises(wire.WireError) as raised:
+        wire.decode(json.dumps(body).encode())
+    assert raised.value.key == named
+    assert named in str(raised.value)
+    assert raised.value.code == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        ("frequency", "FORTNIGHTLY", "dispatch.recurrence.frequency"),
+        ("interval", "1", "dispatch.recurrence.interval"),
+        ("end_criteria", {}, "dispatch.recurrence.end_criteria"),
+        (
+            "end_criteria",
+            {"count": 3, "until": "2026-11-23T10:00:00Z"},
+            "dispatch.recurrence.end_criteria",
+        ),
+        ("end_criteria", {"count": "3"}, "dispatch.recurrence.end_criteria.count"),
+        ("end_criteria", {"until": "never"}, "dispatch.recurrence.end_criteria.until"),
+        ("byweekdays", ["MONDAY", "FUNDAY"], "dispatch.recurrence.byweekdays[1]"),
+        ("byhours", [1, None], "dispatch.recurrence.byhours[1]"),
+        ("bymonths", _DELETE, "dispatch.recurrence.bymonths"),
+    ],
+)
+def test_malformed_recurrence_names_the_key(path: str, value: Any, named: str) -> None:
+    body = copy.deepcopy(_SPEC_WITH_RULE)
+    _set(body, "dispatch.recurrence." + path, value)
+    with pytest.raises(wire.WireError) as raised:
+        wire.decode(json.dumps(body).encode())
+    assert raised.value.key == named
+    assert named in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"", "not JSON"),
+        (b"{", "not JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[]", "body: expected an object"),
+        (b'"running"', "body: expected an object"),
+        (b"null", "body: expected an object"),
+        (b'{"schema": NaN}', "NaN is not JSON"),
+        (b"[" * 100000 + b"]" * 100000, "body"),
+    ],
+)
+def test_not_a_json_object_is_rejected(body: bytes, says: str) -> None:
+    with pytest.raises(wire.WireError, match=says):
+        wire.decode(body)
+
+
+def test_nan_in_payload_is_rejected() -> None:
+    text = SPEC_EXAMPLE.replace('"power_w": -5000', '"power_w": Infinity')
+    with pytest.raises(wire.WireError, match="Infinity"):
+        wire.decode(text.encode())
+
+
+def test_unknown_keys_are_ignored_everywhere() -> None:
+    body = copy.deepcopy(_SPEC_WITH_RULE)
+    body["priority"] = "high"
+    body["dispatch"]["labels"] = {"team": "ops"}
+    body["dispatch"]["target"]["component_ids_v2"] = None
+    body["dispatch"]["recurrence"]["bysetpos"] = [1]
+    body["dispatch"]["recurrence"]["end_criteria"]["note"] = 1
+    body["occurrence"]["label"] = "x"
+    decoded = wire.decode(json.dumps(body).encode())
+    assert decoded == wire.decode(json.dumps(_SPEC_WITH_RULE).encode())
+    assert isinstance(decoded, RunningMessage)
+    assert decoded.dispatch.recurrence is not None
+    assert decoded.dispatch.recurrence.count == 3
+
+
+def test_lifecycle_ignores_running_only_keys() -> None:
+    body = copy.deepcopy(_SPEC)
+    body |= {"kind": "lifecycle", "event": "deleted", "reason": None}
+    del body["sequence"]
+    decoded = wire.decode(json.dumps(body).encode())
+    assert decoded == LifecycleMessage(
+        event=Event.DELETED,
+        dispatch=spec_dispatch(),
+        routing_type="PEAK_SHAVING",
+        emitted_at=datetime(2026, 11, 23, 10, 0, 0, 4000, tzinfo=UTC),
+    )
+
+
+def test_non_json_payload_cannot_be_encoded() -> None:
+    dispatch = replace(spec_dispatch(), payload={"power_w": float("nan")})
+    with pytest.raises(wire.WireError, match="JSON"):
+        wire.encode(replace(spec_message(), dispatch=dispatch))
+
+
+def test_dispatch_from_json_rejects_non_object() -> None:
+    with pytest.raises(wire.WireError, match="dispatch: expected an object"):
+        wire.dispatch_from_json([], 7)
