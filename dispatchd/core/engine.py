@@ -1,1 +1,753 @@
-"""The scheduling engine: API changes and time in, messages out (not built yet)."""
+"""The scheduling engine: API changes and time in, messages out.
+
+A pure, deterministic state machine over every known dispatch of every
+microgrid. Per dispatch it remembers what it last announced (stopped, or
+running with an occurrence and the runtime fields of ``dispatch``) and, at
+every instant something can change, compares that with the truth and emits
+only the difference (semantics.md). The caller owns the clock: every entry
+point takes ``now``, and :meth:`Engine.next_deadline` says when to call
+:meth:`Engine.advance` next.
+
+Scale: each dispatch has at most one live entry in a timer heap; entries are
+invalidated lazily by a per-dispatch version, so a change costs O(log n) plus
+the cost of building its schedule, and waking costs O(k log n) for k due
+transitions.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any
+
+from dispatchd.core.messages import (
+    Event,
+    LifecycleMessage,
+    Message,
+    Occurrence,
+    Reason,
+    RunningMessage,
+)
+from dispatchd.core.model import Dispatch
+from dispatchd.core.recurrence import Invalid, Schedule
+
+__all__ = [
+    "Change",
+    "Created",
+    "Deleted",
+    "DispatchRecord",
+    "Engine",
+    "Key",
+    "SnapshotEntry",
+    "Updated",
+]
+
+Key = tuple[int, int]
+"""``(microgrid_id, dispatch_id)``: dispatch ids are only unique per microgrid."""
+
+_ZERO = timedelta(0)
+_NEVER = datetime.max.replace(tzinfo=UTC)
+_ALWAYS = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """The stream reported a new dispatch."""
+
+    dispatch: Dispatch
+
+
+@dataclass(frozen=True, slots=True)
+class Updated:
+    """The stream reported a new version of a dispatch."""
+
+    dispatch: Dispatch
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """The stream reported a dispatch deleted."""
+
+    dispatch: Dispatch
+
+
+Change = Created | Updated | Deleted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotEntry:
+    """What a late-joining actor needs to know about one dispatch."""
+
+    dispatch: Dispatch
+    running: bool
+    until: datetime | None
+    sequence: int
+    occurrence: Occurrence | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchRecord:
+    """The persisted state of one dispatch.
+
+    ``announced`` is the occurrence last announced as running (``None`` when
+    stopped); the runtime fields announced with it are those of ``dispatch``,
+    because the engine re-announces whenever they change.
+    """
+
+    dispatch: Dispatch
+    announced: Occurrence | None
+    sequence: int
+    last_emitted_at: datetime | None
+    tombstone: bool
+    pending_missed: tuple[datetime, ...] = ()
+    last_pulse: datetime | None = None
+
+    def to_json(self, encode_dispatch: Callable[[Dispatch], Any]) -> dict[str, Any]:
+        """Plain JSON values; the caller supplies the dispatch encoding."""
+        return {
+            "dispatch": encode_dispatch(self.dispatch),
+            "announced": (
+                None
+                if self.announced is None
+                else {
+                    "start": _time_to_json(self.announced.start),
+                    "end": _opt_time_to_json(self.announced.end),
+                }
+            ),
+            "sequence": self.sequence,
+            "last_emitted_at": _opt_time_to_json(self.last_emitted_at),
+            "tombstone": self.tombstone,
+            "pending_missed": [_time_to_json(t) for t in self.pending_missed],
+            "last_pulse": _opt_time_to_json(self.last_pulse),
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: dict[str, Any], decode_dispatch: Callable[[Any], Dispatch]
+    ) -> DispatchRecord:
+        """Inverse of :meth:`to_json`."""
+        announced = data["announced"]
+        return cls(
+            dispatch=decode_dispatch(data["dispatch"]),
+            announced=(
+                None
+                if announced is None
+                else Occurrence(
+                    start=_time_from_json(announced["start"]),
+                    end=_opt_time_from_json(announced["end"]),
+                )
+            ),
+            sequence=int(data["sequence"]),
+            last_emitted_at=_opt_time_from_json(data["last_emitted_at"]),
+            tombstone=bool(data["tombstone"]),
+            pending_missed=tuple(_time_from_json(t) for t in data.get("pending_missed", ())),
+            last_pulse=_opt_time_from_json(data.get("last_pulse")),
+        )
+
+
+class _Mode(Enum):
+    """Why the engine is converging, which decides the reason of a start."""
+
+    CHANGE = "change"  # an API change learnt as it happened
+    LATE = "late"  # learnt late: restart or a re-list after a lost stream
+
+
+@dataclass(slots=True)
+class _Record:
+    """Live state of one dispatch (mutable, engine-internal)."""
+
+    key: Key
+    dispatch: Dispatch
+    schedule: Schedule | None
+    invalid: str | None
+    announced: Occurrence | None = None
+    sequence: int = 0
+    last_emitted_at: datetime | None = None
+    tombstone: bool = False
+    pending_missed: tuple[datetime, ...] = ()
+    last_pulse: datetime | None = None
+    deadline: datetime | None = None
+    version: int = 0
+    finished_from: datetime | None = None
+    """From when the schedule is finished (``_NEVER``: infinite or endless)."""
+
+
+@dataclass(slots=True)
+class _Draft:
+    """A running transition before its sequence number is known."""
+
+    record: _Record
+    event: Event
+    reason: Reason
+    dispatch: Dispatch
+    occurrence: Occurrence
+    scheduled_for: datetime
+
+
+_STATES = ("scheduled", "running", "finished", "inactive", "invalid")
+
+
+class Engine:
+    """Decides every lifecycle and running message of every dispatch."""
+
+    def __init__(self) -> None:
+        """Start empty, with no notion of time yet."""
+        self._microgrids: dict[int, dict[int, _Record]] = {}
+        self._heap: list[tuple[datetime, int, int, int]] = []
+        self._scheduled = 0
+        self._now: datetime | None = None
+        self._down_since: datetime | None = None
+        self._dirty: set[Key] = set()
+        self._new_invalid: list[tuple[Key, str]] = []
+
+    # ------------------------------------------------------------------ input
+
+    def apply(self, change: Change, now: datetime) -> list[Message]:
+        """A stream event: lifecycle message(s), then the running difference."""
+        now = self._tick(now)
+        out: list[Message] = self._advance(now)
+        dispatch = change.dispatch
+        key = (dispatch.microgrid_id, dispatch.id)
+        if isinstance(change, Deleted):
+            out.extend(self._delete(key, dispatch, now))
+        else:
+            out.extend(self._upsert(dispatch, now, _Mode.CHANGE))
+        return out
+
+    def relist(
+        self,
+        microgrid_id: int,
+        dispatches: Iterable[Dispatch],
+        now: datetime,
+        *,
+        initial: bool,
+    ) -> list[Message]:
+        """A full list of one microgrid: diff it against the view and converge.
+
+        Changes of known dispatches were learnt late (reason ``resumed``). With
+        ``initial`` (the first list since start-up) after a restore, dispatches
+        that are new or changed get ``missed_runs`` for the downtime too.
+        """
+        now = self._tick(now)
+        out: list[Message] = self._advance(now)
+        missed_since = self._down_since if initial else None
+        seen: set[int] = set()
+        for dispatch in dispatches:
+            if dispatch.microgrid_id != microgrid_id:
+                raise ValueError(
+                    f"dispatch {dispatch.id} belongs to microgrid {dispatch.microgrid_id}, "
+                    f"not {microgrid_id}"
+                )
+            seen.add(dispatch.id)
+            out.extend(self._upsert(dispatch, now, _Mode.LATE, missed_since=missed_since))
+        records = self._microgrids.get(microgrid_id, {})
+        missing = [
+            record
+            for dispatch_id, record in records.items()
+            if dispatch_id not in seen and not record.tombstone
+        ]
+        for record in sorted(missing, key=lambda r: r.key):
+            if self._could_be_listed(record, now):
+                out.extend(self._delete(record.key, record.dispatch, now))
+            else:
+                self._forget(record)
+        return out
+
+    def advance(self, now: datetime) -> list[Message]:
+        """Every transition due at or before ``now``, in time order."""
+        return self._advance(self._tick(now))
+
+    def resume(self, now: datetime) -> list[Message]:
+        """Converge the restored view after a restart (reason ``resumed``).
+
+        Occurrences that began and ended while dispatchd was down are kept as
+        ``missed_runs`` for each dispatch's next ``running`` message.
+        """
+        now = self._tick(now)
+        since = self._down_since
+        drafts: list[_Draft] = []
+        for microgrid_id in sorted(self._microgrids):
+            records = self._microgrids[microgrid_id]
+            for dispatch_id in sorted(records):
+                record = records[dispatch_id]
+                if record.tombstone:
+                    continue
+                if since is not None and record.schedule is not None and record.dispatch.active:
+                    self._set_missed(record, since, now)
+                drafts.extend(self._converge(record, now, Reason.RESUMED, since=since, pulse=False))
+                self._reschedule(record, now)
+        return self._finish(_order_instant(drafts), now)
+
+    # ----------------------------------------------------------------- timing
+
+    def next_deadline(self) -> datetime | None:
+        """When :meth:`advance` must next be called (``None``: nothing pending)."""
+        heap = self._heap
+        while heap:
+            deadline, microgrid_id, dispatch_id, version = heap[0]
+            record = self._microgrids.get(microgrid_id, {}).get(dispatch_id)
+            if record is not None and record.version == version and record.deadline is not None:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    # ---------------------------------------------------------------- queries
+
+    def snapshot(self, microgrid_id: int, type: str | None = None) -> list[SnapshotEntry]:
+        """The announced state of every known, non-deleted dispatch, by id."""
+        records = self._microgrids.get(microgrid_id, {})
+        entries = []
+        for dispatch_id in sorted(records):
+            record = records[dispatch_id]
+            if record.tombstone or (type is not None and record.dispatch.type != type):
+                continue
+            announced = record.announced
+            entries.append(
+                SnapshotEntry(
+                    dispatch=record.dispatch,
+                    running=announced is not None,
+                    until=announced.end if announced is not None else None,
+                    sequence=record.sequence,
+                    occurrence=announced,
+                )
+            )
+        return entries
+
+    def counts(self, now: datetime) -> dict[int, dict[str, int]]:
+        """Per microgrid, how many dispatches are in each metric state (O(n))."""
+        result: dict[int, dict[str, int]] = {}
+        for microgrid_id, records in self._microgrids.items():
+            counts = dict.fromkeys(_STATES, 0)
+            for record in records.values():
+                if not record.tombstone:
+                    counts[_state_of(record, now)] += 1
+            result[microgrid_id] = counts
+        return result
+
+    def invalid_reason(self, key: Key) -> str | None:
+        """Why the dispatch's schedule cannot be evaluated, if it cannot."""
+        record = self._get(key)
+        return record.invalid if record is not None else None
+
+    def take_new_invalid(self) -> list[tuple[Key, str]]:
+        """Versions found invalid since the last call, so each is logged once."""
+        found, self._new_invalid = self._new_invalid, []
+        return found
+
+    # ------------------------------------------------------------ persistence
+
+    def take_dirty(self) -> set[Key]:
+        """Keys whose record changed (or vanished) since the last call."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def export_record(self, key: Key) -> DispatchRecord | None:
+        """The record to persist for ``key``; ``None``: delete it from the store."""
+        record = self._get(key)
+        if record is None:
+            return None
+        return DispatchRecord(
+            dispatch=record.dispatch,
+            announced=record.announced,
+            sequence=record.sequence,
+            last_emitted_at=record.last_emitted_at,
+            tombstone=record.tombstone,
+            pending_missed=record.pending_missed,
+            last_pulse=record.last_pulse,
+        )
+
+    def export_meta(self) -> dict[str, Any]:
+        """Engine-wide state to persist: the last instant it was told about."""
+        return {"last_seen": _opt_time_to_json(self._now)}
+
+    @classmethod
+    def restore(cls, records: Iterable[DispatchRecord], meta: dict[str, Any]) -> Engine:
+        """Rebuild from persisted records; call :meth:`resume` next."""
+        engine = cls()
+        last_seen = _opt_time_from_json(meta.get("last_seen"))
+        engine._now = last_seen
+        engine._down_since = last_seen
+        for stored in records:
+            dispatch = stored.dispatch
+            record = engine._new_record(dispatch)
+            record.announced = stored.announced
+            record.sequence = stored.sequence
+            record.last_emitted_at = stored.last_emitted_at
+            record.tombstone = stored.tombstone
+            record.pending_missed = stored.pending_missed
+            record.last_pulse = stored.last_pulse
+            engine._microgrids.setdefault(dispatch.microgrid_id, {})[dispatch.id] = record
+            if last_seen is not None and not record.tombstone:
+                engine._reschedule(record, last_seen)
+        engine._dirty.clear()
+        return engine
+
+    # --------------------------------------------------------------- internal
+
+    def _tick(self, now: datetime) -> datetime:
+        """Keep time monotonic: a clock that steps back must not replay."""
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        if self._now is not None and now < self._now:
+            return self._now
+        self._now = now
+        return now
+
+    def _get(self, key: Key) -> _Record | None:
+        records = self._microgrids.get(key[0])
+        return records.get(key[1]) if records is not None else None
+
+    def _new_record(self, dispatch: Dispatch) -> _Record:
+        key = (dispatch.microgrid_id, dispatch.id)
+        schedule, invalid = _build(dispatch)
+        if invalid is not None:
+            self._new_invalid.append((key, invalid))
+        record = _Record(key=key, dispatch=dispatch, schedule=schedule, invalid=invalid)
+        record.finished_from = _finished_from(schedule)
+        return record
+
+    def _upsert(
+        self,
+        dispatch: Dispatch,
+        now: datetime,
+        mode: _Mode,
+        *,
+        missed_since: datetime | None = None,
+    ) -> list[Message]:
+        """Create or update from a stream event or a list entry."""
+        key = (dispatch.microgrid_id, dispatch.id)
+        record = self._get(key)
+        out: list[Message] = []
+        if record is None:
+            record = self._new_record(dispatch)
+            self._microgrids.setdefault(key[0], {})[key[1]] = record
+            out.append(_lifecycle(Event.CREATED, dispatch, dispatch.type, now))
+            announced_as = dispatch
+            start_reason = Reason.CREATED
+        elif record.tombstone or dispatch.update_time <= record.dispatch.update_time:
+            return out
+        else:
+            announced_as = record.dispatch
+            if announced_as.type != dispatch.type:
+                out.append(_lifecycle(Event.UPDATED, dispatch, announced_as.type, now))
+            out.append(_lifecycle(Event.UPDATED, dispatch, dispatch.type, now))
+            previous_invalid = record.invalid
+            record.dispatch = dispatch
+            record.schedule, record.invalid = _build(dispatch)
+            record.finished_from = _finished_from(record.schedule)
+            if record.invalid is not None and record.invalid != previous_invalid:
+                self._new_invalid.append((key, record.invalid))
+            start_reason = Reason.STARTED if mode is _Mode.CHANGE else Reason.RESUMED
+        self._dirty.add(key)
+        if missed_since is not None and record.schedule is not None and dispatch.active:
+            self._set_missed(record, missed_since, now)
+        drafts = self._converge(
+            record,
+            now,
+            start_reason,
+            announced_as=announced_as,
+            pulse=missed_since is None,
+        )
+        self._reschedule(record, now)
+        out.extend(self._finish(drafts, now))
+        return out
+
+    def _delete(self, key: Key, dispatch: Dispatch, now: datetime) -> list[Message]:
+        """Tombstone ``key``: lifecycle ``deleted``, then ``stopped`` if running."""
+        record = self._get(key)
+        if record is None:
+            # Never seen: remember the deletion so a late event cannot revive it.
+            record = _Record(key=key, dispatch=dispatch, schedule=None, invalid=None)
+            record.tombstone = True
+            self._microgrids.setdefault(key[0], {})[key[1]] = record
+            self._dirty.add(key)
+            return []
+        if record.tombstone:
+            return []
+        if dispatch.update_time > record.dispatch.update_time:
+            record.dispatch = dispatch
+        record.tombstone = True
+        self._dirty.add(key)
+        out: list[Message] = [_lifecycle(Event.DELETED, record.dispatch, record.dispatch.type, now)]
+        drafts = self._converge(record, now, Reason.STARTED, pulse=False)
+        record.schedule = None
+        self._reschedule(record, now)
+        out.extend(self._finish(drafts, now))
+        return out
+
+    def _forget(self, record: _Record) -> None:
+        """Drop a finished dispatch that fell out of the list, silently."""
+        del self._microgrids[record.key[0]][record.key[1]]
+        if record.deadline is not None:
+            self._scheduled -= 1
+            record.deadline = None
+        self._dirty.add(record.key)
+
+    @staticmethod
+    def _could_be_listed(record: _Record, now: datetime) -> bool:
+        """Whether the API would still list it, so its absence means deletion."""
+        if record.schedule is None:
+            end = record.dispatch.end_time
+            return end is None or end > now
+        return not _is_finished(record, now)
+
+    def _set_missed(self, record: _Record, since: datetime, now: datetime) -> None:
+        """Remember the occurrences that began and ended unseen in ``(since, now]``."""
+        assert record.schedule is not None
+        if record.last_emitted_at is not None and record.last_emitted_at > since:
+            since = record.last_emitted_at
+        if since >= now:
+            return
+        missed = record.schedule.missed_runs(since, now)
+        if missed != record.pending_missed:
+            record.pending_missed = missed
+            self._dirty.add(record.key)
+
+    @staticmethod
+    def _truth(record: _Record, at: datetime) -> Occurrence | None:
+        """The occurrence the dispatch is running at ``at``, if it is running."""
+        if record.tombstone or record.schedule is None or not record.dispatch.active:
+            return None
+        return record.schedule.occurrence_at(at)
+
+    def _converge(
+        self,
+        record: _Record,
+        at: datetime,
+        start_reason: Reason,
+        *,
+        announced_as: Dispatch | None = None,
+        since: datetime | None = None,
+        pulse: bool,
+    ) -> list[_Draft]:
+        """Compare the truth at ``at`` with the announcement; draft the difference.
+
+        ``announced_as`` is the version whose runtime fields were announced
+        (the previous one during an update). ``since`` marks a restart: the
+        transitions are dated at the boundary that fell in the downtime.
+        ``pulse`` emits a zero-duration occurrence starting exactly at ``at``.
+        """
+        current = record.dispatch
+        before = announced_as if announced_as is not None else current
+        announced = record.announced
+        truth = self._truth(record, at)
+        drafts: list[_Draft] = []
+        if announced is None:
+            if truth is not None:
+                due = _due(truth.start, since, at)
+                drafts.append(_Draft(record, Event.RUNNING, start_reason, current, truth, due))
+        elif truth is None:
+            due = _due(announced.end, since, at)
+            reason = _stop_reason(record)
+            drafts.append(_Draft(record, Event.STOPPED, reason, current, announced, due))
+        elif before.type != current.type:
+            drafts.append(_Draft(record, Event.STOPPED, Reason.TYPE_CHANGED, before, announced, at))
+            drafts.append(_Draft(record, Event.RUNNING, Reason.RECONFIGURED, current, truth, at))
+        elif truth.start != announced.start:
+            due = _due(truth.start, since, at)
+            drafts.append(_Draft(record, Event.RUNNING, start_reason, current, truth, due))
+        elif truth != announced or _runtime(before) != _runtime(current):
+            drafts.append(_Draft(record, Event.RUNNING, Reason.RECONFIGURED, current, truth, at))
+        if truth != announced:
+            record.announced = truth
+            self._dirty.add(record.key)
+        if pulse and self._pulses_at(record, at):
+            pulse_occurrence = Occurrence(start=at, end=at)
+            drafts.append(
+                _Draft(record, Event.RUNNING, start_reason, current, pulse_occurrence, at)
+            )
+            drafts.append(
+                _Draft(record, Event.STOPPED, Reason.ENDED, current, pulse_occurrence, at)
+            )
+            record.last_pulse = at
+            self._dirty.add(record.key)
+        return drafts
+
+    def _pulses_at(self, record: _Record, at: datetime) -> bool:
+        """Whether a zero-duration occurrence starts exactly at ``at`` (once)."""
+        schedule = record.schedule
+        return (
+            schedule is not None
+            and schedule.duration == _ZERO
+            and record.dispatch.active
+            and not record.tombstone
+            and record.last_pulse != at
+            and schedule.last_start_at_or_before(at) == at
+        )
+
+    def _reschedule(self, record: _Record, after: datetime) -> None:
+        """Put the record's next boundary strictly after ``after`` on the heap."""
+        deadline: datetime | None = None
+        schedule = record.schedule
+        if schedule is not None and record.dispatch.active and not record.tombstone:
+            deadline = schedule.next_start_after(after)
+        announced = record.announced
+        ends = announced.end if announced is not None else None
+        if ends is not None and (deadline is None or ends < deadline):
+            deadline = ends
+        if deadline == record.deadline:
+            return
+        if record.deadline is None:
+            self._scheduled += 1
+        elif deadline is None:
+            self._scheduled -= 1
+        record.deadline = deadline
+        record.version += 1
+        if deadline is not None:
+            heapq.heappush(self._heap, (deadline, record.key[0], record.key[1], record.version))
+            if len(self._heap) > 2 * self._scheduled + 1024:
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale heap entries once they outnumber the live ones."""
+        self._heap = [
+            (record.deadline, record.key[0], record.key[1], record.version)
+            for records in self._microgrids.values()
+            for record in records.values()
+            if record.deadline is not None
+        ]
+        heapq.heapify(self._heap)
+
+    def _advance(self, now: datetime) -> list[Message]:
+        """Process due boundaries instant by instant, each dated at its instant."""
+        out: list[Message] = []
+        heap = self._heap
+        microgrids = self._microgrids
+        while heap and heap[0][0] <= now:
+            instant = heap[0][0]
+            drafts: list[_Draft] = []
+            while heap and heap[0][0] == instant:
+                _, microgrid_id, dispatch_id, version = heapq.heappop(heap)
+                record = microgrids.get(microgrid_id, {}).get(dispatch_id)
+                if record is None or record.version != version or record.deadline is None:
+                    continue
+                record.deadline = None
+                self._scheduled -= 1
+                drafts.extend(self._converge(record, instant, Reason.STARTED, pulse=True))
+                self._reschedule(record, instant)
+            out.extend(self._finish(_order_instant(drafts), now))
+        return out
+
+    def _finish(self, drafts: list[_Draft], now: datetime) -> list[Message]:
+        """Number the drafts per dispatch and turn them into messages."""
+        out: list[Message] = []
+        for draft in drafts:
+            record = draft.record
+            record.sequence += 1
+            missed: tuple[datetime, ...] = ()
+            if draft.event is Event.RUNNING and record.pending_missed:
+                missed, record.pending_missed = record.pending_missed, ()
+            occurrence = draft.occurrence
+            out.append(
+                RunningMessage(
+                    event=draft.event,
+                    reason=draft.reason,
+                    dispatch=draft.dispatch,
+                    occurrence=occurrence,
+                    until=occurrence.end if draft.event is Event.RUNNING else None,
+                    scheduled_for=draft.scheduled_for,
+                    emitted_at=now,
+                    sequence=record.sequence,
+                    running_state_change_synced=record.last_emitted_at,
+                    missed_runs=missed,
+                )
+            )
+            record.last_emitted_at = now
+            self._dirty.add(record.key)
+        return out
+
+
+def _build(dispatch: Dispatch) -> tuple[Schedule | None, str | None]:
+    """The schedule of a version, or why it has none."""
+    built = Schedule.build(dispatch)
+    if isinstance(built, Invalid):
+        return None, built.reason
+    return built, None
+
+
+def _lifecycle(event: Event, dispatch: Dispatch, routing_type: str, now: datetime) -> Message:
+    return LifecycleMessage(
+        event=event, dispatch=dispatch, routing_type=routing_type, emitted_at=now
+    )
+
+
+def _runtime(dispatch: Dispatch) -> tuple[object, ...]:
+    """The fields an actor acts on; a change of any of them while running re-announces."""
+    return (dispatch.type, dispatch.target, dispatch.duration, dispatch.dry_run, dispatch.payload)
+
+
+def _stop_reason(record: _Record) -> Reason:
+    if record.tombstone:
+        return Reason.DELETED
+    if not record.dispatch.active:
+        return Reason.DEACTIVATED
+    return Reason.ENDED
+
+
+def _due(boundary: datetime | None, since: datetime | None, now: datetime) -> datetime:
+    """When a transition was due: the boundary if it fell in the downtime, else now."""
+    if since is not None and boundary is not None and since < boundary <= now:
+        return boundary
+    return now
+
+
+def _order_instant(drafts: list[_Draft]) -> list[_Draft]:
+    """Starts before stops, by key within each, keeping each dispatch's own order."""
+    phase_of: dict[Key, int] = {}
+    keyed = []
+    for index, draft in enumerate(drafts):
+        key = draft.record.key
+        phase = max(phase_of.get(key, 0), 0 if draft.event is Event.RUNNING else 1)
+        phase_of[key] = phase
+        keyed.append((phase, key, index, draft))
+    keyed.sort(key=lambda item: item[:3])
+    return [item[3] for item in keyed]
+
+
+def _finished_from(schedule: Schedule | None) -> datetime | None:
+    """The instant from which the schedule has nothing left to run, computed once."""
+    if schedule is None:
+        return None
+    last_end = schedule.last_end()
+    if last_end is not None:
+        return last_end
+    if schedule.next_run_after(_ALWAYS) is None:
+        return _ALWAYS  # no occurrence at all
+    return _NEVER
+
+
+def _is_finished(record: _Record, now: datetime) -> bool:
+    finished_from = record.finished_from
+    return finished_from is not None and finished_from <= now and finished_from != _NEVER
+
+
+def _state_of(record: _Record, now: datetime) -> str:
+    if record.schedule is None:
+        return "invalid"
+    if not record.dispatch.active:
+        return "inactive"
+    if record.announced is not None:
+        return "running"
+    if _is_finished(record, now):
+        return "finished"
+    return "scheduled"
+
+
+def _time_to_json(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+def _opt_time_to_json(moment: datetime | None) -> str | None:
+    return None if moment is None else _time_to_json(moment)
+
+
+def _time_from_json(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _opt_time_from_json(text: str | None) -> datetime | None:
+    return None if text is None else _time_from_json(text)
