@@ -11,7 +11,7 @@ stays thin and works while they are being built:
   dispatch_type) -> int`` (``start``/``end`` aware UTC datetimes,
   ``dispatch_type`` ``str | None``)
 - ``tail``: ``dispatchd.tail.main(settings, *, bindings: list[str], raw_json: bool) -> int``
-- ``api``: ``dispatchd.localapi.server.LocalApiServer`` (driven from here)
+- ``api``: ``dispatchd.localapi.server.LocalApiServer``, driven from here
 
 A module without that function prints "not implemented yet" and exits 1.
 """
@@ -28,11 +28,14 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dispatchd import __version__
-from dispatchd.config import ConfigError, Settings, effective_config, load_config, split_host_port
+from dispatchd.config import ConfigError, Settings, effective_config, load_config
 from dispatchd.logs import configure_from_settings, get_logger
+
+if TYPE_CHECKING:
+    from dispatchd.localapi.server import LocalApiServer
 
 __all__ = ["build_parser", "main", "render_toml"]
 
@@ -276,43 +279,29 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     return tail(settings, bindings=list(args.bindings) or ["#"], raw_json=args.json)
 
 
-class _LocalApiServer(Protocol):
-    async def start(self) -> int: ...
-    async def stop(self, grace: float | None) -> None: ...
-    async def wait_closed(self) -> None: ...
-
-
 def _api(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        module = importlib.import_module("dispatchd.localapi.server")
-    except ModuleNotFoundError as exc:
-        if exc.name != "dispatchd.localapi.server":
-            raise
-        return _not_yet("api")
-    server_class = getattr(module, "LocalApiServer", None)
-    if server_class is None:
-        return _not_yet("api")
+    # Imported here: grpc and the protobuf bindings are slow to load for other commands.
+    from dispatchd.localapi.server import LocalApiServer
+
     configure_from_settings(settings)
     local = settings.api.local
     local.database.parent.mkdir(parents=True, exist_ok=True)
-    server: _LocalApiServer = server_class(
+    server = LocalApiServer(
         listen=local.listen,
         database=local.database,
         auth_keys=[key.get_secret_value() for key in local.auth_keys],
         sign_secret=local.sign_secret.get_secret_value() if local.sign_secret else "",
     )
-    return asyncio.run(_serve_until_signal(server, local.listen, settings.shutdown_timeout))
+    return asyncio.run(_serve_until_signal(server, settings.shutdown_timeout))
 
 
-async def _serve_until_signal(server: _LocalApiServer, listen: str, grace: float) -> int:
+async def _serve_until_signal(server: LocalApiServer, grace: float) -> int:
     log = get_logger("dispatchd.api")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    port = await server.start()
-    host, _ = split_host_port(listen)
-    log.info("local dispatch API listening", address=f"{host}:{port}")
+    await server.start()  # logs the address it is listening on
     stopping = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(server.wait_closed())
     await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -324,7 +313,6 @@ async def _serve_until_signal(server: _LocalApiServer, listen: str, grace: float
     await server.stop(grace)
     with contextlib.suppress(asyncio.CancelledError):
         await closed
-    log.info("local dispatch API stopped")
     return EXIT_OK
 
 

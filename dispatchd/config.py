@@ -362,12 +362,13 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Sett
         raw = _read_toml(path, problems)
     _merge(raw, _from_env(environ, problems))
     _read_secret_files(raw, problems)
+    try:
+        settings = Settings(**raw)
+    except ValidationError as exc:
+        problems.extend(_describe(error) for error in exc.errors())
     if problems:
         raise ConfigError(problems)
-    try:
-        return Settings(**raw)
-    except ValidationError as exc:
-        raise ConfigError([_describe(error) for error in exc.errors()]) from None
+    return settings
 
 
 def _read_toml(path: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:

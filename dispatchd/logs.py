@@ -28,6 +28,7 @@ __all__ = [
     "configure_from_settings",
     "configure_logging",
     "get_logger",
+    "reset_logging",
 ]
 
 LogFormat = Literal["auto", "json", "console"]
@@ -158,10 +159,8 @@ def configure_logging(
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
 
+    reset_logging()
     root = logging.getLogger()
-    for old in list(root.handlers):
-        if old.get_name() == _HANDLER_NAME:
-            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
@@ -176,6 +175,16 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging` (for tests that configure logging on a buffer)."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if old.get_name() == _HANDLER_NAME:
+            root.removeHandler(old)
+    root.setLevel(logging.WARNING)
+    structlog.reset_defaults()
 
 
 def configure_from_settings(settings: Settings, *, stream: TextIO | None = None) -> None:

@@ -1,0 +1,54 @@
+"""Shared fixtures. RabbitMQ is a hard requirement: CI starts it, so a missing broker fails."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The test broker's URL (``TEST_AMQP_URL`` or the local default), checked reachable.
+
+    Never skips: a test that needs the broker and cannot reach it fails with
+    a message saying how to start it.
+    """
+    url = os.environ.get("TEST_AMQP_URL", DEFAULT_AMQP_URL)
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5672
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as exc:
+        pytest.fail(
+            f"RabbitMQ is not reachable at {host}:{port} ({exc}); start it with "
+            "'rabbitmq-server -detached' (.ci/run does) or set TEST_AMQP_URL",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Names for exchanges and queues that no other test or run can collide with."""
+
+    def make(prefix: str) -> str:
+        return f"{prefix}.{request.node.name[:40]}.{uuid.uuid4().hex[:12]}"
+
+    return make
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """``os.environ`` without any ``DISPATCHD_*`` variable, also as a dict for subprocesses."""
+    for name in list(os.environ):
+        if name.upper().startswith("DISPATCHD_"):
+            monkeypatch.delenv(name)
+    yield dict(os.environ)
