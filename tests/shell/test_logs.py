@@ -1,0 +1,184 @@
+"""Logging: format choice, level, the standard library's loggers, secret masking."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispatchd.config import load_config
+from dispatchd.logs import configure_from_settings, configure_logging, get_logger, reset_logging
+
+
+class TtyBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    yield
+    reset_logging()
+
+
+def json_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def test_json_format_writes_one_json_object_per_event() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    log = get_logger("dispatchd.test", microgrid_id=7)
+    log.info("first", dispatch_id=3)
+    log.warning("second\nwith a newline")
+    lines = json_lines(out)
+    assert [line["event"] for line in lines] == ["first", "second\nwith a newline"]
+    assert lines[0]["microgrid_id"] == 7 and lines[0]["dispatch_id"] == 3
+    assert lines[0]["level"] == "info" and lines[1]["level"] == "warning"
+    assert lines[0]["logger"] == "dispatchd.test"
+    assert lines[0]["timestamp"].endswith("Z")
+
+
+def test_console_format_is_key_value_text() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "console", stream=out)
+    get_logger("dispatchd.test").info("hello", dispatch_id=3)
+    text = out.getvalue()
+    assert "hello" in text and "dispatch_id=3" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_auto_format_is_json_off_a_terminal_and_console_on_one() -> None:
+    piped = io.StringIO()
+    configure_logging("INFO", "auto", stream=piped)
+    get_logger().info("piped")
+    assert json_lines(piped)[0]["event"] == "piped"
+
+    tty = TtyBuffer()
+    configure_logging("INFO", "auto", stream=tty)
+    get_logger().info("on a tty")
+    assert "on a tty" in tty.getvalue()
+    assert not tty.getvalue().lstrip().startswith("{")
+
+
+def test_format_forced_to_json_even_on_a_terminal() -> None:
+    tty = TtyBuffer()
+    configure_logging("INFO", "json", stream=tty)
+    get_logger().info("forced")
+    assert json_lines(tty)[0]["event"] == "forced"
+
+
+def test_level_is_honoured_for_structlog_and_stdlib() -> None:
+    out = io.StringIO()
+    configure_logging("WARNING", "json", stream=out)
+    log = get_logger("dispatchd.test")
+    log.debug("hidden debug")
+    log.info("hidden info")
+    log.warning("shown warning")
+    logging.getLogger("aiormq").info("hidden stdlib info")
+    logging.getLogger("aiormq").error("shown stdlib error")
+    assert [line["event"] for line in json_lines(out)] == ["shown warning", "shown stdlib error"]
+
+
+def test_debug_level_shows_debug() -> None:
+    out = io.StringIO()
+    configure_logging(logging.DEBUG, "json", stream=out)
+    get_logger().debug("visible")
+    assert json_lines(out)[0]["level"] == "debug"
+
+
+@pytest.mark.parametrize("name", ["aio_pika", "aiormq", "grpc", "asyncio"])
+def test_stdlib_loggers_go_through_the_same_renderer(name: str) -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    logging.getLogger(name).warning("from %s via %s", name, "stdlib")
+    (line,) = json_lines(out)
+    assert line["event"] == f"from {name} via stdlib"
+    assert line["logger"] == name and line["level"] == "warning"
+
+
+def test_reconfiguring_replaces_the_handler_instead_of_adding_one() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("INFO", "json", stream=first)
+    configure_logging("INFO", "json", stream=second)
+    get_logger().info("once")
+    assert first.getvalue() == ""
+    assert len(json_lines(second)) == 1
+
+
+def test_secrets_are_masked_by_key_by_url_and_by_value() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out, secrets=["the-auth-key-123"])
+    log = get_logger("dispatchd.test")
+    log.info(
+        "connecting to amqp://guest:hunter2@broker:5672/ with the-auth-key-123",
+        auth_key="raw-key",
+        sign_secret="raw-secret",
+        password="raw-password",
+        nested={"token": "raw-token", "url": "amqps://u:pw-in-dict@h/"},
+        urls=["amqp://a:pw-in-list@h/"],
+        routing_key="dispatch.lifecycle.7.created",
+    )
+    logging.getLogger("aio_pika").warning(
+        "reconnect amqp://guest:hunter2@broker/ key=%s", "the-auth-key-123"
+    )
+    try:
+        raise ConnectionError("refused for amqp://guest:hunter2@broker/ the-auth-key-123")
+    except ConnectionError:
+        log.exception("broker unreachable")
+    text = out.getvalue()
+    for secret in (
+        "hunter2",
+        "the-auth-key-123",
+        "raw-key",
+        "raw-secret",
+        "raw-password",
+        "raw-token",
+        "pw-in-dict",
+        "pw-in-list",
+    ):
+        assert secret not in text, secret
+    first, stdlib_line, failure = json_lines(out)
+    assert first["event"] == "connecting to amqp://guest:***@broker:5672/ with ***"
+    assert first["auth_key"] == "***" and first["password"] == "***"
+    assert first["nested"] == {"token": "***", "url": "amqps://u:***@h/"}
+    assert first["routing_key"] == "dispatch.lifecycle.7.created"  # not a secret
+    assert stdlib_line["event"] == "reconnect amqp://guest:***@broker/ key=***"
+    assert "ConnectionError" in failure["exception"]
+
+
+def test_console_renderer_masks_tracebacks_too() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "console", stream=out, secrets=["console-secret"])
+    try:
+        raise ValueError("console-secret in amqp://u:pw-console@h/")
+    except ValueError:
+        get_logger().exception("failed")
+    text = out.getvalue()
+    assert "ValueError" in text
+    assert "console-secret" not in text and "pw-console" not in text
+
+
+def test_settings_secrets_are_masked_in_free_text() -> None:
+    settings = load_config(
+        None,
+        {
+            "DISPATCHD_API__URL": "grpc://api:1",
+            "DISPATCHD_API__AUTH_KEY": "configured-key-9",
+            "DISPATCHD_AMQP__URL": "amqp://u:configured-pw-9@h/",
+            "DISPATCHD_LOG__FORMAT": "json",
+            "DISPATCHD_LOG__LEVEL": "DEBUG",
+        },
+    )
+    out = io.StringIO()
+    configure_from_settings(settings, stream=out)
+    get_logger().debug("metadata", header="configured-key-9", settings=settings)
+    logging.getLogger("aiormq").debug("password configured-pw-9 sent")
+    text = out.getvalue()
+    assert "configured-key-9" not in text and "configured-pw-9" not in text
+    assert [line["level"] for line in json_lines(out)] == ["debug", "debug"]
