@@ -63,11 +63,16 @@ class Broadcaster:
     def __init__(self, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
         self._buffer_size = buffer_size
         self._subscribers: defaultdict[int, set[Subscription]] = defaultdict(set)
+        self._waiters: list[asyncio.Future[None]] = []
 
     def subscribe(self, microgrid_id: int) -> Subscription:
         """Start receiving this microgrid's events."""
         subscription = Subscription(self._buffer_size)
         self._subscribers[microgrid_id].add(subscription)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
         return subscription
 
     def unsubscribe(self, microgrid_id: int, subscription: Subscription) -> None:
@@ -87,6 +92,17 @@ class Broadcaster:
     def subscriber_count(self, microgrid_id: int) -> int:
         """How many streams are open for the microgrid."""
         return len(self._subscribers.get(microgrid_id, ()))
+
+    async def wait_for_subscribers(self, microgrid_id: int, count: int) -> None:
+        """Return once at least ``count`` streams of the microgrid are open.
+
+        Events published before a stream subscribed are not delivered to it,
+        so embedders and tests wait here before relying on a stream.
+        """
+        while self.subscriber_count(microgrid_id) < count:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     def close_all(self) -> None:
         """End every subscription, so open streams finish on shutdown."""

@@ -133,7 +133,8 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
                         grpc.StatusCode.RESOURCE_EXHAUSTED, "stream fell behind; reconnect"
                     )
                 if event is None:
-                    return
+                    # UNAVAILABLE, not OK: the official client retries only on errors.
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
                 yield event
         finally:
             self._broadcaster.unsubscribe(microgrid_id, subscription)
