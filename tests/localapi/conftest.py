@@ -32,7 +32,9 @@ async def make_client() -> AsyncIterator[Callable[[int], DispatchApiClient]]:
     """Build clients for a port; streams and channels are closed afterwards."""
     clients: list[DispatchApiClient] = []
 
-    def build(port: int, auth_key: str = AUTH_KEY, sign_secret: str | None = None) -> DispatchApiClient:
+    def build(
+        port: int, auth_key: str = AUTH_KEY, sign_secret: str | None = None
+    ) -> DispatchApiClient:
         client = DispatchApiClient(
             server_url=f"grpc://127.0.0.1:{port}?ssl=false",
             auth_key=auth_key,

@@ -297,16 +297,21 @@ async def test_filters(client: DispatchApiClient, population: list[Dispatch]) ->
         lambda d: isinstance(d.target, TargetIds) and bool({1, 3} & d.target)
     )
     battery_any = expect(
-        lambda d: isinstance(d.target, TargetCategories)
-        and any(c.category2 == ElectricalComponentCategory.BATTERY for c in d.target)
+        lambda d: (
+            isinstance(d.target, TargetCategories)
+            and any(c.category2 == ElectricalComponentCategory.BATTERY for c in d.target)
+        )
     )
     assert len(battery_any) == 2
-    assert await got(
-        target_components=[TargetCategories(ElectricalComponentCategory.BATTERY)]
-    ) == battery_any
+    assert (
+        await got(target_components=[TargetCategories(ElectricalComponentCategory.BATTERY)])
+        == battery_any
+    )
     assert await got(target_components=[TargetCategories(BatteryType.LI_ION)]) == expect(
-        lambda d: isinstance(d.target, TargetCategories)
-        and any(c.type == BatteryType.LI_ION for c in d.target)
+        lambda d: (
+            isinstance(d.target, TargetCategories)
+            and any(c.type == BatteryType.LI_ION for c in d.target)
+        )
     )
     middle = population[2].start_time
     assert await got(start_from=middle) == expect(lambda d: d.start_time >= middle)
@@ -676,7 +681,10 @@ async def test_update_validation(client: DispatchApiClient) -> None:
             {"recurrence.frequency": Frequency.DAILY, "recurrence.interval": 20_000},
             "recurrence.interval",
         ),
-        ({"recurrence.frequency": Frequency.DAILY, "recurrence.byhours": [30]}, "recurrence.byhours"),
+        (
+            {"recurrence.frequency": Frequency.DAILY, "recurrence.byhours": [30]},
+            "recurrence.byhours",
+        ),
     ]
     for fields, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -691,9 +699,7 @@ async def test_update_validation(client: DispatchApiClient) -> None:
         (["is_dry_run"], ("is_dry_run",)),
         ([], ("update_mask",)),
     ]:
-        request = UpdateMicrogridDispatchRequest(
-            microgrid_id=int(MG), dispatch_id=int(created.id)
-        )
+        request = UpdateMicrogridDispatchRequest(microgrid_id=int(MG), dispatch_id=int(created.id))
         request.update_mask.paths.extend(paths)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await client.stub.UpdateMicrogridDispatch(request)
