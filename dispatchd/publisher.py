@@ -1,1 +1,439 @@
-"""Publisher: outbox to RabbitMQ with confirms, pipelined, per-dispatch order kept (not built yet)."""
+"""Publisher: outbox to RabbitMQ with confirms, pipelined, per-dispatch order kept.
+
+Messages are fired on one confirm channel without waiting for each confirm
+(at most ``max_in_flight`` unconfirmed), so the broker sees them in outbox
+order. On any failure (nack, confirm timeout, channel or connection lost) the
+publisher stops sending, lets the in-flight publishes settle, waits for the
+robust channel to come back and republishes everything still unconfirmed in
+seq order with the same ``message_id``: duplicates are possible, loss is not.
+
+A message leaves the outbox only when the broker confirmed it, or returned
+it as unroutable (no queue bound: topic semantics, counted, never retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustExchange
+from aio_pika.exceptions import ChannelPreconditionFailed, DeliveryError, PublishError
+
+from dispatchd import metrics
+from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
+from dispatchd.store import OutboxItem, Store
+
+log = structlog.get_logger(__name__)
+
+DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
+
+
+class ExchangeTypeMismatch(Exception):
+    """The exchange exists with another type or arguments: a start-up error, not a retry."""
+
+
+def _kind(envelope: Envelope) -> str:
+    """``dispatch.running`` -> ``running``: the ``kind`` label of the metrics."""
+    return envelope.type.rpartition(".")[2]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Publisher:
+    """Publishes committed outbox items to the topic exchange, in order, at least once."""
+
+    def __init__(
+        self,
+        *,
+        amqp_url: str,
+        exchange: str,
+        store: Store,
+        publish_timeout: float = 10.0,
+        max_in_flight: int = 1000,
+        reconnect_interval: float = 1.0,
+        max_backoff: float = 30.0,
+        connect_timeout: float = 10.0,
+        on_declare: DeclareHook | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._url = amqp_url
+        self._exchange_name = exchange
+        self._store = store
+        self._publish_timeout = publish_timeout
+        self._max_in_flight = max_in_flight
+        self._reconnect_interval = reconnect_interval
+        self._max_backoff = max_backoff
+        self._connect_timeout = connect_timeout
+        self.on_declare = on_declare
+
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractRobustExchange | None = None
+        self._last_error: str | None = None
+        self._fatal: ExchangeTypeMismatch | None = None
+        self._fatal_event = asyncio.Event()
+        self._ever_connected = asyncio.Event()
+        self._closing = False
+
+        # Submitted and not yet confirmed, keyed (and ordered) by seq.
+        self._pending: dict[int, OutboxItem] = {}
+        self._queue: collections.deque[int] = collections.deque()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._round_failed = False
+        self._round_confirmed = 0
+        self._wake = asyncio.Event()
+        self.peak_in_flight = 0
+        self.rounds = 0
+
+        # Confirmed (or returned) and not yet removed from the store.
+        self._done: list[int] = []
+        self._done_set: set[int] = set()
+        self._flush_wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+        self._tasks: list[asyncio.Task[None]] = []
+        metrics.BROKER_UP.set(0)
+
+    # --- state for /readyz -------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        connection, channel = self._connection, self._channel
+        return (
+            connection is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def fatal_error(self) -> ExchangeTypeMismatch | None:
+        """Set when a connection made in the background found the exchange mismatched."""
+        return self._fatal
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The robust connection, for modules that open their own channel (RPC)."""
+        return self._connection
+
+    async def wait_fatal(self) -> ExchangeTypeMismatch:
+        await self._fatal_event.wait()
+        assert self._fatal is not None
+        return self._fatal
+
+    async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109 (answers False on timeout)
+        """True once connected, False if not within ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ever_connected.wait()
+                while not self.connected:
+                    assert self._channel is not None
+                    await self._channel.ready()
+                    if not self.connected:  # ready, but the loss is not noticed yet
+                        await asyncio.sleep(0.01)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and declare the exchange, or keep trying in the background if unreachable.
+
+        Submits whatever the store's outbox still holds (left by a previous
+        run) so it is republished first. Raises ExchangeTypeMismatch when the
+        exchange exists with another type.
+        """
+        self.submit(self._store.outbox())
+        self._tasks.append(asyncio.create_task(self._flusher(), name="publisher-flusher"))
+        try:
+            await self._connect()
+        except ExchangeTypeMismatch:
+            await self._stop_tasks()
+            raise
+        except Exception as exc:
+            self._note_unreachable(exc, self._reconnect_interval)
+            self._tasks.append(asyncio.create_task(self._connect_loop(), name="publisher-connect"))
+            return
+        self._tasks.append(asyncio.create_task(self._sender(), name="publisher-sender"))
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._url,
+            timeout=self._connect_timeout,
+            reconnect_interval=self._reconnect_interval,
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            assert isinstance(channel, AbstractRobustChannel)
+            try:
+                exchange = await channel.declare_exchange(
+                    self._exchange_name,
+                    aio_pika.ExchangeType.TOPIC,
+                    durable=True,
+                    timeout=self._connect_timeout,
+                )
+            except ChannelPreconditionFailed as exc:
+                raise ExchangeTypeMismatch(
+                    f"exchange {self._exchange_name!r} exists with another type or arguments "
+                    f"(broker: {' '.join(str(exc).split())}); delete it or configure another "
+                    "amqp.exchange"
+                ) from None
+            if self.on_declare is not None:
+                await self.on_declare(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        assert isinstance(exchange, AbstractRobustExchange)
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self._connection, self._channel, self._exchange = connection, channel, exchange
+        self._last_error = None
+        self._ever_connected.set()
+        metrics.BROKER_UP.set(1)
+        log.info("broker connected", exchange=self._exchange_name)
+
+    def _note_unreachable(self, exc: BaseException, retry_in: float) -> None:
+        self._last_error = f"broker unreachable: {_describe(exc)}"
+        metrics.BROKER_UP.set(0)
+        log.warning("broker unreachable, retrying", error=_describe(exc), retry_in_seconds=retry_in)
+
+    async def _connect_loop(self) -> None:
+        """Retry the first connection with exponential backoff until it works."""
+        backoff = self._reconnect_interval
+        while not self._closing:
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+            try:
+                await self._connect()
+            except ExchangeTypeMismatch as exc:
+                self._fatal = exc
+                self._last_error = str(exc)
+                self._fatal_event.set()
+                log.error("cannot publish", error=str(exc))
+                return
+            except Exception as exc:
+                self._note_unreachable(exc, backoff)
+                continue
+            self._tasks.append(asyncio.create_task(self._sender(), name="publisher-sender"))
+            return
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        metrics.BROKER_UP.set(0)
+        self._last_error = f"broker connection lost: {_describe(exc) if exc else 'closed'}"
+        log.warning("broker connection lost, reconnecting", error=self._last_error)
+        self._fail_round(self._last_error)
+
+    def _on_reconnected(self, _sender: object) -> None:
+        metrics.BROKER_UP.set(1)
+        self._last_error = None
+        log.info("broker reconnected", exchange=self._exchange_name)
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 (drain budget; close always finishes)
+        """Stop taking work, drain queued and in-flight messages within ``timeout``, close.
+
+        What is not confirmed by then stays in the outbox for the next start.
+        """
+        if self._connection is not None and not self._closing:
+            await self.wait_idle(timeout)
+        self._closing = True
+        await self._stop_tasks()
+        self._flush_now()
+        if self._connection is not None:
+            await self._connection.close()
+        metrics.BROKER_UP.set(0)
+        if self._pending:
+            log.info(
+                "publisher closed with unconfirmed messages kept in outbox",
+                count=len(self._pending),
+            )
+
+    async def _stop_tasks(self) -> None:
+        tasks = self._tasks + list(self._in_flight)
+        self._tasks = []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- submitting and waiting --------------------------------------------
+
+    def submit(self, items: Sequence[OutboxItem]) -> None:
+        """Queue already-committed outbox items (in seq order); returns at once."""
+        if self._closing:
+            return  # they are in the outbox: the next start publishes them
+        added = 0
+        for item in items:
+            if item.seq in self._pending or item.seq in self._done_set:
+                continue
+            self._pending[item.seq] = item
+            self._queue.append(item.seq)
+            added += 1
+        if added:
+            self._idle.clear()
+            metrics.OUTBOX_MESSAGES.inc(added)
+            self._wake.set()
+
+    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (answers False on timeout)
+        """True once every submitted item is confirmed and removed from the outbox."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._pending)
+
+    def _update_idle(self) -> None:
+        if not self._pending and not self._done:
+            self._idle.set()
+
+    # --- the send loop -----------------------------------------------------
+
+    async def _sender(self) -> None:
+        backoff = self._reconnect_interval
+        while True:
+            assert self._channel is not None
+            await self._channel.ready()
+            await self._send_round()
+            if self._round_confirmed:
+                backoff = self._reconnect_interval
+            log.warning(
+                "republishing unconfirmed messages",
+                count=len(self._pending),
+                error=self._last_error,
+                retry_in_seconds=backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _send_round(self) -> None:
+        """Send everything pending in seq order, then whatever is submitted, until a failure."""
+        self._queue = collections.deque(sorted(self._pending))
+        self.rounds += 1
+        self._round_failed = False
+        self._round_confirmed = 0
+        while not self._round_failed:
+            if self._queue and len(self._in_flight) < self._max_in_flight:
+                seq = self._queue.popleft()
+                item = self._pending.get(seq)
+                if item is not None:
+                    task = asyncio.create_task(self._publish(item))
+                    self._in_flight.add(task)
+                    self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _publish(self, item: OutboxItem) -> None:
+        envelope = item.envelope
+        message = aio_pika.Message(
+            envelope.body,
+            headers=dict[str, Any](envelope.headers),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=envelope.message_id,
+            timestamp=datetime.now(UTC),
+            type=envelope.type,
+            app_id=APP_ID,
+        )
+        task = asyncio.current_task()
+        try:
+            assert self._exchange is not None
+            async with asyncio.timeout(self._publish_timeout):
+                await self._exchange.publish(
+                    message,
+                    envelope.routing_key,
+                    mandatory=True,
+                    timeout=self._publish_timeout,
+                )
+        except PublishError:
+            metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
+            self._finish(item)
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling():
+                raise
+            self._fail_round("publish cancelled by a closing channel")
+        except TimeoutError:
+            self._fail_round(f"no confirm within {self._publish_timeout}s")
+        except DeliveryError as exc:
+            self._fail_round(f"broker refused a message: {_describe(exc)}")
+        except Exception as exc:
+            self._fail_round(f"publish failed: {_describe(exc)}")
+        else:
+            metrics.MESSAGES_PUBLISHED.labels(
+                kind=_kind(envelope), event=str(envelope.headers.get("event", ""))
+            ).inc()
+            self._finish(item)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+            self._wake.set()
+
+    def _finish(self, item: OutboxItem) -> None:
+        if self._pending.pop(item.seq, None) is None:
+            return
+        self._round_confirmed += 1
+        self._done.append(item.seq)
+        self._done_set.add(item.seq)
+        self._flush_wake.set()
+
+    def _fail_round(self, reason: str) -> None:
+        if not self._round_failed:
+            self._last_error = reason
+        self._round_failed = True
+        self._wake.set()
+
+    # --- removing confirmed items from the store ---------------------------
+
+    async def _flusher(self) -> None:
+        """Remove confirmed seqs in batches, off the event loop (each commit is an fsync)."""
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake.clear()
+            batch = self._done
+            self._done = []
+            if not batch:
+                continue
+            try:
+                await asyncio.to_thread(self._remove, batch)
+            except Exception as exc:
+                log.error("cannot remove confirmed messages from the outbox", error=_describe(exc))
+                self._done = batch + self._done
+                await asyncio.sleep(self._reconnect_interval)
+                self._flush_wake.set()
+                continue
+            self._done_set.difference_update(batch)
+            self._update_idle()
+
+    def _remove(self, seqs: list[int]) -> None:
+        self._store.remove_from_outbox(seqs)
+        metrics.OUTBOX_MESSAGES.set(self._store.outbox_size())
+
+    def _flush_now(self) -> None:
+        batch, self._done = self._done, []
+        if batch:
+            self._remove(batch)
+            self._done_set.difference_update(batch)
+        self._update_idle()

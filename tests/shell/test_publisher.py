@@ -1,0 +1,358 @@
+"""The publisher against the real RabbitMQ, directly and through a TCP proxy that cuts it off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from dispatchd import metrics
+from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
+from dispatchd.publisher import ExchangeTypeMismatch, Publisher
+from dispatchd.store import OutboxItem, Store
+from tests.tcpproxy import TcpProxy
+
+BROKER_HOST = "127.0.0.1"
+BROKER_PORT = 5672
+BROKER_URL = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/"
+
+
+def proxied_url(proxy: TcpProxy) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+
+
+def make_envelope(
+    dispatch_id: int, n: int, *, microgrid_id: int = 7, event: str = "running"
+) -> Envelope:
+    kind = "lifecycle" if event in ("created", "updated", "deleted") else "running"
+    return Envelope(
+        message_id=f"{microgrid_id}-{dispatch_id}-{n}",
+        routing_key=f"microgrid.{microgrid_id}.{kind}.{event}.PEAK_SHAVING",
+        body=json.dumps({"dispatch_id": dispatch_id, "n": n}).encode(),
+        headers={
+            "microgrid_id": microgrid_id,
+            "dispatch_id": dispatch_id,
+            "dispatch_type": "PEAK_SHAVING",
+            "event": event,
+            "schema": "dispatchd/v1",
+        },
+        type=f"dispatch.{kind}",
+        microgrid_id=microgrid_id,
+        dispatch_id=dispatch_id,
+    )
+
+
+def interleaved(dispatches: int, per_dispatch: int) -> list[Envelope]:
+    """``per_dispatch`` numbered messages for each dispatch, interleaved as an engine would."""
+    return [make_envelope(d, n) for n in range(per_dispatch) for d in range(dispatches)]
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll state or metrics (never used for ordering) until ``predicate`` holds."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 (observing state that has no event)
+            await asyncio.sleep(0.005)
+
+
+@dataclass
+class Consumer:
+    """Collects every message on the exchange, in arrival order."""
+
+    messages: list[AbstractIncomingMessage] = field(default_factory=list)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        async with self.arrived:
+            self.messages.append(message)
+            self.arrived.notify_all()
+
+    async def wait_ids(self, ids: Iterable[str], within: float = 30.0) -> None:
+        wanted = set(ids)
+        async with asyncio.timeout(within), self.arrived:
+            await self.arrived.wait_for(
+                lambda: wanted <= {m.message_id for m in self.messages if m.message_id}
+            )
+
+    def numbers_per_dispatch(self) -> dict[int, list[int]]:
+        seen: dict[int, list[int]] = {}
+        for message in self.messages:
+            body = json.loads(message.body)
+            # A republished message carries exactly the id of the original.
+            assert message.message_id == f"7-{body['dispatch_id']}-{body['n']}"
+            seen.setdefault(body["dispatch_id"], []).append(body["n"])
+        return seen
+
+
+def assert_in_order_without_loss(consumer: Consumer, dispatches: int, per_dispatch: int) -> None:
+    """Per dispatch, first arrivals are 0..n-1 in order; duplicates only repeat earlier ones."""
+    seen = consumer.numbers_per_dispatch()
+    assert set(seen) == set(range(dispatches))
+    for numbers in seen.values():
+        first_arrivals = list(dict.fromkeys(numbers))
+        assert first_arrivals == list(range(per_dispatch))
+
+
+@pytest.fixture
+async def exchange_name() -> AsyncIterator[str]:
+    name = f"test-publisher-{uuid.uuid4().hex[:12]}"
+    yield name
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(BROKER_URL)
+    async with connection:
+        yield connection
+
+
+@pytest.fixture
+async def consumer(broker: AbstractRobustConnection, exchange_name: str) -> Consumer:
+    """A queue bound to every routing key of the exchange (declared first, as an actor would)."""
+    channel = await broker.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, "microgrid.#")
+    collected = Consumer()
+    await queue.consume(collected.on_message, no_ack=True)
+    return collected
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "state.sqlite3")
+
+
+def commit(store: Store, envelopes: list[Envelope]) -> list[OutboxItem]:
+    return store.commit(envelopes=envelopes)
+
+
+async def test_message_carries_every_wire_property(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    assert publisher.connected
+    assert publisher.last_error is None
+    assert sample("dispatchd_broker_up") == 1
+    before = sample("dispatchd_messages_published_total", kind="lifecycle", event="created")
+    envelope = make_envelope(3, 0, event="created")
+    publisher.submit(commit(store, [envelope]))
+    await consumer.wait_ids([envelope.message_id])
+    assert await publisher.wait_idle(10)
+    await publisher.close(5)
+
+    (message,) = consumer.messages
+    assert message.routing_key == envelope.routing_key
+    assert message.body == envelope.body
+    assert message.content_type == CONTENT_TYPE == "application/json"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.message_id == envelope.message_id
+    assert message.type == "dispatch.lifecycle"
+    assert message.app_id == APP_ID == "dispatchd"
+    assert message.headers == envelope.headers
+    assert message.timestamp is not None
+    assert abs(message.timestamp.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(seconds=30)
+    assert store.outbox_size() == 0
+    assert sample("dispatchd_outbox_messages") == 0
+    after = sample("dispatchd_messages_published_total", kind="lifecycle", event="created")
+    assert after == before + 1
+
+
+async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    publisher = Publisher(
+        amqp_url=BROKER_URL, exchange=exchange_name, store=store, max_in_flight=200
+    )
+    await publisher.start()
+    envelopes = interleaved(dispatches=10, per_dispatch=100)
+    for start in range(0, len(envelopes), 50):
+        publisher.submit(commit(store, envelopes[start : start + 50]))
+    assert await publisher.wait_idle(60)
+    await consumer.wait_ids(e.message_id for e in envelopes)
+    await publisher.close(5)
+
+    assert len(consumer.messages) == 1000  # no failure, so no duplicate either
+    assert_in_order_without_loss(consumer, dispatches=10, per_dispatch=100)
+    assert 1 < publisher.peak_in_flight <= 200
+    assert publisher.rounds == 1
+    assert store.outbox_size() == 0
+
+
+async def test_unroutable_messages_are_counted_and_removed(
+    store: Store, exchange_name: str
+) -> None:
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    unroutable_before = sample("dispatchd_messages_unroutable_total", kind="running")
+    published_before = sample("dispatchd_messages_published_total", kind="running", event="running")
+    publisher.submit(commit(store, [make_envelope(1, n) for n in range(3)]))
+    assert await publisher.wait_idle(10)
+    await publisher.close(5)
+    assert store.outbox_size() == 0
+    unroutable = sample("dispatchd_messages_unroutable_total", kind="running") - unroutable_before
+    published = (
+        sample("dispatchd_messages_published_total", kind="running", event="running")
+        - published_before
+    )
+    assert (unroutable, published) == (3, 0)
+    assert publisher.rounds == 1  # returned messages are not retried
+
+
+async def test_an_exchange_of_another_type_is_a_clear_start_error(
+    store: Store, broker: AbstractRobustConnection, exchange_name: str
+) -> None:
+    channel = await broker.channel()
+    await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    with pytest.raises(ExchangeTypeMismatch) as error:
+        await publisher.start()
+    text = str(error.value)
+    assert "\n" not in text
+    assert exchange_name in text
+    assert "PRECONDITION_FAILED" in text
+    assert not publisher.connected
+
+
+async def test_broker_cut_while_publishing_loses_nothing_and_keeps_order(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        publisher = Publisher(
+            amqp_url=proxied_url(proxy),
+            exchange=exchange_name,
+            store=store,
+            reconnect_interval=0.1,
+            max_backoff=0.5,
+            publish_timeout=5,
+            max_in_flight=300,
+        )
+        await publisher.start()
+        dispatches, per_dispatch = 8, 250
+        envelopes = interleaved(dispatches, per_dispatch)
+        batches = [envelopes[i : i + 100] for i in range(0, len(envelopes), 100)]
+        half = len(batches) // 2
+        for batch in batches[:half]:
+            publisher.submit(commit(store, batch))
+        await wait_for(lambda: store.outbox_size() < 900)
+        await proxy.refuse()
+        for batch in batches[half:]:
+            publisher.submit(commit(store, batch))
+        await wait_for(lambda: not publisher.connected)
+        assert publisher.last_error is not None
+        assert sample("dispatchd_broker_up") == 0
+        assert store.outbox_size() > 0
+        await proxy.accept()
+        assert await publisher.wait_idle(60)
+        await consumer.wait_ids(e.message_id for e in envelopes)
+        assert publisher.connected
+        assert sample("dispatchd_broker_up") == 1
+        await publisher.close(5)
+
+    assert publisher.rounds >= 2
+    assert_in_order_without_loss(consumer, dispatches, per_dispatch)
+    assert store.outbox_size() == 0
+    assert sample("dispatchd_outbox_messages") == 0
+
+
+async def test_unreachable_at_start_then_connects_when_the_broker_appears(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        await proxy.refuse()
+        publisher = Publisher(
+            amqp_url=proxied_url(proxy),
+            exchange=exchange_name,
+            store=store,
+            reconnect_interval=0.05,
+            max_backoff=0.2,
+        )
+        await publisher.start()  # returns although nothing is reachable
+        assert not publisher.connected
+        assert publisher.last_error is not None
+        assert "unreachable" in publisher.last_error
+        assert sample("dispatchd_broker_up") == 0
+        envelopes = [make_envelope(0, n) for n in range(5)]
+        publisher.submit(commit(store, envelopes))
+        assert not await publisher.wait_idle(0.2)
+        assert store.outbox_size() == 5
+
+        await proxy.accept()
+        assert await publisher.wait_connected(10)
+        assert publisher.last_error is None
+        assert await publisher.wait_idle(10)
+        await consumer.wait_ids(e.message_id for e in envelopes)
+        await publisher.close(5)
+    assert_in_order_without_loss(consumer, dispatches=1, per_dispatch=5)
+
+
+async def test_outbox_left_by_a_previous_run_is_published_first(
+    tmp_path: Path, consumer: Consumer, exchange_name: str
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    previous = Store(path)
+    commit(previous, [make_envelope(1, n) for n in range(3)])
+    previous.close()
+
+    store = Store(path)
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    publisher.submit(commit(store, [make_envelope(1, n) for n in range(3, 6)]))
+    assert await publisher.wait_idle(10)
+    await consumer.wait_ids(f"7-1-{n}" for n in range(6))
+    await publisher.close(5)
+    assert [json.loads(m.body)["n"] for m in consumer.messages] == list(range(6))
+    assert store.outbox_size() == 0
+
+
+async def test_close_drains_what_was_submitted(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    envelopes = interleaved(dispatches=5, per_dispatch=100)
+    publisher.submit(commit(store, envelopes))
+    await publisher.close(30)
+    assert store.outbox_size() == 0
+    await consumer.wait_ids(e.message_id for e in envelopes)
+    assert_in_order_without_loss(consumer, dispatches=5, per_dispatch=100)
+
+
+async def test_close_with_the_broker_gone_keeps_the_outbox(
+    store: Store, exchange_name: str
+) -> None:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        publisher = Publisher(
+            amqp_url=proxied_url(proxy),
+            exchange=exchange_name,
+            store=store,
+            reconnect_interval=0.05,
+            max_backoff=0.2,
+        )
+        await publisher.start()
+        await proxy.refuse()
+        await wait_for(lambda: not publisher.connected)
+        publisher.submit(commit(store, [make_envelope(1, n) for n in range(4)]))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await publisher.close(0.3)
+        assert loop.time() - started < 5
+    assert [item.envelope.message_id for item in store.outbox()] == [f"7-1-{n}" for n in range(4)]
