@@ -322,3 +322,21 @@ def test_update_time_counts_to_the_microsecond() -> None:
 
 def test_running_id_format() -> None:
     assert wire.message_id(spec_message()) == "7.42.r3"
+
+
+@pytest.mark.parametrize("length", [150, 206, 207, 226, 227, 400])
+def test_binding_with_event_wildcard_matches_every_event_of_a_long_type(length: int) -> None:
+    dispatch_type = "q" * length
+    binding = wire.binding_key(7, Kind.LIFECYCLE, None, dispatch_type)
+    for event in (Event.CREATED, Event.UPDATED, Event.DELETED):
+        message = replace(lifecycle(dispatch_type), event=event)
+        assert topic_matches(binding, wire.routing_key(message))
+    # Up to 206 bytes the word is the same for every uint64 microgrid id.
+    if length <= 206:
+        any_microgrid = wire.binding_key(None, Kind.LIFECYCLE, None, dispatch_type)
+        big = lifecycle(dispatch_type, microgrid_id=2**64 - 1)
+        assert topic_matches(any_microgrid, wire.routing_key(big))
+        assert topic_matches(any_microgrid, wire.routing_key(lifecycle(dispatch_type)))
+    else:
+        with pytest.raises(ValueError, match="concrete microgrid id"):
+            wire.binding_key(None, Kind.LIFECYCLE, None, dispatch_type)
