@@ -283,16 +283,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
-        """Put a relative database under state.dir; let the embedded API's auth apply to us.
+        """Make state.dir absolute, put a relative database under it, lend the local API's auth.
 
+        Absolute paths make the printed configuration load back to the same
+        values and keep the daemon independent of later working-directory changes.
         With ``api.url`` unset the daemon talks to its own local API, so its
         client credentials default to the local API's accepted key and secret,
         and contradicting them is an error rather than a silent auth failure.
         """
+        state = self.state.model_copy(update={"dir": self.state.dir.absolute()})
         local = self.api.local
         api = self.api
-        if not local.database.is_absolute():
-            local = local.model_copy(update={"database": self.state.dir / local.database})
+        local = local.model_copy(update={"database": state.dir / local.database})
         if api.url is None:
             accepted = [key.get_secret_value() for key in local.auth_keys]
             if api.auth_key is None and accepted:
@@ -319,6 +321,7 @@ class Settings(BaseSettings):
                 )
         api = api.model_copy(update={"local": local})
         object.__setattr__(self, "api", api)
+        object.__setattr__(self, "state", state)
         return self
 
     @property

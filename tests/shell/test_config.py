@@ -42,7 +42,8 @@ def test_defaults_need_no_file_and_use_the_embedded_api() -> None:
     assert config.api.url is None and config.embedded_api
     assert config.api.call_timeout == 60 and config.api.stream_timeout == 300
     assert config.api.local.listen == "127.0.0.1:50051"
-    assert config.api.local.database == Path("var") / "dispatches.sqlite3"
+    assert config.state.dir == Path.cwd() / "var"
+    assert config.api.local.database == Path.cwd() / "var" / "dispatches.sqlite3"
     assert config.amqp.url.get_secret_value() == "amqp://guest:guest@localhost:5672/"
     assert config.amqp.exchange == "dispatch"
     assert config.http.listen == "127.0.0.1:9464"
@@ -201,6 +202,8 @@ def test_relative_database_is_under_state_dir_and_absolute_is_kept(tmp_path: Pat
     )
     assert absolute.api.local.database == Path("/db/x.sqlite3")
     assert absolute.state.dir == Path("/srv/state")
+    cwd_relative = load_config(None, {"DISPATCHD_STATE__DIR": "run/state"})
+    assert cwd_relative.api.local.database == Path.cwd() / "run/state/dispatches.sqlite3"
 
 
 def test_environment_lists_are_json_and_bad_json_names_the_variable() -> None:

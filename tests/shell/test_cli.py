@@ -1,0 +1,355 @@
+"""The command line, in-process through ``main`` and as ``python -m dispatchd``."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dispatchd
+from dispatchd import cli
+from dispatchd.config import Settings, effective_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config.example.toml"
+COMMANDS = ["run", "check-config", "api", "schedule", "tail"]
+
+
+def dispatchd_process(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatchd", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_version_in_process_and_as_a_module(
+    capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dispatchd {dispatchd.__version__}"
+    done = dispatchd_process("--version", env=clean_env)
+    assert (done.returncode, done.stdout.strip()) == (0, f"dispatchd {dispatchd.__version__}")
+
+
+def test_the_version_is_the_installed_distribution_version() -> None:
+    from importlib.metadata import version
+
+    assert dispatchd.__version__ == version("dispatchd")
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_of_every_command_explains_it(
+    command: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--help"] if command is None else [command, "--help"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: dispatchd")
+    if command is None:
+        assert all(name in text for name in COMMANDS)
+    else:
+        assert "--config FILE" in text
+        assert len(text.split("\n\n")[1].split()) >= 8  # a real description paragraph
+
+
+def test_no_command_unknown_command_and_unknown_flag_exit_2_naming_them(
+    capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+    assert cli.main(["frobnicate"]) == 2
+    assert "frobnicate" in capsys.readouterr().err
+    assert cli.main(["check-config", "--frobnicate"]) == 2
+    assert "--frobnicate" in capsys.readouterr().err
+    done = dispatchd_process("tail", "--no-such-flag", env=clean_env)
+    assert done.returncode == 2 and "--no-such-flag" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["schedule"], "--microgrid"),
+        (["schedule", "--microgrid", "seven"], "--microgrid"),
+        (["schedule", "--microgrid", "0"], "--microgrid"),
+        (["schedule", "--microgrid", "7", "--from", "yesterday"], "--from"),
+        (["schedule", "--microgrid", "7", "--to", "2026-13-01"], "--to"),
+        (
+            ["schedule", "--microgrid", "7", "--from", "2026-05-02", "--to", "2026-05-01"],
+            "--to",
+        ),
+    ],
+)
+def test_bad_schedule_arguments_exit_2_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    assert cli.main(argv) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_check_config_of_the_example_exits_0_in_process_and_as_a_module(
+    capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    assert cli.main(["check-config", "--config", str(EXAMPLE)]) == 0
+    in_process = capsys.readouterr().out
+    done = dispatchd_process("check-config", "--config", str(EXAMPLE), env=clean_env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == in_process
+    assert tomllib.loads(done.stdout)["microgrid_ids"] == [7]
+
+
+def test_check_config_output_loads_back_to_the_same_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    source = tmp_path / "in.toml"
+    source.write_text(
+        'microgrid_ids = [3, 9]\nshutdown_timeout = 2.5\n[api]\nurl = "grpc://h:50051"\n'
+        '[amqp]\nexchange = "x"\n[log]\nlevel = "error"\nformat = "console"\n'
+    )
+    assert cli.main(["check-config", "--config", str(source)]) == 0
+    printed = tmp_path / "printed.toml"
+    printed.write_text(capsys.readouterr().out)
+    assert effective_config(load_config(printed, {})) == effective_config(load_config(source, {}))
+
+
+def test_check_config_json(capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]) -> None:
+    assert cli.main(["check-config", "--json", "--config", str(EXAMPLE)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["amqp"]["url"] == "amqp://guest:***@localhost:5672/"
+    assert data["microgrid_ids"] == [7]
+
+
+def test_check_config_masks_every_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("secret-from-file-1\n")
+    env = {
+        **clean_env,
+        "DISPATCHD_API__URL": "grpc://api:1",
+        "DISPATCHD_API__AUTH_KEY_FILE": str(key_file),
+        "DISPATCHD_API__SIGN_SECRET": "secret-sign-2",
+        "DISPATCHD_API__LOCAL__AUTH_KEYS": '["secret-local-3"]',
+        "DISPATCHD_API__LOCAL__SIGN_SECRET": "secret-local-sign-4",
+        "DISPATCHD_AMQP__URL": "amqp://user:secret-password-5@broker/",
+    }
+    for extra in ([], ["--json"]):
+        done = dispatchd_process("check-config", *extra, env=env)
+        assert done.returncode == 0, done.stderr
+        for secret in ("secret-from-file-1", "secret-sign-2", "secret-local-3", "secret-local-4"):
+            assert secret not in done.stdout
+        assert "secret-password-5" not in done.stdout
+        assert "amqp://user:***@broker/" in done.stdout
+        assert done.stdout.count("***") == 5
+
+
+def test_check_config_reports_every_problem_and_exits_2(
+    tmp_path: Path, clean_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('microgrid_ids = [7]\nbogus = 1\n[api.local]\nlisten = "nowhere"\n')
+    env = {
+        **clean_env,
+        "DISPATCHD_API__AUTH_KEY_FILE": str(tmp_path / "missing-key"),
+        "DISPATCHD_LOG__LEVEL": "chatty",
+    }
+    done = dispatchd_process("check-config", "--config", str(bad), env=env)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    keys = {line.split(":", 1)[0] for line in done.stderr.splitlines()}
+    assert keys == {"bogus", "api.local.listen", "api.auth_key_file", "log.level"}
+    assert done.stdout == ""
+
+    assert cli.main(["check-config", "--config", str(bad)]) == 2
+    assert "bogus: unknown key" in capsys.readouterr().err.splitlines()
+
+
+def test_missing_config_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    assert cli.main(["run", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "absent.toml" in capsys.readouterr().err
+
+
+def test_dispatchd_config_environment_names_the_file(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("microgrid_ids = [11]\n")
+    done = dispatchd_process("check-config", env={**clean_env, "DISPATCHD_CONFIG": str(path)})
+    assert done.returncode == 0 and "microgrid_ids = [11]" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["run"], ["tail"], ["schedule", "--microgrid", "7"]])
+def test_commands_without_an_implementation_say_so_and_exit_1(
+    command: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    clean_env: dict[str, str],
+) -> None:
+    monkeypatch.setattr(cli, "_command_function", lambda module: None)
+    assert cli.main(command) == 1
+    assert capsys.readouterr().err == f"dispatchd {command[0]}: not implemented yet\n"
+
+
+def fake_command(calls: list[tuple[Any, ...]], result: int = 0) -> Callable[..., int]:
+    def command(*args: Any, **kwargs: Any) -> int:
+        calls.append((args, kwargs))
+        return result
+
+    return command
+
+
+def test_commands_are_handed_the_settings_and_parsed_arguments(
+    monkeypatch: pytest.MonkeyPatch, clean_env: dict[str, str]
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    modules: list[str] = []
+
+    def lookup(module: str) -> Callable[..., int]:
+        modules.append(module)
+        return fake_command(calls, result=len(modules) - 1)
+
+    monkeypatch.setattr(cli, "_command_function", lookup)
+    assert cli.main(["run"]) == 0
+    assert cli.main(["tail", "--bind", "dispatch.running.#", "--bind", "x.y", "--json"]) == 1
+    assert cli.main(["tail"]) == 2
+    assert (
+        cli.main(
+            [
+                "schedule",
+                "--microgrid",
+                "7",
+                "--from",
+                "2026-05-01T12:00:00+02:00",
+                "--to",
+                "2026-05-02T00:00",
+                "--type",
+                "EV_CHARGING",
+            ]
+        )
+        == 3
+    )
+    assert modules == ["dispatchd.daemon", "dispatchd.tail", "dispatchd.tail", "dispatchd.schedule"]
+    (run_args, run_kwargs), (_, tail_kwargs), (_, default_tail), (_, sched) = calls
+    assert isinstance(run_args[0], Settings) and run_kwargs == {}
+    assert tail_kwargs == {"bindings": ["dispatch.running.#", "x.y"], "raw_json": True}
+    assert default_tail == {"bindings": ["#"], "raw_json": False}
+    assert sched == {
+        "microgrid_id": 7,
+        "start": datetime(2026, 5, 1, 10, tzinfo=UTC),
+        "end": datetime(2026, 5, 2, tzinfo=UTC),
+        "dispatch_type": "EV_CHARGING",
+    }
+
+
+def test_schedule_window_defaults_to_the_next_day(
+    monkeypatch: pytest.MonkeyPatch, clean_env: dict[str, str]
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(cli, "_command_function", lambda module: fake_command(calls))
+    before = datetime.now(UTC)
+    assert cli.main(["schedule", "--microgrid", "7"]) == 0
+    after = datetime.now(UTC)
+    kwargs = calls[0][1]
+    assert before <= kwargs["start"] <= after
+    assert kwargs["end"] - kwargs["start"] == timedelta(days=1)
+    assert kwargs["dispatch_type"] is None
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise ConnectionRefusedError("broker at localhost:5672 refused the connection")
+
+    monkeypatch.setattr(cli, "_command_function", lambda module: broken)
+    assert cli.main(["tail"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "dispatchd tail: ConnectionRefusedError: broker at localhost:5672 refused the connection\n"
+    )
+
+
+def test_render_toml_rejects_what_it_cannot_write() -> None:
+    assert tomllib.loads(cli.render_toml({"a": [1, "b"], "t": {"x": True, "u": {"y": 1.5}}})) == {
+        "a": [1, "b"],
+        "t": {"x": True, "u": {"y": 1.5}},
+    }
+    with pytest.raises(TypeError):
+        cli.render_toml({"a": object()})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_api_command_serves_until_sigterm(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    port = free_port()
+    env = {
+        **clean_env,
+        "DISPATCHD_API__LOCAL__LISTEN": f"127.0.0.1:{port}",
+        "DISPATCHD_STATE__DIR": str(tmp_path / "state"),
+        "DISPATCHD_LOG__FORMAT": "json",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dispatchd", "api"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()  # blocks until the server logs that it listens
+        assert re.search(rf"\b{port}\b", first), first
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert (tmp_path / "state" / "dispatches.sqlite3").exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        rest = process.stderr.read()
+        assert "Traceback" not in rest
+        assert all(json.loads(line) for line in [first, *rest.splitlines()])
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_api_command_with_a_taken_port_fails_with_one_line(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **clean_env,
+            "DISPATCHD_API__LOCAL__LISTEN": f"127.0.0.1:{port}",
+            "DISPATCHD_STATE__DIR": str(tmp_path),
+        }
+        done = dispatchd_process("api", env=env)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    # gRPC's C core may print its own line first; ours is the last and names the command.
+    assert done.stderr.splitlines()[-1].startswith("dispatchd api: ")
