@@ -73,6 +73,11 @@ class Authenticator:
         """Whether any check applies at all."""
         return bool(self._keys or self._secret)
 
+    @property
+    def remembered_nonces(self) -> int:
+        """How many nonces are held (bounded by the request rate times the window)."""
+        return len(self._nonces)
+
     def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> None:
         """Raise :class:`AuthError` unless the call may proceed."""
         values = _metadata_dict(metadata)
