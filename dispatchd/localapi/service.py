@@ -42,6 +42,7 @@ from dispatchd.localapi.broadcaster import Broadcaster, Overflowed
 from dispatchd.localapi.storage import MAX_SQL_INT, Storage, StoredDispatch
 from dispatchd.localapi.validation import (
     InvalidRequest,
+    Prepared,
     check_microgrid_id,
     prepare_create,
     prepare_update,
@@ -171,7 +172,7 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
             _check_ids(request.microgrid_id, request.dispatch_id)
             now = self._clock()
 
-            def change(stored: DispatchData) -> DispatchData:
+            def change(stored: DispatchData) -> Prepared:
                 return prepare_update(stored, request, now)
 
             updated = self._storage.update(request.microgrid_id, request.dispatch_id, change, now)

@@ -38,7 +38,7 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
 from dispatchd.localapi import paging
 from dispatchd.localapi.validation import (
     InvalidRequest,
-    compute_end_time,
+    Prepared,
     from_micros,
     to_datetime,
     to_micros,
@@ -167,9 +167,9 @@ class Storage:
                         db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (1)")
 
-    def create(self, microgrid_id: int, data: DispatchData, now: datetime) -> StoredDispatch:
+    def create(self, microgrid_id: int, prepared: Prepared, now: datetime) -> StoredDispatch:
         """Insert a validated dispatch; the id is assigned here (never reused)."""
-        end_time = compute_end_time(data)
+        data, end_time = prepared.data, prepared.end_time
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO dispatches (microgrid_id, type, start_time, end_time, create_time,"
@@ -205,7 +205,7 @@ class Storage:
         self,
         microgrid_id: int,
         dispatch_id: int,
-        change: Callable[[DispatchData], DispatchData],
+        change: Callable[[DispatchData], Prepared],
         now: datetime,
     ) -> StoredDispatch | None:
         """Read, change (may raise to abort) and write back in one transaction."""
@@ -217,8 +217,8 @@ class Storage:
             if row is None:
                 return None
             old = _from_row(row)
-            data = change(old.data)
-            end_time = compute_end_time(data)
+            prepared = change(old.data)
+            data, end_time = prepared.data, prepared.end_time
             db.execute(
                 "UPDATE dispatches SET type = ?, start_time = ?, end_time = ?, update_time = ?,"
                 " is_active = ?, is_dry_run = ?, is_recurring = ?, data = ? WHERE id = ?",

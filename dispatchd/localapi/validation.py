@@ -7,21 +7,25 @@ the servicer can answer INVALID_ARGUMENT with a message a person can act on.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
-from dateutil import rrule
 from frequenz.api.common.v1alpha8.microgrid.electrical_components import (
     electrical_components_pb2 as components_pb2,
 )
+from frequenz.api.dispatch.v1.dispatch_pb2 import Dispatch as PBDispatch
 from frequenz.api.dispatch.v1.dispatch_pb2 import (
     DispatchData,
+    DispatchMetadata,
     RecurrenceRule,
     TargetComponents,
     UpdateMicrogridDispatchRequest,
 )
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from dispatchd.core.model import Dispatch
+from dispatchd.core.recurrence import Invalid, Schedule
 
 START_TIME_TOLERANCE = timedelta(seconds=10)
 """How late a start time may be: a request built "now" needs time to arrive.
@@ -65,34 +69,29 @@ the finer end-criteria paths; ``active`` is accepted as an alias of ``is_active`
 
 IMMUTABLE_PATHS = frozenset({"type", "is_dry_run", "dry_run"})
 
-_FREQ_TO_RRULE: dict[int, Literal[0, 1, 2, 3, 4, 5, 6]] = {
-    RecurrenceRule.FREQUENCY_MINUTELY: rrule.MINUTELY,
-    RecurrenceRule.FREQUENCY_HOURLY: rrule.HOURLY,
-    RecurrenceRule.FREQUENCY_DAILY: rrule.DAILY,
-    RecurrenceRule.FREQUENCY_WEEKLY: rrule.WEEKLY,
-    RecurrenceRule.FREQUENCY_MONTHLY: rrule.MONTHLY,
-    RecurrenceRule.FREQUENCY_YEARLY: rrule.YEARLY,
-}
-_FIXED_STEP = {
-    RecurrenceRule.FREQUENCY_MINUTELY: timedelta(minutes=1),
-    RecurrenceRule.FREQUENCY_HOURLY: timedelta(hours=1),
-    RecurrenceRule.FREQUENCY_DAILY: timedelta(days=1),
-    RecurrenceRule.FREQUENCY_WEEKLY: timedelta(weeks=1),
-}
-_WEEKDAY_TO_RRULE = {
-    RecurrenceRule.WEEKDAY_MONDAY: rrule.MO,
-    RecurrenceRule.WEEKDAY_TUESDAY: rrule.TU,
-    RecurrenceRule.WEEKDAY_WEDNESDAY: rrule.WE,
-    RecurrenceRule.WEEKDAY_THURSDAY: rrule.TH,
-    RecurrenceRule.WEEKDAY_FRIDAY: rrule.FR,
-    RecurrenceRule.WEEKDAY_SATURDAY: rrule.SA,
-    RecurrenceRule.WEEKDAY_SUNDAY: rrule.SU,
-}
+_FREQUENCIES = frozenset(
+    number
+    for number in RecurrenceRule.Frequency.DESCRIPTOR.values_by_number
+    if number != RecurrenceRule.FREQUENCY_UNSPECIFIED
+)
+_WEEKDAYS = frozenset(
+    number
+    for number in RecurrenceRule.Weekday.DESCRIPTOR.values_by_number
+    if number != RecurrenceRule.WEEKDAY_UNSPECIFIED
+)
 _CATEGORIES = frozenset(
     number
     for number in components_pb2.ElectricalComponentCategory.DESCRIPTOR.values_by_number
     if number != 0
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Data ready to store, with the end time the daemon's scheduler computes for it."""
+
+    data: DispatchData
+    end_time: datetime | None
 
 
 class InvalidRequest(ValueError):
@@ -142,7 +141,7 @@ def check_start_time(start: datetime, now: datetime) -> None:
         )
 
 
-def prepare_create(data: DispatchData, *, start_immediately: bool, now: datetime) -> DispatchData:
+def prepare_create(data: DispatchData, *, start_immediately: bool, now: datetime) -> Prepared:
     """Validate a new dispatch and return the data to store (a copy).
 
     ``start_immediately`` sets the start time to ``now``; an unset interval of
@@ -157,13 +156,12 @@ def prepare_create(data: DispatchData, *, start_immediately: bool, now: datetime
     else:
         check_start_time(to_datetime(data.start_time), now)
     _normalise_recurrence(prepared.recurrence)
-    check_dispatch_data(prepared)
-    return prepared
+    return Prepared(prepared, check_dispatch_data(prepared))
 
 
 def prepare_update(
     stored: DispatchData, request: UpdateMicrogridDispatchRequest, now: datetime
-) -> DispatchData:
+) -> Prepared:
     """Apply the field mask of an Update to the stored data, then validate the result."""
     paths = list(request.update_mask.paths)
     if not paths:
@@ -180,8 +178,7 @@ def prepare_update(
     for path in paths:
         _apply_path(result, update, path, now)
     _normalise_recurrence(result.recurrence)
-    check_dispatch_data(result)
-    return result
+    return Prepared(result, check_dispatch_data(result))
 
 
 def _apply_path(
@@ -257,8 +254,14 @@ def _normalise_recurrence(recurrence: RecurrenceRule) -> None:
         recurrence.interval = 1
 
 
-def check_dispatch_data(data: DispatchData) -> None:
-    """Every rule a stored dispatch must satisfy, whether created or updated."""
+def check_dispatch_data(data: DispatchData) -> datetime | None:
+    """Every rule a stored dispatch must satisfy; returns its end time.
+
+    Field checks come first so the message names the field; then the daemon's
+    own scheduler (``Schedule.build``) must accept the dispatch, and its
+    ``last_end`` is the end time: one-off start + duration, the end of the
+    last occurrence of a bounded rule, else unknown (``None``).
+    """
     if not data.type.strip():
         raise InvalidRequest("type", "must not be empty")
     if len(data.type) > MAX_TYPE_LENGTH:
@@ -268,6 +271,23 @@ def check_dispatch_data(data: DispatchData) -> None:
     check_target(data.target, "target")
     _check_payload(data.payload)
     check_recurrence(data.recurrence, to_datetime(data.start_time))
+    schedule = Schedule.build(_as_model(data))
+    if isinstance(schedule, Invalid):
+        raise InvalidRequest("recurrence", schedule.reason)
+    return schedule.last_end()
+
+
+def _as_model(data: DispatchData) -> Dispatch:
+    """The core model of the data (id and times are irrelevant to the schedule)."""
+    epoch = Timestamp()
+    message = PBDispatch(
+        metadata=DispatchMetadata(dispatch_id=1, create_time=epoch, update_time=epoch),
+        data=data,
+    )
+    try:
+        return Dispatch.from_protobuf(message, microgrid_id=1)
+    except (ValueError, TypeError) as error:
+        raise InvalidRequest("dispatch_data", f"cannot be interpreted: {error}") from error
 
 
 def check_target(target: TargetComponents, field: str) -> None:
@@ -290,12 +310,24 @@ def check_target(target: TargetComponents, field: str) -> None:
             _check_categories(
                 (pair.category for pair in pairs), f"{field}.component_categories_types"
             )
+            for pair in pairs:
+                _check_subtype(pair, f"{field}.component_categories_types")
 
 
 def _check_categories(categories: Iterable[int], field: str) -> None:
     for category in categories:
         if category not in _CATEGORIES:
             raise InvalidRequest(field, f"unknown or unspecified category {category}")
+
+
+def _check_subtype(pair: TargetComponents.CategoryAndType, field: str) -> None:
+    """The battery/inverter/EV charger type must be one the API defines."""
+    kind = pair.WhichOneof("type")
+    if kind is None:
+        return
+    enum = TargetComponents.CategoryAndType.DESCRIPTOR.fields_by_name[kind].enum_type
+    if enum is None or getattr(pair, kind) not in enum.values_by_number:
+        raise InvalidRequest(field, f"unknown {kind} type {getattr(pair, kind)}")
 
 
 def _check_payload(payload: Struct) -> None:
@@ -322,7 +354,7 @@ def check_recurrence(rule: RecurrenceRule, start: datetime) -> None:
     """The recurrence is either unset (freq unspecified) or a rule dateutil accepts."""
     if rule.freq == RecurrenceRule.FREQUENCY_UNSPECIFIED:
         return
-    if rule.freq not in _FREQ_TO_RRULE:
+    if rule.freq not in _FREQUENCIES:
         raise InvalidRequest("recurrence.freq", f"unknown frequency {rule.freq}")
     if not 1 <= rule.interval <= MAX_INTERVAL:
         raise InvalidRequest("recurrence.interval", f"must be between 1 and {MAX_INTERVAL}")
@@ -342,7 +374,7 @@ def check_recurrence(rule: RecurrenceRule, start: datetime) -> None:
     _check_range(rule.byhours, 0, 23, "recurrence.byhours")
     _check_range(rule.bymonths, 1, 12, "recurrence.bymonths")
     for weekday in rule.byweekdays:
-        if weekday not in _WEEKDAY_TO_RRULE:
+        if weekday not in _WEEKDAYS:
             raise InvalidRequest("recurrence.byweekdays", f"invalid weekday {weekday}")
     for monthday in rule.bymonthdays:
         if monthday == 0 or not -31 <= monthday <= 31:
@@ -366,66 +398,3 @@ def _check_range(values: Iterable[int], low: int, high: int, field: str) -> None
     for value in values:
         if not low <= value <= high:
             raise InvalidRequest(field, f"{value} is not between {low} and {high}")
-
-
-def _as_rrule(rule: RecurrenceRule, start: datetime) -> rrule.rrule:
-    """The dateutil rule for a validated recurrence."""
-    count: int | None = None
-    until: datetime | None = None
-    if rule.HasField("end_criteria"):
-        if rule.end_criteria.WhichOneof("count_or_until") == "count":
-            count = rule.end_criteria.count
-        elif rule.end_criteria.HasField("until_time"):
-            until = to_datetime(rule.end_criteria.until_time)
-    return rrule.rrule(
-        freq=_FREQ_TO_RRULE[rule.freq],
-        dtstart=start,
-        interval=rule.interval,
-        count=count,
-        until=until,
-        byminute=list(rule.byminutes) or None,
-        byhour=list(rule.byhours) or None,
-        byweekday=[_WEEKDAY_TO_RRULE[day] for day in rule.byweekdays] or None,
-        bymonthday=list(rule.bymonthdays) or None,
-        bymonth=list(rule.bymonths) or None,
-    )
-
-
-def compute_end_time(data: DispatchData) -> datetime | None:
-    """When the dispatch stops for good, if that is known.
-
-    One-off: start + duration. Recurring with count or until: the end of the
-    last occurrence. Indefinite duration or endless recurrence: unknown.
-    Expects data that passed :func:`check_dispatch_data`.
-    """
-    if not data.HasField("duration"):
-        return None
-    start = to_datetime(data.start_time)
-    duration = timedelta(seconds=data.duration)
-    rule = data.recurrence
-    if rule.freq == RecurrenceRule.FREQUENCY_UNSPECIFIED:
-        return start + duration
-    if not rule.HasField("end_criteria"):
-        return None
-    last = _last_occurrence(rule, start)
-    return None if last is None else last + duration
-
-
-def _last_occurrence(rule: RecurrenceRule, start: datetime) -> datetime | None:
-    """The last start of a bounded rule; fixed steps are computed, not iterated."""
-    plain = not (
-        rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
-    )
-    step = _FIXED_STEP.get(rule.freq)
-    if plain and step is not None:
-        step = step * rule.interval
-        if rule.end_criteria.WhichOneof("count_or_until") == "count":
-            return start + step * (rule.end_criteria.count - 1)
-        until = to_datetime(rule.end_criteria.until_time)
-        return start + step * ((until - start) // step)
-    built = _as_rrule(rule, start)
-    if rule.end_criteria.WhichOneof("count_or_until") == "count":
-        occurrences: list[datetime] = list(built)
-        return occurrences[-1] if occurrences else None
-    last: datetime | None = built.before(to_datetime(rule.end_criteria.until_time), inc=True)
-    return last
