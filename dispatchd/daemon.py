@@ -1,1 +1,350 @@
-"""dispatchd run: wires sync, engine, store, publisher, RPC and HTTP together (not built yet)."""
+"""``dispatchd run``: the one place where the shell's parts meet.
+
+Follow a dispatch from the gRPC stream to the AMQP message:
+
+1. ``apisync.ApiSync`` (one per microgrid) puts ``Listed``/``Streamed`` items
+   on the daemon's inbox.
+2. ``Daemon._step`` hands each item, or the passage of time when the
+   engine's next deadline arrives, to ``core.engine.Engine``, which returns
+   the messages due.
+3. ``Daemon._commit`` encodes them with ``core.wire`` and writes them to the
+   outbox of ``store.Store`` in the same SQLite transaction as the engine's
+   changed records.
+4. ``publisher.Publisher`` publishes the committed outbox items with confirms
+   and removes each from the outbox once the broker confirmed it.
+
+Only this loop touches the engine, so the engine needs no locks; the RPC and
+HTTP handlers only read it between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+from frequenz.client.common.streaming import Event
+from frequenz.client.dispatch import DispatchApiClient
+
+from dispatchd import __version__, metrics
+from dispatchd.apisync import ApiSync, Listed, Streamed, SyncItem, api_client, api_url
+from dispatchd.config import Settings
+from dispatchd.core import wire
+from dispatchd.core.engine import Change, Created, Deleted, DispatchRecord, Engine, Updated
+from dispatchd.core.messages import Message, Reason, RunningMessage
+from dispatchd.core.model import Dispatch
+from dispatchd.http import HttpServer
+from dispatchd.localapi.server import LocalApiServer
+from dispatchd.logs import configure_from_settings
+from dispatchd.publisher import ExchangeTypeMismatch, Publisher
+from dispatchd.rpc import SnapshotRpc
+from dispatchd.store import Store
+
+_log = structlog.get_logger(__name__)
+
+STATE_FILE = "dispatchd.sqlite3"
+_SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
+"""Running messages caused by a boundary of the schedule (their lateness is measured)."""
+
+
+def main(settings: Settings) -> int:
+    """Entry point of ``dispatchd run``: run until SIGTERM/SIGINT."""
+    configure_from_settings(settings)
+    return asyncio.run(_run_until_signal(settings))
+
+
+async def _run_until_signal(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    daemon = Daemon(settings)
+    try:
+        await daemon.run(stop)
+    except ExchangeTypeMismatch as error:
+        _log.error("cannot start", error=str(error))
+        return 1
+    return 0
+
+
+class Daemon:
+    """Owns the engine and runs the sync -> engine -> store -> publisher loop."""
+
+    def __init__(
+        self, settings: Settings, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._inbox: asyncio.Queue[SyncItem] = asyncio.Queue()
+        self._engine = Engine()
+        self._synced: set[int] = set()
+        self._syncs: list[ApiSync] = []
+        self.ready = asyncio.Event()
+        """Set when every microgrid has finished its first sync (for tests and /readyz)."""
+        self.api_url: str | None = None
+        self.local_api_port: int | None = None
+        self.http_port: int | None = None
+        self.store: Store | None = None
+        self.publisher: Publisher | None = None
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start everything, serve until ``stop`` is set, then stop gracefully."""
+        settings = self._settings
+        settings.state.dir.mkdir(parents=True, exist_ok=True)
+        store = self.store = Store(settings.state.dir / STATE_FILE)
+        self._engine = _restore(store)
+        local_api = await self._start_local_api()
+        rpc = SnapshotRpc(
+            exchange=settings.amqp.exchange,
+            microgrid_ids=settings.microgrid_ids,
+            snapshot=self._engine.snapshot,
+            synced=lambda microgrid_id: microgrid_id in self._synced,
+        )
+        publisher = self.publisher = Publisher(
+            amqp_url=settings.amqp.url.get_secret_value(),
+            exchange=settings.amqp.exchange,
+            store=store,
+            on_declare=rpc.declare,
+        )
+        http = HttpServer(settings.http.listen, self._missing_for_ready, self._refresh_metrics)
+        tasks: list[asyncio.Task[None]] = []
+        client: DispatchApiClient | None = None
+        try:
+            await publisher.start()
+            self.http_port = await http.start()
+            metrics.BUILD_INFO.labels(version=__version__).set(1)
+            self._commit(self._engine.resume(self._clock()))
+            client = api_client(self._settings, self.local_api_port)
+            for microgrid_id in settings.microgrid_ids:
+                sync = ApiSync(client, microgrid_id, self._inbox.put)
+                self._syncs.append(sync)
+                tasks.append(asyncio.create_task(sync.run(), name=f"sync-{microgrid_id}"))
+            tasks.append(asyncio.create_task(self._loop(), name="engine"))
+            fatal = asyncio.create_task(publisher.wait_fatal())
+            stopping = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait(
+                {fatal, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED
+            )
+            fatal.cancel()
+            stopping.cancel()
+            for task in done & set(tasks):
+                task.result()  # an unexpected crash of a loop surfaces here
+            if fatal in done:
+                raise fatal.result()
+        finally:
+            await self._shutdown(tasks, client, rpc, publisher, http, local_api, store)
+
+    async def _shutdown(
+        self,
+        tasks: list[asyncio.Task[None]],
+        client: DispatchApiClient | None,
+        rpc: SnapshotRpc,
+        publisher: Publisher,
+        http: HttpServer,
+        local_api: LocalApiServer | None,
+        store: Store,
+    ) -> None:
+        """Stop intake first, then drain the publisher, then close the rest."""
+        started = time.monotonic()
+        budget = self._settings.shutdown_timeout
+        _log.info("stopping", shutdown_timeout=budget)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await rpc.close()
+        if client is not None:
+            await client.disconnect()
+        left = max(0.0, budget - (time.monotonic() - started))
+        await publisher.close(left)
+        await http.close()
+        if local_api is not None:
+            await local_api.stop(max(0.0, budget - (time.monotonic() - started)))
+        store.close()
+        _log.info(
+            "stopped",
+            outbox_left=publisher.unconfirmed,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _start_local_api(self) -> LocalApiServer | None:
+        """With ``api.url`` unset, serve the local API in-process and sync from it."""
+        settings = self._settings
+        if not settings.embedded_api:
+            self.api_url = api_url(settings)
+            return None
+        local = settings.api.local
+        local.database.parent.mkdir(parents=True, exist_ok=True)
+        server = LocalApiServer(
+            listen=local.listen,
+            database=local.database,
+            auth_keys=[key.get_secret_value() for key in local.auth_keys],
+            sign_secret=local.sign_secret.get_secret_value() if local.sign_secret else "",
+        )
+        self.local_api_port = await server.start()
+        self.api_url = api_url(settings, self.local_api_port)
+        _log.info(
+            "api.url is unset: started the embedded local dispatch API",
+            url=self.api_url,
+            database=str(local.database),
+        )
+        return server
+
+    # ------------------------------------------------------------ the loop
+
+    async def _loop(self) -> None:
+        """Wait for the next API item or the engine's next deadline, whichever first.
+
+        One timer (the ``wait_for`` timeout) and no polling: between deadlines
+        and API events the daemon sleeps.
+        """
+        while True:
+            deadline = self._engine.next_deadline()
+            timeout = None
+            if deadline is not None:
+                timeout = max(0.0, (deadline - self._clock()).total_seconds())
+            try:
+                item: SyncItem | None = await asyncio.wait_for(self._inbox.get(), timeout)
+            except TimeoutError:
+                item = None
+            self._step(item)
+
+    def _step(self, item: SyncItem | None) -> None:
+        now = self._clock()
+        engine = self._engine
+        match item:
+            case None:
+                messages = engine.advance(now)
+            case Listed(microgrid_id, dispatches, initial):
+                messages = engine.relist(microgrid_id, dispatches, now, initial=initial)
+            case Streamed(_, event, dispatch):
+                change = _CHANGES.get(event)
+                if change is None:
+                    _log.warning("ignored stream event", event=str(event), dispatch_id=dispatch.id)
+                    return
+                messages = engine.apply(change(dispatch), now)
+        self._commit(messages)
+        if isinstance(item, Listed) and item.microgrid_id not in self._synced:
+            self._synced.add(item.microgrid_id)
+            counts = engine.counts(now).get(item.microgrid_id, {})
+            _log.info(
+                "first sync done",
+                microgrid_id=item.microgrid_id,
+                dispatches=len(item.dispatches),
+                **counts,
+            )
+            if self._synced.issuperset(self._settings.microgrid_ids):
+                self.ready.set()
+
+    def _commit(self, messages: list[Message]) -> None:
+        """One transaction for the engine's changed records and the messages they caused."""
+        engine = self._engine
+        for (microgrid_id, dispatch_id), reason in engine.take_new_invalid():
+            _log.warning(
+                "invalid dispatch will never run",
+                microgrid_id=microgrid_id,
+                dispatch_id=dispatch_id,
+                reason=reason,
+            )
+        records: dict[tuple[int, int], str | None] = {}
+        for key in engine.take_dirty():
+            record = engine.export_record(key)
+            records[key] = None if record is None else _record_to_text(record)
+        if not records and not messages:
+            return
+        envelopes = [wire.encode(message) for message in messages]
+        assert self.store is not None and self.publisher is not None
+        items = self.store.commit(records=records, meta=engine.export_meta(), envelopes=envelopes)
+        self.publisher.submit(items)
+        _log_messages(messages)
+
+    # ----------------------------------------------------- health and metrics
+
+    def _missing_for_ready(self) -> list[str]:
+        missing = [
+            f"microgrid {microgrid_id}: first sync with the dispatch API not finished"
+            for microgrid_id in self._settings.microgrid_ids
+            if microgrid_id not in self._synced
+        ]
+        publisher = self.publisher
+        if publisher is None or not publisher.connected:
+            error = publisher.last_error if publisher is not None else None
+            missing.append(f"broker: not connected ({error or 'connecting'})")
+        return missing
+
+    def _refresh_metrics(self) -> None:
+        """Counted at scrape time, so an idle daemon spends no CPU on them."""
+        for microgrid_id, counts in self._engine.counts(self._clock()).items():
+            for state, count in counts.items():
+                metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
+
+
+_CHANGES: dict[Event, Callable[..., Change]] = {
+    Event.CREATED: Created,
+    Event.UPDATED: Updated,
+    Event.DELETED: Deleted,
+}
+
+
+def _restore(store: Store) -> Engine:
+    loaded = store.load()
+    records = [
+        DispatchRecord.from_json(json.loads(text), functools.partial(_dispatch_from, microgrid_id))
+        for (microgrid_id, _), text in loaded.records.items()
+    ]
+    if records or loaded.outbox:
+        _log.info(
+            "restored state",
+            dispatches=len(records),
+            outbox=len(loaded.outbox),
+            last_seen=loaded.meta.get("last_seen"),
+        )
+    return Engine.restore(records, loaded.meta)
+
+
+def _dispatch_from(microgrid_id: int, obj: object) -> Dispatch:
+    return wire.dispatch_from_json(obj, microgrid_id)
+
+
+def _record_to_text(record: DispatchRecord) -> str:
+    return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
+
+
+_BATCH_LOG_THRESHOLD = 20
+"""Above this many messages in one step (a large sync), log counts, not each message."""
+
+
+def _log_messages(messages: list[Message]) -> None:
+    for message in messages:
+        if isinstance(message, RunningMessage) and message.reason in _SCHEDULED_REASONS:
+            lateness = (message.emitted_at - message.scheduled_for).total_seconds()
+            metrics.TRANSITION_LATENESS.labels(kind="running").observe(lateness)
+    if len(messages) > _BATCH_LOG_THRESHOLD:
+        counts: dict[str, int] = {}
+        for message in messages:
+            name = f"{message.kind}.{message.event}"
+            counts[name] = counts.get(name, 0) + 1
+        _log.info("messages", total=len(messages), **counts)
+        return
+    for message in messages:
+        _log_message(message)
+
+
+def _log_message(message: Message) -> None:
+    dispatch = message.dispatch
+    fields: dict[str, object] = {
+        "microgrid_id": dispatch.microgrid_id,
+        "dispatch_id": dispatch.id,
+        "type": message.routing_type,
+        "message": f"{message.kind}.{message.event}",
+    }
+    if isinstance(message, RunningMessage):
+        lateness = (message.emitted_at - message.scheduled_for).total_seconds()
+        fields.update(reason=str(message.reason), sequence=message.sequence, lateness=lateness)
+    _log.info("queued for publishing", **fields)
