@@ -2,7 +2,14 @@
 
 Messages are fired on one confirm channel without waiting for each confirm
 (at most ``max_in_flight`` unconfirmed), so the broker sees them in outbox
-order. On any failure (nack, confirm timeout, channel or connection lost) the
+order. Per dispatch, at most ``max_in_flight_per_dispatch`` (default 1) are
+unconfirmed at a time: the broker may nack message k and accept k+1 (a full
+queue with ``reject-publish`` does exactly that), and republishing k after
+k+1 would break the per-dispatch order of wire-v1 § 5. Dispatches produce
+few messages each, so this costs nothing in practice while bursts over many
+dispatches stay fully pipelined.
+
+On any failure (nack, confirm timeout, channel or connection lost) the
 publisher stops sending, lets the in-flight publishes settle, waits for the
 robust channel to come back and republishes everything still unconfirmed in
 seq order with the same ``message_id``: duplicates are possible, loss is not.
@@ -42,6 +49,10 @@ def _kind(envelope: Envelope) -> str:
     return envelope.type.rpartition(".")[2]
 
 
+def _dispatch_key(item: OutboxItem) -> tuple[int, int]:
+    return (item.envelope.microgrid_id, item.envelope.dispatch_id)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -58,18 +69,20 @@ class Publisher:
         store: Store,
         publish_timeout: float = 10.0,
         max_in_flight: int = 1000,
+        max_in_flight_per_dispatch: int = 1,
         reconnect_interval: float = 1.0,
         max_backoff: float = 30.0,
         connect_timeout: float = 10.0,
         on_declare: DeclareHook | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if max_in_flight < 1 or max_in_flight_per_dispatch < 1:
+            raise ValueError("max_in_flight and max_in_flight_per_dispatch must be at least 1")
         self._url = amqp_url
         self._exchange_name = exchange
         self._store = store
         self._publish_timeout = publish_timeout
         self._max_in_flight = max_in_flight
+        self._max_per_dispatch = max_in_flight_per_dispatch
         self._reconnect_interval = reconnect_interval
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
@@ -88,6 +101,10 @@ class Publisher:
         self._pending: dict[int, OutboxItem] = {}
         self._queue: collections.deque[int] = collections.deque()
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Per (microgrid_id, dispatch_id): unconfirmed count, and seqs held back behind them.
+        self._busy: dict[tuple[int, int], int] = {}
+        self._held: dict[tuple[int, int], collections.deque[int]] = {}
+        self._ready: collections.deque[int] = collections.deque()
         self._round_failed = False
         self._round_confirmed = 0
         self._wake = asyncio.Event()
@@ -102,6 +119,7 @@ class Publisher:
         self._idle.set()
 
         self._tasks: list[asyncio.Task[None]] = []
+        self._flusher_task: asyncio.Task[None] | None = None
         metrics.BROKER_UP.set(0)
 
     # --- state for /readyz -------------------------------------------------
@@ -160,11 +178,13 @@ class Publisher:
         exchange exists with another type.
         """
         self.submit(self._store.outbox())
-        self._tasks.append(asyncio.create_task(self._flusher(), name="publisher-flusher"))
+        self._flusher_task = asyncio.create_task(self._flusher(), name="publisher-flusher")
         try:
             await self._connect()
         except ExchangeTypeMismatch:
-            await self._stop_tasks()
+            self._closing = True
+            self._flush_wake.set()
+            await self._flusher_task
             raise
         except Exception as exc:
             self._note_unreachable(exc, self._reconnect_interval)
@@ -255,17 +275,17 @@ class Publisher:
             await self.wait_idle(timeout)
         self._closing = True
         await self._stop_tasks()
-        self._flush_now()
+        self._flush_wake.set()
+        if self._flusher_task is not None:
+            await self._flusher_task
         if self._connection is not None:
             await self._connection.close()
         metrics.BROKER_UP.set(0)
         if self._pending:
-            log.info(
-                "publisher closed with unconfirmed messages kept in outbox",
-                count=len(self._pending),
-            )
+            log.info("publisher closed, unconfirmed kept in the outbox", count=len(self._pending))
 
     async def _stop_tasks(self) -> None:
+        """Cancel sending and connecting; the flusher is left to finish its last batch."""
         tasks = self._tasks + list(self._in_flight)
         self._tasks = []
         for task in tasks:
@@ -329,22 +349,57 @@ class Publisher:
     async def _send_round(self) -> None:
         """Send everything pending in seq order, then whatever is submitted, until a failure."""
         self._queue = collections.deque(sorted(self._pending))
+        self._busy.clear()
+        self._held.clear()
+        self._ready.clear()
         self.rounds += 1
         self._round_failed = False
         self._round_confirmed = 0
         while not self._round_failed:
-            if self._queue and len(self._in_flight) < self._max_in_flight:
-                seq = self._queue.popleft()
-                item = self._pending.get(seq)
+            if len(self._in_flight) < self._max_in_flight:
+                item = self._next_to_send()
                 if item is not None:
+                    key = _dispatch_key(item)
+                    self._busy[key] = self._busy.get(key, 0) + 1
                     task = asyncio.create_task(self._publish(item))
                     self._in_flight.add(task)
                     self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
-                continue
+                    continue
             self._wake.clear()
             await self._wake.wait()
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _next_to_send(self) -> OutboxItem | None:
+        """The next item in seq order whose dispatch has room; others are held back in order."""
+        while self._ready or self._queue:
+            released = bool(self._ready)
+            seq = self._ready.popleft() if released else self._queue.popleft()
+            item = self._pending.get(seq)
+            if item is None:
+                continue
+            key = _dispatch_key(item)
+            if not released and (
+                key in self._held or self._busy.get(key, 0) >= self._max_per_dispatch
+            ):
+                self._held.setdefault(key, collections.deque()).append(seq)
+                continue
+            return item
+        return None
+
+    def _release(self, item: OutboxItem) -> None:
+        """A publish of this dispatch settled: let its next held item go."""
+        key = _dispatch_key(item)
+        count = self._busy.get(key, 0) - 1
+        if count > 0:
+            self._busy[key] = count
+        else:
+            self._busy.pop(key, None)
+        held = self._held.get(key)
+        if held:
+            self._ready.append(held.popleft())
+            if not held:
+                del self._held[key]
 
     async def _publish(self, item: OutboxItem) -> None:
         envelope = item.envelope
@@ -389,6 +444,7 @@ class Publisher:
         finally:
             if task is not None:
                 self._in_flight.discard(task)
+            self._release(item)
             self._wake.set()
 
     def _finish(self, item: OutboxItem) -> None:
@@ -408,32 +464,33 @@ class Publisher:
     # --- removing confirmed items from the store ---------------------------
 
     async def _flusher(self) -> None:
-        """Remove confirmed seqs in batches, off the event loop (each commit is an fsync)."""
+        """Remove confirmed seqs in batches, off the event loop (each commit is an fsync).
+
+        Ends once the publisher is closing and nothing is left to remove.
+        """
         while True:
             await self._flush_wake.wait()
             self._flush_wake.clear()
             batch = self._done
             self._done = []
-            if not batch:
-                continue
-            try:
-                await asyncio.to_thread(self._remove, batch)
-            except Exception as exc:
-                log.error("cannot remove confirmed messages from the outbox", error=_describe(exc))
-                self._done = batch + self._done
-                await asyncio.sleep(self._reconnect_interval)
-                self._flush_wake.set()
-                continue
-            self._done_set.difference_update(batch)
-            self._update_idle()
+            if batch:
+                try:
+                    await asyncio.to_thread(self._remove, batch)
+                except Exception as exc:
+                    log.error(
+                        "cannot remove confirmed messages from the outbox", error=_describe(exc)
+                    )
+                    self._done = batch + self._done
+                    if self._closing:
+                        return  # they stay in the outbox: republished (duplicates) at next start
+                    await asyncio.sleep(self._reconnect_interval)
+                    self._flush_wake.set()
+                    continue
+                self._done_set.difference_update(batch)
+                self._update_idle()
+            if self._closing and not self._done:
+                return
 
     def _remove(self, seqs: list[int]) -> None:
         self._store.remove_from_outbox(seqs)
         metrics.OUTBOX_MESSAGES.set(self._store.outbox_size())
-
-    def _flush_now(self) -> None:
-        batch, self._done = self._done, []
-        if batch:
-            self._remove(batch)
-            self._done_set.difference_update(batch)
-        self._update_idle()

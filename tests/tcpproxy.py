@@ -6,7 +6,9 @@ connection to ``target``. Tests point a client at ``proxy.port`` and then:
 - ``cut()`` aborts every open connection (both sides see a reset) and keeps
   accepting new ones;
 - ``refuse()`` cuts and also stops listening, so new connections are refused,
-  until ``accept()`` listens again on the same port.
+  until ``accept()`` listens again on the same port;
+- ``pause()`` keeps connections open but holds back what the target sends
+  (a broker that stops answering), until ``resume()`` lets it through.
 
 Usage::
 
@@ -45,6 +47,8 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._connected = asyncio.Condition()
+        self._downstream_flowing = asyncio.Event()
+        self._downstream_flowing.set()
 
     async def __aenter__(self) -> TcpProxy:
         await self.accept()
@@ -97,6 +101,14 @@ class TcpProxy:
     async def close(self) -> None:
         await self.refuse()
 
+    def pause(self) -> None:
+        """Hold back every byte from the target to the clients (requests still go through)."""
+        self._downstream_flowing.clear()
+
+    def resume(self) -> None:
+        """Deliver what was held back, and everything after it."""
+        self._downstream_flowing.set()
+
     async def wait_connections(self, count: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until at least ``count`` connections were accepted in total."""
         async with asyncio.timeout(timeout), self._connected:
@@ -114,8 +126,8 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         pipes = (
-            asyncio.create_task(self._pipe(reader, up_writer, writer)),
-            asyncio.create_task(self._pipe(up_reader, writer, up_writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, writer, downstream=False)),
+            asyncio.create_task(self._pipe(up_reader, writer, up_writer, downstream=True)),
         )
         self._pipes.update(pipes)
         for pipe in pipes:
@@ -129,10 +141,14 @@ class TcpProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: asyncio.StreamWriter,
+        *,
+        downstream: bool,
     ) -> None:
         """Copy one direction; when it ends, end the other direction too."""
         try:
             while data := await reader.read(65536):
+                if downstream:
+                    await self._downstream_flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

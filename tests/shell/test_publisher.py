@@ -192,9 +192,36 @@ async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
 
     assert len(consumer.messages) == 1000  # no failure, so no duplicate either
     assert_in_order_without_loss(consumer, dispatches=10, per_dispatch=100)
-    assert 1 < publisher.peak_in_flight <= 200
+    assert 1 < publisher.peak_in_flight <= 10  # one per dispatch at a time
     assert publisher.rounds == 1
     assert store.outbox_size() == 0
+
+
+async def test_in_flight_is_bounded_globally_and_per_dispatch(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    publisher = Publisher(
+        amqp_url=BROKER_URL,
+        exchange=exchange_name,
+        store=store,
+        max_in_flight=200,
+        max_in_flight_per_dispatch=3,
+    )
+    await publisher.start()
+    many_dispatches = [make_envelope(d, 0) for d in range(1000)]
+    publisher.submit(commit(store, many_dispatches))
+    assert await publisher.wait_idle(60)
+    assert publisher.peak_in_flight == 200
+
+    publisher.peak_in_flight = 0
+    one_dispatch = [make_envelope(1000, n) for n in range(60)]
+    publisher.submit(commit(store, one_dispatch))
+    assert await publisher.wait_idle(60)
+    assert publisher.peak_in_flight == 3
+    await consumer.wait_ids(e.message_id for e in many_dispatches + one_dispatch)
+    await publisher.close(5)
+    assert len(consumer.messages) == 1060
+    assert [json.loads(m.body)["n"] for m in consumer.messages[1000:]] == list(range(60))
 
 
 async def test_unroutable_messages_are_counted_and_removed(
@@ -356,3 +383,124 @@ async def test_close_with_the_broker_gone_keeps_the_outbox(
         await publisher.close(0.3)
         assert loop.time() - started < 5
     assert [item.envelope.message_id for item in store.outbox()] == [f"7-1-{n}" for n in range(4)]
+
+
+async def test_a_broker_that_stops_confirming_times_out_and_gets_everything_republished(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        publisher = Publisher(
+            amqp_url=proxied_url(proxy),
+            exchange=exchange_name,
+            store=store,
+            publish_timeout=0.3,
+            reconnect_interval=0.05,
+            max_backoff=0.2,
+        )
+        await publisher.start()
+        publisher.submit(commit(store, [make_envelope(0, n) for n in range(5)]))
+        assert await publisher.wait_idle(10)
+        proxy.pause()  # publishes reach the broker, its confirms do not come back
+        publisher.submit(commit(store, [make_envelope(0, n) for n in range(5, 10)]))
+        await wait_for(lambda: publisher.rounds >= 3)
+        assert publisher.last_error is not None
+        assert "no confirm" in publisher.last_error
+        assert store.outbox_size() == 5
+        proxy.resume()
+        assert await publisher.wait_idle(30)
+        await publisher.close(5)
+    await consumer.wait_ids(f"7-0-{n}" for n in range(10))
+    assert_in_order_without_loss(consumer, dispatches=1, per_dispatch=10)
+    assert len(consumer.messages) > 10  # the timed-out ones went out again, with the same ids
+
+
+async def test_nacked_messages_are_republished_in_order(
+    store: Store, broker: AbstractRobustConnection, exchange_name: str
+) -> None:
+    channel = await broker.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    # A full queue with reject-publish makes the broker nack what it cannot enqueue.
+    queue = await channel.declare_queue(
+        exclusive=True,
+        auto_delete=True,
+        arguments={"x-max-length": 10, "x-overflow": "reject-publish"},
+    )
+    await queue.bind(exchange, "microgrid.#")
+    publisher = Publisher(
+        amqp_url=BROKER_URL,
+        exchange=exchange_name,
+        store=store,
+        reconnect_interval=0.05,
+        max_backoff=0.2,
+    )
+    await publisher.start()
+    envelopes = [make_envelope(0, n) for n in range(25)]
+    publisher.submit(commit(store, envelopes))
+    await wait_for(lambda: publisher.rounds >= 2)
+    assert publisher.last_error is not None
+    assert "refused" in publisher.last_error
+    assert store.outbox_size() == 15
+
+    consumer = Consumer()
+    await queue.consume(consumer.on_message, no_ack=True)
+    assert await publisher.wait_idle(30)
+    await consumer.wait_ids(e.message_id for e in envelopes)
+    await publisher.close(5)
+    assert_in_order_without_loss(consumer, dispatches=1, per_dispatch=25)
+    assert store.outbox_size() == 0
+
+
+async def test_repeated_cuts_lose_nothing(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        publisher = Publisher(
+            amqp_url=proxied_url(proxy),
+            exchange=exchange_name,
+            store=store,
+            reconnect_interval=0.05,
+            max_backoff=0.2,
+            max_in_flight=100,
+        )
+        await publisher.start()
+        dispatches, per_dispatch = 6, 500
+        envelopes = interleaved(dispatches, per_dispatch)
+        for phase in range(3):
+            part = envelopes[phase * 1000 : (phase + 1) * 1000]
+            publisher.submit(commit(store, part))
+            waiting = publisher.unconfirmed
+
+            def progressed(waiting: int = waiting) -> bool:
+                return publisher.unconfirmed < waiting - 50
+
+            await wait_for(progressed)
+            await proxy.cut()
+        assert await publisher.wait_idle(60)
+        await consumer.wait_ids(e.message_id for e in envelopes)
+        await publisher.close(5)
+    assert proxy.connections_accepted >= 4
+    assert_in_order_without_loss(consumer, dispatches, per_dispatch)
+    assert store.outbox_size() == 0
+
+
+async def test_on_declare_gets_the_connection_to_declare_its_own_things(
+    store: Store, broker: AbstractRobustConnection, exchange_name: str
+) -> None:
+    queue_name = f"{exchange_name}.rpc"
+    seen: list[AbstractRobustConnection] = []
+
+    async def declare_rpc_queue(connection: AbstractRobustConnection) -> None:
+        seen.append(connection)
+        channel = await connection.channel()
+        await channel.declare_queue(queue_name, auto_delete=True)
+
+    publisher = Publisher(
+        amqp_url=BROKER_URL, exchange=exchange_name, store=store, on_declare=declare_rpc_queue
+    )
+    await publisher.start()
+    assert seen == [publisher.connection]
+    channel = await broker.channel()
+    await channel.declare_queue(queue_name, passive=True)  # raises if it does not exist
+    await publisher.close(5)
