@@ -320,16 +320,22 @@ def test_api_command_serves_until_sigterm(tmp_path: Path, clean_env: dict[str, s
     )
     try:
         assert process.stderr is not None
-        first = process.stderr.readline()  # blocks until the server logs that it listens
-        assert re.search(rf"\b{port}\b", first), first
+        # Blocks until the server logs that it listens (or exits: then "" fails the test).
+        seen: list[str] = []
+        while not any("listening" in line for line in seen):
+            line = process.stderr.readline()
+            assert line, f"dispatchd api exited early: {seen}"
+            seen.append(line)
+        assert re.search(rf"\b{port}\b", seen[-1]), seen[-1]
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
         assert (tmp_path / "state" / "dispatches.sqlite3").exists()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-        rest = process.stderr.read()
-        assert "Traceback" not in rest
-        assert all(json.loads(line) for line in [first, *rest.splitlines()])
+        lines = [*seen, *process.stderr.read().splitlines()]
+        assert not any("Traceback" in line for line in lines)
+        events = [json.loads(line)["event"] for line in lines if line.startswith("{")]
+        assert "stopping local dispatch API" in events
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,0 +1,281 @@
+"""docker-compose.yml and the Dockerfile, checked without Docker.
+
+Docker does not run here, so these tests check what can break silently: files
+that are referenced but missing, commands and settings that dispatchd does not
+know, ports that do not line up, and the image's health check and entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from dispatchd import cli
+from dispatchd.config import Settings, load_config, split_host_port
+
+REPO = Path(__file__).resolve().parents[2]
+DISPATCHD_SERVICES = ("api", "dispatchd")
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return data
+
+
+def services() -> dict[str, Any]:
+    result: dict[str, Any] = compose()["services"]
+    return result
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (REPO / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile(keyword: str) -> list[str]:
+    return [rest for key, rest in dockerfile_instructions() if key == keyword]
+
+
+def image_env() -> dict[str, str]:
+    """The runtime stage's ENV (the last stage, after the last FROM)."""
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (key, _) in enumerate(instructions) if key == "FROM")
+    env: dict[str, str] = {}
+    for key, rest in instructions[last_from:]:
+        if key == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def service_settings(name: str) -> Settings:
+    """What dispatchd would load inside that container: image ENV, then compose env."""
+    env = {**image_env(), **{k: str(v) for k, v in services()[name]["environment"].items()}}
+    return load_config(None, env)
+
+
+def container_ports(name: str) -> set[int]:
+    return {int(str(mapping).rsplit(":", 1)[1]) for mapping in services()[name]["ports"]}
+
+
+def test_every_referenced_file_exists() -> None:
+    for name, service in services().items():
+        if "build" in service:
+            context = REPO / str(service["build"])
+            assert (context / "Dockerfile").is_file(), name
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if source.startswith((".", "/")):
+                assert (REPO / source).is_file(), f"{name}: {source}"
+    for copy in dockerfile("COPY"):
+        if copy.startswith("--from"):
+            continue
+        *sources, _ = copy.split()
+        for source in sources:
+            assert (REPO / source).exists(), source
+            assert source.rstrip("/") not in dockerignore(), f"{source} is in .dockerignore"
+
+
+def dockerignore() -> set[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return {line.strip().rstrip("/") for line in lines if line.strip() and line[0] != "#"}
+
+
+def test_dispatchd_services_run_real_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    image = {service.get("image") for service in services().values() if "build" in service}
+    assert image == {"dispatchd:local"}  # both dispatchd services share one image
+    for name in DISPATCHD_SERVICES:
+        command = services()[name]["command"]
+        assert cli.main([*command, "--help"]) == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: dispatchd {command[0]}")
+    assert services()["api"]["command"] == ["api"]
+    assert services()["dispatchd"]["command"] == ["run"]
+    assert cli.main([*json.loads(dockerfile("CMD")[0]), "--help"]) == 0
+
+
+@pytest.mark.parametrize("name", DISPATCHD_SERVICES)
+def test_every_dispatchd_variable_is_a_real_setting(name: str) -> None:
+    environment = services()[name]["environment"]
+    assert all(key.startswith("DISPATCHD_") for key in environment)
+    service_settings(name)  # raises ConfigError naming any unknown or invalid variable
+
+
+def test_the_image_environment_is_valid_configuration() -> None:
+    settings = load_config(None, image_env())
+    assert settings.state.dir == Path("/var/lib/dispatchd")
+    assert settings.log.format == "json"
+
+
+def test_api_service_listens_where_dispatchd_connects_and_its_health_check_looks() -> None:
+    api = service_settings("api")
+    daemon = service_settings("dispatchd")
+    _, api_port = split_host_port(api.api.local.listen)
+    assert api_port in container_ports("api")
+    assert daemon.api.url is not None
+    target = urlsplit(daemon.api.url)
+    assert (target.hostname, target.port) == ("api", api_port)
+    assert "ssl=false" in target.query  # dispatchd api serves plain gRPC
+    health = " ".join(services()["api"]["healthcheck"]["test"])
+    assert f"('127.0.0.1', {api_port})" in health
+
+
+def test_dispatchd_service_reaches_the_broker_and_exposes_http() -> None:
+    daemon = service_settings("dispatchd")
+    broker = urlsplit(daemon.amqp.url.get_secret_value())
+    assert broker.hostname == "rabbitmq"
+    assert broker.port in container_ports("rabbitmq")
+    host, http_port = split_host_port(daemon.http.listen)
+    assert host == "0.0.0.0"  # reachable from Prometheus and the health check
+    assert http_port in container_ports("dispatchd")
+    assert daemon.microgrid_ids
+
+
+def test_dispatchd_waits_for_healthy_dependencies() -> None:
+    depends = services()["dispatchd"]["depends_on"]
+    assert depends == {
+        "rabbitmq": {"condition": "service_healthy"},
+        "api": {"condition": "service_healthy"},
+    }
+    for name in depends:
+        assert services()[name]["healthcheck"]["test"], name
+    assert services()["rabbitmq"]["image"] == "rabbitmq:3-management"
+    assert services()["rabbitmq"]["healthcheck"]["test"] == [
+        "CMD",
+        "rabbitmq-diagnostics",
+        "-q",
+        "ping",
+    ]
+    assert {5672, 15672} <= container_ports("rabbitmq")
+
+
+def test_prometheus_scrapes_the_dispatchd_http_port() -> None:
+    prometheus = services()["prometheus"]
+    mount = next(v for v in prometheus["volumes"] if "prometheus.yml" in v)
+    source, target, *_ = mount.split(":")
+    assert target == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((REPO / source).read_text())
+    targets = [
+        address
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for address in static["targets"]
+    ]
+    _, http_port = split_host_port(service_settings("dispatchd").http.listen)
+    assert targets == [f"dispatchd:{http_port}"]
+
+
+def test_stop_grace_period_outlasts_the_shutdown_timeout() -> None:
+    grace = str(services()["dispatchd"]["stop_grace_period"])
+    assert grace.endswith("s")
+    assert float(grace[:-1]) > service_settings("dispatchd").shutdown_timeout
+
+
+def test_dockerfile_is_multi_stage_non_root_with_exec_form_entrypoint() -> None:
+    assert len(dockerfile("FROM")) >= 2
+    assert any("--from=build" in copy for copy in dockerfile("COPY"))
+    (user,) = dockerfile("USER")
+    assert user not in ("root", "0")
+    (entrypoint,) = dockerfile("ENTRYPOINT")
+    assert json.loads(entrypoint) == ["dispatchd"]
+    (command,) = dockerfile("CMD")
+    assert json.loads(command) == ["run"]
+
+
+def health_check_command() -> list[str]:
+    (healthcheck,) = dockerfile("HEALTHCHECK")
+    _, _, exec_form = healthcheck.partition("CMD ")
+    command: list[str] = json.loads(exec_form)
+    return command
+
+
+class _LivezOnly(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/livez" else 404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test reads exit codes, not access logs."""
+
+
+@pytest.fixture
+def livez_server() -> Iterator[int]:
+    server = HTTPServer(("127.0.0.1", 0), _LivezOnly)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def run_health_check(env_listen: str) -> int:
+    command = health_check_command()
+    assert command[0] == "python"
+    done = subprocess.run(
+        [sys.executable, *command[1:]],
+        env={"DISPATCHD_HTTP__LISTEN": env_listen},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode
+
+
+def test_image_health_check_asks_livez_on_the_http_port(livez_server: int) -> None:
+    assert "/livez" in " ".join(health_check_command())
+    assert run_health_check(f"0.0.0.0:{livez_server}") == 0
+
+
+def test_image_health_check_fails_when_nothing_answers() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unused_port = closed.getsockname()[1]
+    assert run_health_check(f"0.0.0.0:{unused_port}") != 0
+
+
+def test_readme_test_command_is_exactly_what_ci_runs() -> None:
+    ci_lines = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    test_command = ci_lines[-1]
+    assert "pytest" in test_command
+    readme = (REPO / "README.md").read_text()
+    shell_blocks = readme.split("```sh\n")[1:]
+    assert any(block.split("```")[0].strip() == test_command for block in shell_blocks[:2])
+
+
+def test_readme_links_resolve() -> None:
+    readme = (REPO / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#:]+)\)", readme):
+        assert (REPO / target).exists(), target
