@@ -34,15 +34,14 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
     SortOptions,
     TargetComponents,
 )
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from dispatchd.localapi import paging
 from dispatchd.localapi.validation import (
     InvalidRequest,
     Prepared,
-    from_micros,
     to_datetime,
     to_micros,
-    to_timestamp,
 )
 
 SCHEMA_VERSION = 1
@@ -94,23 +93,27 @@ class SchemaTooNew(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class StoredDispatch:
-    """One dispatch as stored: the client's data plus server-owned metadata."""
+    """One dispatch as stored: the client's data plus server-owned metadata.
+
+    Times are microseconds since the epoch, as stored, so listing converts
+    them straight to protobuf timestamps without ``datetime`` round trips.
+    """
 
     id: int
     microgrid_id: int
     data: DispatchData
-    create_time: datetime
-    update_time: datetime
-    end_time: datetime | None
+    create_micros: int
+    update_micros: int
+    end_micros: int | None
 
     def to_protobuf(self) -> Dispatch:
         """The API's message."""
         return Dispatch(
             metadata=DispatchMetadata(
                 dispatch_id=self.id,
-                create_time=to_timestamp(self.create_time),
-                update_time=to_timestamp(self.update_time),
-                end_time=to_timestamp(self.end_time) if self.end_time else None,
+                create_time=_timestamp(self.create_micros),
+                update_time=_timestamp(self.update_micros),
+                end_time=_timestamp(self.end_micros) if self.end_micros is not None else None,
             ),
             data=self.data,
         )
@@ -179,7 +182,7 @@ class Storage:
                     microgrid_id,
                     data.type,
                     to_micros(to_datetime(data.start_time)),
-                    to_micros(end_time) if end_time else None,
+                    _micros(end_time),
                     to_micros(now),
                     to_micros(now),
                     data.is_active,
@@ -191,7 +194,9 @@ class Storage:
             dispatch_id = cursor.lastrowid
             assert dispatch_id is not None
             _write_targets(db, dispatch_id, data.target)
-        return StoredDispatch(dispatch_id, microgrid_id, data, now, now, end_time)
+        return StoredDispatch(
+            dispatch_id, microgrid_id, data, to_micros(now), to_micros(now), _micros(end_time)
+        )
 
     def get(self, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
         """The dispatch, or ``None`` if unknown or of another microgrid."""
@@ -225,7 +230,7 @@ class Storage:
                 (
                     data.type,
                     to_micros(to_datetime(data.start_time)),
-                    to_micros(end_time) if end_time else None,
+                    _micros(end_time),
                     to_micros(now),
                     data.is_active,
                     data.is_dry_run,
@@ -236,7 +241,9 @@ class Storage:
             )
             db.execute("DELETE FROM dispatch_targets WHERE dispatch_id = ?", (dispatch_id,))
             _write_targets(db, dispatch_id, data.target)
-        return StoredDispatch(dispatch_id, microgrid_id, data, old.create_time, now, end_time)
+        return StoredDispatch(
+            dispatch_id, microgrid_id, data, old.create_micros, to_micros(now), _micros(end_time)
+        )
 
     def delete(self, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
         """Remove and return the dispatch, or ``None`` if there was none."""
@@ -306,14 +313,16 @@ def _from_row(row: Sequence[Any]) -> StoredDispatch:
     dispatch_id, microgrid_id, create_time, update_time, end_time, blob = row
     data = DispatchData()
     data.ParseFromString(blob)
-    return StoredDispatch(
-        dispatch_id,
-        microgrid_id,
-        data,
-        from_micros(create_time),
-        from_micros(update_time),
-        from_micros(end_time) if end_time is not None else None,
-    )
+    return StoredDispatch(dispatch_id, microgrid_id, data, create_time, update_time, end_time)
+
+
+def _micros(moment: datetime | None) -> int | None:
+    return to_micros(moment) if moment is not None else None
+
+
+def _timestamp(micros: int) -> Timestamp:
+    seconds, rest = divmod(micros, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=rest * 1000)
 
 
 def _target_rows(target: TargetComponents) -> list[tuple[int | None, int | None, int | None]]:

@@ -121,11 +121,6 @@ def to_micros(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def from_micros(micros: int) -> datetime:
-    """Inverse of :func:`to_micros`."""
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
-
-
 def check_microgrid_id(microgrid_id: int) -> None:
     """Zero is protobuf's "unset", never a real microgrid."""
     if microgrid_id <= 0:
