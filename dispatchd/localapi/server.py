@@ -56,12 +56,14 @@ class LocalApiServer:
         )
         try:
             port = server.add_insecure_port(self._listen)
-        except RuntimeError:
-            storage.close()
-            raise
+        except RuntimeError as error:
+            port = 0
+            reason = str(error)
+        else:
+            reason = "address in use or invalid"
         if port == 0:
             storage.close()
-            raise OSError(f"cannot listen on {self._listen}")
+            raise OSError(f"cannot listen on {self._listen}: {reason}")
         await server.start()
         self._server = server
         self._storage = storage
