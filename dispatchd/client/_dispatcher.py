@@ -1,0 +1,363 @@
+"""``Dispatcher``: the ``frequenz.dispatch`` entry point, fed from RabbitMQ.
+
+Start-up order, chosen so that nothing is lost between the state an actor
+starts from and the first live message:
+
+1. declare and bind the actor's queue (from now on the broker keeps every
+   message for it);
+2. ask the snapshot RPC for the current state and deliver the dispatches
+   running now;
+3. consume the queue. A live message the snapshot already covers has a
+   sequence at or below the snapshot's and is dropped.
+
+After the robust connection recovers, aio-pika redeclares the queue, its
+bindings and the consumer; a private queue lost whatever was published
+meanwhile, so its subscription asks the snapshot again and delivers what
+changed. A durable named queue kept those messages and needs no snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from frequenz.channels import Receiver
+from frequenz.client.dispatch import DispatchApiClient
+
+from dispatchd.client._dispatch import Dispatch
+from dispatchd.client._events import DispatchEvent
+from dispatchd.client._fanout import FanOut, ReceiverFetcher
+from dispatchd.client._merge import MergeStrategy, RunningMerger
+from dispatchd.client._snapshot import request_snapshot
+from dispatchd.client._state import LifecycleFilter, RunningTracker
+from dispatchd.core import wire
+from dispatchd.core.messages import Kind, LifecycleMessage
+
+__all__ = ["Dispatcher"]
+
+_log = logging.getLogger(__name__)
+
+_PREFETCH: Final = 200
+_RESNAPSHOT_BACKOFF_MAX: Final = 10.0
+_MAX_QUEUE_NAME: Final = 255
+
+
+class _Subscription:
+    """One queue, its bindings, its snapshot and what it delivered."""
+
+    def __init__(
+        self,
+        *,
+        owner: Dispatcher,
+        queue_name: str | None,
+        binding_keys: list[str],
+        snapshot_type: str | None,
+        lifecycle: FanOut[DispatchEvent] | None,
+    ) -> None:
+        self._owner = owner
+        self.durable = queue_name is not None
+        self._queue_name = queue_name or f"dispatchd.client.{uuid.uuid4().hex}"
+        self._binding_keys = binding_keys
+        self._snapshot_type = snapshot_type
+        self.tracker = RunningTracker()
+        self.running: FanOut[Dispatch] = FanOut(
+            f"running:{snapshot_type or '*'}", prime=self.tracker.running_now
+        )
+        self._lifecycle = lifecycle
+        self._lifecycle_filter = LifecycleFilter()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue_name
+
+    async def open(self, connection: AbstractRobustConnection) -> None:
+        """Bind, then snapshot and deliver, then consume (see the module doc)."""
+        owner = self._owner
+        channel = self._channel = await connection.channel()
+        await channel.set_qos(prefetch_count=_PREFETCH)
+        exchange = await channel.declare_exchange(
+            owner.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        if self.durable:
+            queue = await channel.declare_queue(self._queue_name, durable=True)
+        else:
+            queue = await channel.declare_queue(self._queue_name, exclusive=True, auto_delete=True)
+        for key in self._binding_keys:
+            await queue.bind(exchange, routing_key=key)
+        self._queue = queue
+        await self.resnapshot(connection)
+        await queue.consume(self._on_message)
+
+    async def resnapshot(self, connection: AbstractRobustConnection) -> None:
+        """Ask the snapshot and deliver what this subscription has not delivered yet."""
+        owner = self._owner
+        reply = await request_snapshot(
+            connection,
+            exchange=owner.exchange,
+            microgrid_id=owner.microgrid_id,
+            dispatch_type=self._snapshot_type,
+            reply_timeout=owner.snapshot_timeout,
+        )
+        if not reply.synced:
+            _log.warning(
+                "dispatchd has not finished its first sync of microgrid %s: "
+                "the snapshot may be incomplete",
+                owner.microgrid_id,
+            )
+        for dispatch in self.tracker.apply_snapshot(reply):
+            await self.running.send(dispatch)
+
+    async def close(self) -> None:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+        await self.running.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        """Deliver one message; a malformed one is rejected (dead-lettered), not requeued."""
+        try:
+            decoded = wire.decode(message.body, message.headers)
+        except wire.WireError as error:
+            _log.error(
+                "rejecting malformed message %s (routing key %r): %s",
+                message.message_id,
+                message.routing_key,
+                error,
+            )
+            await message.reject(requeue=False)
+            return
+        if isinstance(decoded, LifecycleMessage):
+            if self._lifecycle is not None:
+                message_id = message.message_id or wire.message_id(decoded)
+                event = self._lifecycle_filter.accept(decoded, message_id)
+                if event is not None:
+                    await self._lifecycle.send(event)
+        else:
+            dispatch = self.tracker.accept(decoded)
+            if dispatch is not None:
+                await self.running.send(dispatch)
+        await message.ack()
+
+
+class Dispatcher:
+    """Lifecycle events and running-state changes of one microgrid, from dispatchd.
+
+    ``queue=None`` declares a private queue (exclusive, auto-delete) that
+    lives as long as the connection; a name declares a durable queue that
+    keeps messages while the actor is down (typed receivers get their own
+    durable queues named ``<queue>.running.<type>``). ``api_url`` (with
+    ``auth_key`` and ``sign_secret``) makes ``client`` available for
+    create/update/delete. ``snapshot_timeout`` bounds each snapshot RPC.
+    """
+
+    def __init__(
+        self,
+        microgrid_id: int,
+        amqp_url: str,
+        *,
+        exchange: str = "dispatch",
+        queue: str | None = None,
+        api_url: str | None = None,
+        auth_key: str | None = None,
+        sign_secret: str | None = None,
+        snapshot_timeout: float = 10.0,
+    ) -> None:
+        """Nothing connects before ``start()``."""
+        self.microgrid_id = int(microgrid_id)
+        self.exchange = exchange
+        self.snapshot_timeout = snapshot_timeout
+        self._amqp_url = amqp_url
+        self._queue = queue
+        self._api_url = api_url
+        self._auth_key = auth_key
+        self._sign_secret = sign_secret
+        self._client: DispatchApiClient | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._lifecycle: FanOut[DispatchEvent] = FanOut("lifecycle")
+        self._main = _Subscription(
+            owner=self,
+            queue_name=queue,
+            binding_keys=[
+                wire.binding_key(self.microgrid_id, Kind.LIFECYCLE, None, None),
+                wire.binding_key(self.microgrid_id, Kind.RUNNING, None, None),
+            ],
+            snapshot_type=None,
+            lifecycle=self._lifecycle,
+        )
+        self._typed: dict[str, _Subscription] = {}
+        self._typed_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, bind, deliver the snapshot, then follow live messages.
+
+        Raises ``SnapshotError`` when dispatchd does not answer or refuses.
+        """
+        if self._connection is not None:
+            raise RuntimeError("the dispatcher is already started")
+        connection = self._connection = await aio_pika.connect_robust(self._amqp_url)
+        try:
+            await self._main.open(connection)
+        except BaseException:
+            await connection.close()
+            self._connection = None
+            raise
+        connection.reconnect_callbacks.add(self._on_reconnect)
+
+    async def stop(self) -> None:
+        """Close the connection and end every receiver; private queues vanish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        subscriptions = [self._main, *self._typed.values()]
+        for subscription in subscriptions:
+            await subscription.close()
+        await self._lifecycle.close()
+        if self._connection is not None:
+            await self._connection.close()
+        if self._client is not None:
+            await self._client.disconnect()
+
+    async def __aenter__(self) -> Self:
+        """``start()``."""
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """``stop()``."""
+        await self.stop()
+
+    # --- the actor's interface --------------------------------------------------
+
+    @property
+    def lifecycle_events(self) -> ReceiverFetcher[DispatchEvent]:
+        """``Created``/``Updated``/``Deleted`` of every dispatch of the microgrid."""
+        return ReceiverFetcher(self._lifecycle)
+
+    @property
+    def running_status_change(self) -> ReceiverFetcher[Dispatch]:
+        """Running-state changes of every type.
+
+        A new receiver starts with every dispatch running now (from the
+        snapshot, or the last running message since), then every transition.
+        """
+        return ReceiverFetcher(self._main.running)
+
+    async def new_running_state_event_receiver(
+        self,
+        type: str,
+        merge_strategy: MergeStrategy | None = None,
+        *,
+        name: str | None = None,
+        limit: int = 50,
+    ) -> Receiver[Dispatch]:
+        """Running-state changes of one type, selected by a broker binding.
+
+        The first call for a type declares and binds a queue for that type
+        only and asks the snapshot for that type; later calls share it. The
+        receiver starts with the dispatches of the type running now; with a
+        ``merge_strategy`` the running intervals of one identity are merged
+        (see ``dispatchd.client.MergeByType``).
+        """
+        connection = self._connection
+        if connection is None or self._stopped:
+            raise RuntimeError("start the dispatcher first")
+        async with self._typed_lock:
+            subscription = self._typed.get(type)
+            if subscription is None:
+                subscription = _Subscription(
+                    owner=self,
+                    queue_name=self._typed_queue_name(type),
+                    binding_keys=[wire.binding_key(self.microgrid_id, Kind.RUNNING, None, type)],
+                    snapshot_type=type,
+                    lifecycle=None,
+                )
+                await subscription.open(connection)
+                self._typed[type] = subscription
+        merger = RunningMerger(merge_strategy, type) if merge_strategy is not None else None
+        return subscription.running.new_receiver(
+            name=name, limit=limit, transform=merger.apply if merger is not None else None
+        )
+
+    @property
+    def client(self) -> DispatchApiClient:
+        """The ``frequenz-client-dispatch`` API client, for create/update/delete."""
+        if self._api_url is None:
+            raise RuntimeError(
+                "Dispatcher.client needs the dispatch API: pass api_url= (and auth_key=, "
+                "sign_secret= if the API requires them) to Dispatcher(...)"
+            )
+        if self._client is None:
+            self._client = DispatchApiClient(
+                server_url=self._api_url,
+                auth_key=self._auth_key or "unauthenticated",
+                sign_secret=self._sign_secret,
+            )
+        return self._client
+
+    @property
+    def queue_name(self) -> str:
+        """The name of the main queue (generated for a private queue)."""
+        return self._main.queue_name
+
+    # --- internals --------------------------------------------------------------
+
+    def _typed_queue_name(self, dispatch_type: str) -> str | None:
+        if self._queue is None:
+            return None
+        name = f"{self._queue}.running.{wire.escape_type(dispatch_type)}"
+        if len(name.encode()) <= _MAX_QUEUE_NAME:
+            return name
+        digest = hashlib.sha256(dispatch_type.encode()).hexdigest()[:16]
+        return f"{self._queue[:200]}.running.~{digest}"
+
+    def _on_reconnect(self, *_: Any) -> None:
+        """Private queues lost what was published meanwhile: re-ask the snapshot."""
+        private = [s for s in self._subscriptions() if not s.durable]
+        if private and not self._stopped:
+            task = asyncio.create_task(self._resnapshot(private))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _subscriptions(self) -> Iterable[_Subscription]:
+        return [self._main, *self._typed.values()]
+
+    async def _resnapshot(self, subscriptions: list[_Subscription]) -> None:
+        """Retry with backoff until each subscription got a snapshot (or stop)."""
+        connection = self._connection
+        assert connection is not None
+        for subscription in subscriptions:
+            delay = 0.5
+            while True:
+                try:
+                    await subscription.resnapshot(connection)
+                    break
+                except Exception as error:
+                    _log.warning("snapshot after reconnect failed, retrying: %s", error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RESNAPSHOT_BACKOFF_MAX)
