@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_config(args.config)
         if name == "check-config":
             return _check_config(settings, as_json=args.json, out=sys.stdout)
+        # Before the command's module is imported, so import-time library
+        # warnings already come out in the configured format.
+        configure_from_settings(settings)
         return _COMMANDS[name](settings, args)
     except ConfigError as exc:
         for key, message in exc.problems:
@@ -283,7 +286,6 @@ def _api(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: grpc and the protobuf bindings are slow to load for other commands.
     from dispatchd.localapi.server import LocalApiServer
 
-    configure_from_settings(settings)
     local = settings.api.local
     local.database.parent.mkdir(parents=True, exist_ok=True)
     server = LocalApiServer(

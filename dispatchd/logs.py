@@ -163,6 +163,9 @@ def configure_logging(
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    # frequenz-client-common registers the "CID" id prefix twice, and
+    # frequenz-core warns about it on every import; nothing an operator can act on.
+    logging.getLogger("frequenz.core.id").setLevel(logging.ERROR)
     logging.captureWarnings(True)
 
     structlog.configure(
@@ -184,6 +187,7 @@ def reset_logging() -> None:
         if old.get_name() == _HANDLER_NAME:
             root.removeHandler(old)
     root.setLevel(logging.WARNING)
+    logging.getLogger("frequenz.core.id").setLevel(logging.NOTSET)
     structlog.reset_defaults()
 
 

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,18 @@ import pytest
 import dispatchd
 from dispatchd import cli
 from dispatchd.config import Settings, effective_config, load_config
+from dispatchd.logs import reset_logging
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example.toml"
 COMMANDS = ["run", "check-config", "api", "schedule", "tail"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Commands configure logging on the captured stderr; undo it after each test."""
+    yield
+    reset_logging()
 
 
 def dispatchd_process(
