@@ -9,9 +9,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dispatchd.config import load_config
-from dispatchd.logs import configure_from_settings, configure_logging, get_logger, reset_logging
+from dispatchd.logs import (
+    SecretMasker,
+    configure_from_settings,
+    configure_logging,
+    get_logger,
+    reset_logging,
+)
 
 
 class TtyBuffer(io.StringIO):
@@ -165,7 +173,7 @@ def test_console_renderer_masks_tracebacks_too() -> None:
 
 
 def test_settings_secrets_are_masked_in_free_text() -> None:
-    settings = load_config(
+    config = load_config(
         None,
         {
             "DISPATCHD_API__URL": "grpc://api:1",
@@ -176,9 +184,26 @@ def test_settings_secrets_are_masked_in_free_text() -> None:
         },
     )
     out = io.StringIO()
-    configure_from_settings(settings, stream=out)
-    get_logger().debug("metadata", header="configured-key-9", settings=settings)
+    configure_from_settings(config, stream=out)
+    get_logger().debug("metadata", header="configured-key-9", settings=config)
     logging.getLogger("aiormq").debug("password configured-pw-9 sent")
     text = out.getvalue()
     assert "configured-key-9" not in text and "configured-pw-9" not in text
     assert [line["level"] for line in json_lines(out)] == ["debug", "debug"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    secrets=st.lists(
+        st.text(alphabet="abcdefgh0123", min_size=4, max_size=12), min_size=1, max_size=4
+    ),
+    filler=st.lists(st.text(alphabet="abcdefgh0123 :/@", max_size=10), min_size=1, max_size=6),
+)
+def test_no_configured_secret_survives_in_any_field(secrets: list[str], filler: list[str]) -> None:
+    masker = SecretMasker(secrets)
+    text = "".join(part + secrets[i % len(secrets)] for i, part in enumerate(filler))
+    event = {"event": text, "detail": [text, {"nested": text}], "count": 3}
+    masked = json.dumps(masker(None, "info", event))
+    for secret in secrets:
+        assert secret not in masked
+    assert json.loads(masked)["count"] == 3
