@@ -83,8 +83,10 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
         try:
             return action()
         except InvalidRequest as error:
+            _log.info("request rejected", method=method, reason=str(error))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except NotFound as error:
+            _log.info("request rejected", method=method, reason=str(error))
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except Exception:
             _log.exception("request failed", method=method)
