@@ -389,14 +389,15 @@ def _filter_sql(microgrid_id: int, filter_: DispatchFilter) -> tuple[list[str], 
 
 
 def _interval_sql(interval: Interval, column: str, where: list[str], params: list[Any]) -> None:
+    field = f"filter.{column}_interval"
     """``[start, end)``; an open side is unbounded; a NULL column never matches."""
     where.append(f"d.{column} IS NOT NULL")
     if interval.HasField("start_time"):
         where.append(f"d.{column} >= ?")
-        params.append(to_micros(to_datetime(interval.start_time)))
+        params.append(to_micros(to_datetime(interval.start_time, field)))
     if interval.HasField("end_time"):
         where.append(f"d.{column} < ?")
-        params.append(to_micros(to_datetime(interval.end_time)))
+        params.append(to_micros(to_datetime(interval.end_time, field)))
 
 
 def _targets_sql(filter_: DispatchFilter, where: list[str], params: list[Any]) -> None:

@@ -103,9 +103,19 @@ class InvalidRequest(ValueError):
         self.problem = problem
 
 
-def to_datetime(stamp: Timestamp) -> datetime:
-    """An aware UTC datetime (microsecond precision, like the clients)."""
-    return datetime.fromtimestamp(stamp.seconds, UTC) + timedelta(microseconds=stamp.nanos // 1000)
+def to_datetime(stamp: Timestamp, field: str = "timestamp") -> datetime:
+    """An aware UTC datetime (microsecond precision, like the clients).
+
+    Timestamps outside years 1..9999 are refused by name instead of overflowing.
+    """
+    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 10**9:
+        raise InvalidRequest(field, "timestamp out of range (years 1 to 9999)")
+    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_SECONDS = int((datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
+_MAX_SECONDS = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH).total_seconds())
 
 
 def to_timestamp(moment: datetime) -> Timestamp:
@@ -149,7 +159,7 @@ def prepare_create(data: DispatchData, *, start_immediately: bool, now: datetime
     elif not data.HasField("start_time"):
         raise InvalidRequest("start_time", "is required unless start_immediately is set")
     else:
-        check_start_time(to_datetime(data.start_time), now)
+        check_start_time(to_datetime(data.start_time, "start_time"), now)
     _normalise_recurrence(prepared.recurrence)
     return Prepared(prepared, check_dispatch_data(prepared))
 
@@ -189,7 +199,7 @@ def _apply_path(
         case "start_time":
             if not update.HasField("start_time"):
                 raise InvalidRequest("start_time", "is in the mask but not set")
-            check_start_time(to_datetime(update.start_time), now)
+            check_start_time(to_datetime(update.start_time, "start_time"), now)
             result.start_time.CopyFrom(update.start_time)
         case "duration":
             if update.HasField("duration"):
@@ -265,7 +275,7 @@ def check_dispatch_data(data: DispatchData) -> datetime | None:
         raise InvalidRequest("duration", "out of range (negative or larger than 2^31-1 seconds)")
     check_target(data.target, "target")
     _check_payload(data.payload)
-    check_recurrence(data.recurrence, to_datetime(data.start_time))
+    check_recurrence(data.recurrence, to_datetime(data.start_time, "start_time"))
     schedule = Schedule.build(_as_model(data))
     if isinstance(schedule, Invalid):
         raise InvalidRequest("recurrence", schedule.reason)
@@ -361,7 +371,10 @@ def check_recurrence(rule: RecurrenceRule, start: datetime) -> None:
                         "recurrence.end_criteria.count", f"must be between 1 and {MAX_COUNT}"
                     )
             case "until_time":
-                if to_datetime(rule.end_criteria.until_time) < start:
+                if (
+                    to_datetime(rule.end_criteria.until_time, "recurrence.end_criteria.until_time")
+                    < start
+                ):
                     raise InvalidRequest(
                         "recurrence.end_criteria.until_time", "is before start_time"
                     )

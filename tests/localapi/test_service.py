@@ -40,6 +40,7 @@ from frequenz.client.dispatch.types import (
     TargetCategories,
     TargetIds,
 )
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from dispatchd.localapi import LocalApiServer
 from tests.localapi.helpers import assert_rpc_error, soon
@@ -472,6 +473,13 @@ async def test_bad_page_tokens_are_invalid_argument(client: DispatchApiClient) -
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await client.stub.ListMicrogridDispatches(other_filter)
     assert_rpc_error(error, grpc.StatusCode.INVALID_ARGUMENT, "page_token", "filter")
+    far = ListMicrogridDispatchesRequest(
+        microgrid_id=int(MG),
+        filter=DispatchFilter(end_time_interval=Interval(end_time=Timestamp(seconds=-(2**60)))),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.ListMicrogridDispatches(far)
+    assert_rpc_error(error, grpc.StatusCode.INVALID_ARGUMENT, "filter.end_time_interval")
 
 
 async def test_streams_see_create_update_delete_in_order(
@@ -576,6 +584,8 @@ def create_request(**data: object) -> CreateMicrogridDispatchRequest:
     [
         ({"start_time": to_timestamp(datetime.now(UTC) - timedelta(minutes=5))}, "start_time"),
         ({"type": ""}, "type"),
+        ({"start_time": Timestamp(seconds=2**62)}, "start_time"),
+        ({"start_time": Timestamp(seconds=1, nanos=-5)}, "start_time"),
         ({"type": "   "}, "type"),
         ({"target": None}, "target"),
         ({"target": TargetComponents(component_ids=TargetComponents.IdSet())}, "target"),
