@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -93,9 +93,16 @@ class _Subscription:
             owner.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         if self.durable:
-            queue = await channel.declare_queue(self._queue_name, durable=True)
+            queue = await channel.declare_queue(
+                self._queue_name, durable=True, arguments=dict(owner.queue_arguments)
+            )
         else:
-            queue = await channel.declare_queue(self._queue_name, exclusive=True, auto_delete=True)
+            queue = await channel.declare_queue(
+                self._queue_name,
+                exclusive=True,
+                auto_delete=True,
+                arguments=dict(owner.queue_arguments),
+            )
         for key in self._binding_keys:
             await queue.bind(exchange, routing_key=key)
         self._queue = queue
@@ -133,8 +140,9 @@ class _Subscription:
             decoded = wire.decode(message.body, message.headers)
         except wire.WireError as error:
             _log.error(
-                "rejecting malformed message %s (routing key %r): %s",
+                "rejecting malformed message %s on queue %s (routing key %r): %s",
                 message.message_id,
+                self._queue_name,
                 message.routing_key,
                 error,
             )
@@ -161,7 +169,9 @@ class Dispatcher:
     keeps messages while the actor is down (typed receivers get their own
     durable queues named ``<queue>.running.<type>``). ``api_url`` (with
     ``auth_key`` and ``sign_secret``) makes ``client`` available for
-    create/update/delete. ``snapshot_timeout`` bounds each snapshot RPC.
+    create/update/delete. ``snapshot_timeout`` bounds each snapshot RPC;
+    ``queue_arguments`` are passed to every queue declaration (e.g.
+    ``{"x-dead-letter-exchange": "dlx"}`` so rejected messages dead-letter).
     """
 
     def __init__(
@@ -175,11 +185,13 @@ class Dispatcher:
         auth_key: str | None = None,
         sign_secret: str | None = None,
         snapshot_timeout: float = 10.0,
+        queue_arguments: Mapping[str, Any] | None = None,
     ) -> None:
         """Nothing connects before ``start()``."""
         self.microgrid_id = int(microgrid_id)
         self.exchange = exchange
         self.snapshot_timeout = snapshot_timeout
+        self.queue_arguments: Mapping[str, Any] = dict(queue_arguments or {})
         self._amqp_url = amqp_url
         self._queue = queue
         self._api_url = api_url
