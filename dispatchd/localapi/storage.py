@@ -144,9 +144,9 @@ class Storage:
         self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN (IMMEDIATE for writes) … COMMIT, rolled back on any exception."""
+        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield self._db
         except BaseException:
@@ -287,7 +287,7 @@ class Storage:
             page_where.append(f"({column}, id) {'<' if descending else '>'} (?, ?)")
             page_params += [token.last_key, token.last_id]
         direction = "DESC" if descending else "ASC"
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             total = db.execute(
                 f"SELECT COUNT(*) FROM dispatches d WHERE {' AND '.join(where)}", params
             ).fetchone()[0]
