@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import structlog
@@ -33,7 +32,7 @@ from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
 
 from dispatchd import metrics
-from dispatchd.config import Settings
+from dispatchd.config import Settings, split_host_port
 from dispatchd.core.model import Dispatch
 
 _log = structlog.get_logger(__name__)
@@ -45,18 +44,14 @@ _HEADERS_WAIT: Final = 5.0
 def api_url(settings: Settings, local_port: int | None = None) -> str:
     """The URL the client should use: ``api.url``, or the local API's address.
 
-    The client library only knows ``grpc://``, so ``grpcs://`` becomes
-    ``grpc://...?ssl=true``; the local API is plain text on loopback.
+    The local API is plain text; ``local_port`` is its bound port when it
+    listens on port 0.
     """
-    if settings.api.url is not None:
-        parts = urlsplit(settings.api.url)
-        if parts.scheme != "grpcs":
-            return settings.api.url
-        query = "&".join(q for q in (parts.query, "ssl=true") if q)
-        return urlunsplit(("grpc", parts.netloc, parts.path, query, parts.fragment))
-    host, _, port = settings.api.local.listen.rpartition(":")
-    host = host.strip("[]")
-    if host in ("", "0.0.0.0", "::"):
+    configured = settings.api.client_url
+    if configured is not None:
+        return configured
+    host, port = split_host_port(settings.api.local.listen)
+    if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
