@@ -94,7 +94,9 @@ class DispatchRecord:
 
     ``announced`` is the occurrence last announced as running (``None`` when
     stopped); the runtime fields announced with it are those of ``dispatch``,
-    because the engine re-announces whenever they change.
+    because the engine re-announces whenever they change. ``forgotten`` marks
+    a finished dispatch that fell out of the API's list: hidden, but its
+    sequence and version are kept in case it comes back.
     """
 
     dispatch: Dispatch
@@ -104,6 +106,7 @@ class DispatchRecord:
     tombstone: bool
     pending_missed: tuple[datetime, ...] = ()
     last_pulse: datetime | None = None
+    forgotten: bool = False
 
     def to_json(self, encode_dispatch: Callable[[Dispatch], Any]) -> dict[str, Any]:
         """Plain JSON values; the caller supplies the dispatch encoding."""
@@ -122,6 +125,7 @@ class DispatchRecord:
             "tombstone": self.tombstone,
             "pending_missed": [_time_to_json(t) for t in self.pending_missed],
             "last_pulse": _opt_time_to_json(self.last_pulse),
+            "forgotten": self.forgotten,
         }
 
     @classmethod
@@ -145,6 +149,7 @@ class DispatchRecord:
             tombstone=bool(data["tombstone"]),
             pending_missed=tuple(_time_from_json(t) for t in data.get("pending_missed", ())),
             last_pulse=_opt_time_from_json(data.get("last_pulse")),
+            forgotten=bool(data.get("forgotten", False)),
         )
 
 
@@ -167,6 +172,7 @@ class _Record:
     sequence: int = 0
     last_emitted_at: datetime | None = None
     tombstone: bool = False
+    forgotten: bool = False
     pending_missed: tuple[datetime, ...] = ()
     last_pulse: datetime | None = None
     deadline: datetime | None = None
@@ -247,7 +253,7 @@ class Engine:
         missing = [
             record
             for dispatch_id, record in records.items()
-            if dispatch_id not in seen and not record.tombstone
+            if dispatch_id not in seen and not record.tombstone and not record.forgotten
         ]
         for record in sorted(missing, key=lambda r: r.key):
             if self._could_be_listed(record, now):
@@ -273,7 +279,7 @@ class Engine:
             records = self._microgrids[microgrid_id]
             for dispatch_id in sorted(records):
                 record = records[dispatch_id]
-                if record.tombstone:
+                if record.tombstone or record.forgotten:
                     continue
                 if since is not None and record.schedule is not None and record.dispatch.active:
                     self._set_missed(record, since, now)
@@ -302,7 +308,9 @@ class Engine:
         entries = []
         for dispatch_id in sorted(records):
             record = records[dispatch_id]
-            if record.tombstone or (type is not None and record.dispatch.type != type):
+            if record.tombstone or record.forgotten:
+                continue
+            if type is not None and record.dispatch.type != type:
                 continue
             announced = record.announced
             entries.append(
@@ -322,7 +330,7 @@ class Engine:
         for microgrid_id, records in self._microgrids.items():
             counts = dict.fromkeys(_STATES, 0)
             for record in records.values():
-                if not record.tombstone:
+                if not record.tombstone and not record.forgotten:
                     counts[_state_of(record, now)] += 1
             result[microgrid_id] = counts
         return result
@@ -355,6 +363,7 @@ class Engine:
             sequence=record.sequence,
             last_emitted_at=record.last_emitted_at,
             tombstone=record.tombstone,
+            forgotten=record.forgotten,
             pending_missed=record.pending_missed,
             last_pulse=record.last_pulse,
         )
@@ -377,6 +386,9 @@ class Engine:
             record.sequence = stored.sequence
             record.last_emitted_at = stored.last_emitted_at
             record.tombstone = stored.tombstone
+            record.forgotten = stored.forgotten
+            if record.tombstone or record.forgotten:
+                record.schedule = None
             record.pending_missed = stored.pending_missed
             record.last_pulse = stored.last_pulse
             engine._microgrids.setdefault(dispatch.microgrid_id, {})[dispatch.id] = record
@@ -436,6 +448,7 @@ class Engine:
             out.append(_lifecycle(Event.UPDATED, dispatch, dispatch.type, now))
             previous_invalid = record.invalid
             record.dispatch = dispatch
+            record.forgotten = False
             record.schedule, record.invalid = _build(dispatch)
             record.finished_from = _finished_from(record.schedule)
             if record.invalid is not None and record.invalid != previous_invalid:
@@ -479,11 +492,14 @@ class Engine:
         return out
 
     def _forget(self, record: _Record) -> None:
-        """Drop a finished dispatch that fell out of the list, silently."""
-        del self._microgrids[record.key[0]][record.key[1]]
-        if record.deadline is not None:
-            self._scheduled -= 1
-            record.deadline = None
+        """Hide a finished dispatch that fell out of the list, silently.
+
+        Its version and sequence stay, so a late stale event stays ignored and
+        a revival continues the sequence (consumers drop repeated numbers).
+        """
+        record.forgotten = True
+        record.schedule = None
+        self._reschedule(record, _ALWAYS)
         self._dirty.add(record.key)
 
     @staticmethod

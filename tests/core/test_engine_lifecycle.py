@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
-from dispatchd.core.engine import Created, Deleted, DispatchRecord, Engine, Updated
+from dispatchd.core.engine import Created, Deleted, Engine, Updated
 from dispatchd.core.messages import Message, RunningMessage
-from dispatchd.core.model import Dispatch
 from tests.core.test_engine_support import (
     MG,
     at,
     bump,
     engine_with,
     make,
+    persist,
+    reload,
     run_until,
     summaries,
 )
-
-
-def persist(engine: Engine, store: dict[Any, dict[str, Any]]) -> None:
-    """What a store does: write the dirty records through JSON, drop vanished ones."""
-    dispatches: dict[int, Dispatch] = store.setdefault("dispatches", {})
-    for key in engine.take_dirty():
-        record = engine.export_record(key)
-        if record is None:
-            store.pop(key, None)
-            continue
-
-        def encode(dispatch: Dispatch) -> int:
-            dispatches[id(dispatch)] = dispatch
-            return id(dispatch)
-
-        store[key] = json.loads(json.dumps(record.to_json(encode)))
-    store["meta"] = json.loads(json.dumps(engine.export_meta()))
-
-
-def reload(store: dict[Any, Any]) -> Engine:
-    dispatches = store["dispatches"]
-    records = [
-        DispatchRecord.from_json(data, dispatches.__getitem__)
-        for key, data in store.items()
-        if isinstance(key, tuple)
-    ]
-    return Engine.restore(records, store["meta"])
-
 
 # --- stale events and tombstones ----------------------------------------------
 
@@ -129,9 +101,27 @@ def test_relist_diffs_created_updated_deleted_and_forgets_finished() -> None:
     ]
     assert [entry.dispatch.id for entry in engine.snapshot(MG)] == [1, 2, 5]
     assert (MG, 4) in engine.take_dirty()
-    assert engine.export_record((MG, 4)) is None
+    ghost = engine.export_record((MG, 4))
+    assert ghost is not None and ghost.forgotten and not ghost.tombstone
+    assert engine.counts(at(15))[MG]["finished"] == 0
     tombstone = engine.export_record((MG, 3))
     assert tombstone is not None and tombstone.tombstone
+
+
+def test_forgotten_dispatch_that_comes_back_continues_its_sequence() -> None:
+    finished = make(1, start=0, duration=5)
+    engine = Engine()
+    engine.relist(MG, [finished], at(1), initial=True)
+    run_until(engine, 10)
+    assert engine.relist(MG, [], at(10), initial=False) == []
+    assert engine.snapshot(MG) == []
+    assert engine.apply(Updated(finished), at(11)) == []
+    revived = bump(finished, 1, start_time=20)
+    assert summaries(engine.apply(Updated(revived), at(12))) == [("L", 1, "updated", "PEAK")]
+    assert summaries(run_until(engine, 100)) == [
+        ("R", 1, "running", "started", 20, 25, 25, 20, 20, 3, 5),
+        ("R", 1, "stopped", "ended", 20, 25, None, 25, 25, 4, 20),
+    ]
 
 
 def test_relist_deletes_a_running_dispatch_with_a_stop() -> None:

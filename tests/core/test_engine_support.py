@@ -5,11 +5,12 @@ Times are seconds after ``T0`` so expected sequences read like semantics.md.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dispatchd.core.engine import Created, Engine
+from dispatchd.core.engine import Created, DispatchRecord, Engine
 from dispatchd.core.messages import LifecycleMessage, Message, RunningMessage
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds
 
@@ -119,3 +120,30 @@ def engine_with(*dispatches: Dispatch, now: float = 0) -> tuple[Engine, list[Mes
     for dispatch in dispatches:
         out.extend(engine.apply(Created(dispatch), at(now)))
     return engine, out
+
+
+def persist(engine: Engine, store: dict[Any, dict[str, Any]]) -> None:
+    """What a store does: write the dirty records through JSON, drop vanished ones."""
+    dispatches: dict[int, Dispatch] = store.setdefault("dispatches", {})
+    for key in engine.take_dirty():
+        record = engine.export_record(key)
+        if record is None:
+            store.pop(key, None)
+            continue
+
+        def encode(dispatch: Dispatch) -> int:
+            dispatches[id(dispatch)] = dispatch
+            return id(dispatch)
+
+        store[key] = json.loads(json.dumps(record.to_json(encode)))
+    store["meta"] = json.loads(json.dumps(engine.export_meta()))
+
+
+def reload(store: dict[Any, Any]) -> Engine:
+    dispatches = store["dispatches"]
+    records = [
+        DispatchRecord.from_json(data, dispatches.__getitem__)
+        for key, data in store.items()
+        if isinstance(key, tuple)
+    ]
+    return Engine.restore(records, store["meta"])
