@@ -52,6 +52,8 @@ _log = logging.getLogger(__name__)
 _PREFETCH: Final = 200
 _RESNAPSHOT_BACKOFF_MAX: Final = 10.0
 _MAX_QUEUE_NAME: Final = 255
+_LIFECYCLE_HOLD: Final = 1000
+"""Lifecycle events kept for the first receiver while none exists (a durable backlog)."""
 
 
 class _Subscription:
@@ -199,7 +201,7 @@ class Dispatcher:
         self._sign_secret = sign_secret
         self._client: DispatchApiClient | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._lifecycle: FanOut[DispatchEvent] = FanOut("lifecycle")
+        self._lifecycle: FanOut[DispatchEvent] = FanOut("lifecycle", hold=_LIFECYCLE_HOLD)
         self._main = _Subscription(
             owner=self,
             queue_name=queue,
@@ -268,7 +270,11 @@ class Dispatcher:
 
     @property
     def lifecycle_events(self) -> ReceiverFetcher[DispatchEvent]:
-        """``Created``/``Updated``/``Deleted`` of every dispatch of the microgrid."""
+        """``Created``/``Updated``/``Deleted`` of every dispatch of the microgrid.
+
+        Events that arrive while no receiver exists (up to 1000, e.g. the
+        backlog of a durable queue) go to the next receiver created.
+        """
         return ReceiverFetcher(self._lifecycle)
 
     @property

@@ -6,11 +6,17 @@ with) and can carry its own transform (a merge strategy). A Broadcast
 receiver whose buffer (``limit``) is full drops its OLDEST message (the
 channel logs a warning) instead of blocking the sender: a slow receiver
 loses old messages, the others are unaffected.
+
+A fan-out can hold messages sent while no receiver exists (``hold``): they
+go to the next receiver created. The lifecycle stream uses it so that the
+backlog of a durable queue, consumed as soon as ``start()`` returns, is not
+lost on an actor that creates its receiver a moment later.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -47,11 +53,15 @@ class _Outlet(Generic[T]):
 class FanOut(Generic[T]):
     """Sends each message to every live receiver, through its transform if any."""
 
-    def __init__(self, name: str, prime: Callable[[], Iterable[T]] = tuple) -> None:
-        """``prime`` gives what a new receiver gets first (before live messages)."""
+    def __init__(
+        self, name: str, prime: Callable[[], Iterable[T]] = tuple, *, hold: int = 0
+    ) -> None:
+        """``prime`` gives what a new receiver gets first (before live messages);
+        up to ``hold`` messages sent while nobody listens wait for the next receiver."""
         self._name = name
         self._prime = prime
         self._outlets: list[_Outlet[T]] = []
+        self._held: deque[T] = deque(maxlen=hold)
         self._closed = False
 
     def new_receiver(
@@ -65,6 +75,8 @@ class FanOut(Generic[T]):
         outlet = _Outlet(channel, channel.new_sender(), weakref.ref(receiver), transform)
         for item in self._prime():
             _send_now(outlet, item)
+        while self._held:
+            _send_now(outlet, self._held.popleft())
         self._outlets.append(outlet)
         return receiver
 
@@ -72,6 +84,8 @@ class FanOut(Generic[T]):
         """Deliver to every receiver still referenced; forget collected ones."""
         alive = [outlet for outlet in self._outlets if outlet.receiver() is not None]
         self._outlets = alive
+        if not alive and self._held.maxlen:
+            self._held.append(item)
         for outlet in alive:
             _send_now(outlet, item)
 

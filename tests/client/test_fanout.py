@@ -68,3 +68,19 @@ async def test_dropped_receivers_are_forgotten() -> None:
     await fan_out.send(1)
     assert len(fan_out._outlets) == 1
     assert await drain(kept, 1) == [1]
+
+
+async def test_held_messages_go_to_the_next_receiver_only() -> None:
+    fan_out: FanOut[int] = FanOut("numbers", hold=3)
+    for number in range(5):
+        await fan_out.send(number)
+    first = fan_out.new_receiver()
+    second = fan_out.new_receiver()
+    await fan_out.send(5)
+    assert await drain(first, 4) == [2, 3, 4, 5]
+    assert await drain(second, 1) == [5]
+    unheld: FanOut[int] = FanOut("numbers")
+    await unheld.send(1)
+    late = unheld.new_receiver()
+    await unheld.send(2)
+    assert await drain(late, 1) == [2]
