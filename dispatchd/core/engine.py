@@ -167,6 +167,7 @@ class _Record:
     key: Key
     dispatch: Dispatch
     schedule: Schedule | None
+    """Dropped while idle and rebuilt on demand (see ``_schedule_of``)."""
     invalid: str | None
     announced: Occurrence | None = None
     sequence: int = 0
@@ -281,7 +282,7 @@ class Engine:
                 record = records[dispatch_id]
                 if record.tombstone or record.forgotten:
                     continue
-                if since is not None and record.schedule is not None and record.dispatch.active:
+                if since is not None and record.dispatch.active and _schedule_of(record):
                     self._set_missed(record, since, now)
                 drafts.extend(self._converge(record, now, Reason.RESUMED, since=since, pulse=False))
                 self._reschedule(record, now)
@@ -455,7 +456,7 @@ class Engine:
                 self._new_invalid.append((key, record.invalid))
             start_reason = Reason.STARTED if mode is _Mode.CHANGE else Reason.RESUMED
         self._dirty.add(key)
-        if missed_since is not None and record.schedule is not None and dispatch.active:
+        if missed_since is not None and dispatch.active and _schedule_of(record):
             self._set_missed(record, missed_since, now)
         drafts = self._converge(
             record,
@@ -505,19 +506,20 @@ class Engine:
     @staticmethod
     def _could_be_listed(record: _Record, now: datetime) -> bool:
         """Whether the API would still list it, so its absence means deletion."""
-        if record.schedule is None:
+        if record.invalid is not None:
             end = record.dispatch.end_time
             return end is None or end > now
         return not _is_finished(record, now)
 
     def _set_missed(self, record: _Record, since: datetime, now: datetime) -> None:
         """Remember the occurrences that began and ended unseen in ``(since, now]``."""
-        assert record.schedule is not None
+        schedule = _schedule_of(record)
+        assert schedule is not None
         if record.last_emitted_at is not None and record.last_emitted_at > since:
             since = record.last_emitted_at
         if since >= now:
             return
-        missed = record.schedule.missed_runs(since, now)
+        missed = schedule.missed_runs(since, now)
         if missed != record.pending_missed:
             record.pending_missed = missed
             self._dirty.add(record.key)
@@ -525,9 +527,10 @@ class Engine:
     @staticmethod
     def _truth(record: _Record, at: datetime) -> Occurrence | None:
         """The occurrence the dispatch is running at ``at``, if it is running."""
-        if record.tombstone or record.schedule is None or not record.dispatch.active:
+        if not record.dispatch.active:
             return None
-        return record.schedule.occurrence_at(at)
+        schedule = _schedule_of(record)
+        return schedule.occurrence_at(at) if schedule is not None else None
 
     def _converge(
         self,
@@ -584,22 +587,23 @@ class Engine:
 
     def _pulses_at(self, record: _Record, at: datetime) -> bool:
         """Whether a zero-duration occurrence starts exactly at ``at`` (once)."""
-        schedule = record.schedule
-        return (
-            schedule is not None
-            and schedule.duration == _ZERO
-            and record.dispatch.active
-            and not record.tombstone
-            and record.last_pulse != at
-            and schedule.last_start_at_or_before(at) == at
-        )
+        if record.dispatch.duration != _ZERO or record.last_pulse == at:
+            return False
+        if not record.dispatch.active:
+            return False
+        schedule = _schedule_of(record)
+        return schedule is not None and schedule.last_start_at_or_before(at) == at
 
     def _reschedule(self, record: _Record, after: datetime) -> None:
         """Put the record's next boundary strictly after ``after`` on the heap."""
         deadline: datetime | None = None
-        schedule = record.schedule
-        if schedule is not None and record.dispatch.active and not record.tombstone:
+        schedule = _schedule_of(record) if record.dispatch.active else None
+        if schedule is not None:
             deadline = schedule.next_start_after(after)
+        if record.announced is None:
+            # Idle until the deadline: drop the schedule (most of a record's
+            # memory) and rebuild it then; a running one keeps it.
+            record.schedule = None
         announced = record.announced
         ends = announced.end if announced is not None else None
         if ends is not None and (deadline is None or ends < deadline):
@@ -723,6 +727,19 @@ def _order_instant(drafts: list[_Draft]) -> list[_Draft]:
     return [item[3] for item in keyed]
 
 
+def _schedule_of(record: _Record) -> Schedule | None:
+    """The record's schedule, rebuilt if it was dropped; ``None`` if it has none."""
+    if record.invalid is not None or record.tombstone or record.forgotten:
+        return None
+    schedule = record.schedule
+    if schedule is None:
+        built = Schedule.build(record.dispatch)
+        if isinstance(built, Invalid):  # validity depends on the version only
+            return None
+        record.schedule = schedule = built
+    return schedule
+
+
 def _finished_from(schedule: Schedule | None) -> datetime | None:
     """The instant from which the schedule has nothing left to run, computed once."""
     if schedule is None:
@@ -741,7 +758,7 @@ def _is_finished(record: _Record, now: datetime) -> bool:
 
 
 def _state_of(record: _Record, now: datetime) -> str:
-    if record.schedule is None:
+    if record.invalid is not None:
         return "invalid"
     if not record.dispatch.active:
         return "inactive"
