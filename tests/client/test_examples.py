@@ -1,0 +1,91 @@
+"""The examples run as actors would run them: subprocesses against a real dispatchd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from frequenz.client.dispatch.types import TargetIds
+
+from tests.client.support import create
+from tests.shell.daemon_harness import MG, DaemonHandle, mg, soon
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start_example(
+    name: str, amqp_url: str, exchange: str, *args: str
+) -> asyncio.subprocess.Process:
+    """Run ``examples/<name>`` and wait until it says it is ready."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / name),
+        "--microgrid",
+        str(MG),
+        "--amqp-url",
+        amqp_url,
+        "--exchange",
+        exchange,
+        "--timeout",
+        "30",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(20):
+        ready = await process.stdout.readline()
+    assert ready.startswith(b"ready"), ready
+    return process
+
+
+async def output_of(process: asyncio.subprocess.Process) -> list[str]:
+    """The rest of its output; it must exit by itself, successfully."""
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        out = await process.stdout.read()
+        code = await process.wait()
+    assert code == 0, out
+    return out.decode().splitlines()
+
+
+async def test_lifecycle_printer(amqp_url: str, exchange: str, daemon: DaemonHandle) -> None:
+    process = await start_example("lifecycle_printer.py", amqp_url, exchange, "--count", "3")
+    created = await create(daemon.client, "DEMO", start_in=600, payload={"p": "one"})
+    await daemon.client.update(
+        microgrid_id=mg(), dispatch_id=created.id, new_fields={"payload": {"p": "two"}}
+    )
+    await daemon.client.delete(microgrid_id=mg(), dispatch_id=created.id)
+    assert await output_of(process) == [
+        f"created id={int(created.id)} type=DEMO",
+        f"updated id={int(created.id)} type=DEMO payload={{'p': 'two'}}",
+        f"deleted id={int(created.id)} type=DEMO",
+    ]
+
+
+async def test_running_state_actor(amqp_url: str, exchange: str, daemon: DaemonHandle) -> None:
+    process = await start_example(
+        "running_state_actor.py", amqp_url, exchange, "--type", "DEMO", "--count", "2"
+    )
+    await create(daemon.client, "OTHER", start_in=0.2, duration=0.2)
+    demo = await daemon.client.create(
+        mg(), "DEMO", soon(0.3), None, TargetIds(4), payload={"mode": "peak"}
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(10):
+        first = (await process.stdout.readline()).decode()
+    assert first.startswith(f"RUNNING id={int(demo.id)} type=DEMO ")
+    assert "payload={'mode': 'peak'}" in first and "until=None" in first
+    await daemon.client.delete(microgrid_id=mg(), dispatch_id=demo.id)
+    assert await output_of(process) == [f"STOPPED id={int(demo.id)} type=DEMO"]
+
+
+async def test_example_times_out_with_status_1(
+    amqp_url: str, exchange: str, daemon: DaemonHandle
+) -> None:
+    process = await start_example("lifecycle_printer.py", amqp_url, exchange, "--timeout", "0.5")
+    async with asyncio.timeout(20):
+        assert await process.wait() == 1
