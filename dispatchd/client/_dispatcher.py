@@ -277,6 +277,18 @@ class Dispatcher:
         """
         return ReceiverFetcher(self._lifecycle)
 
+    def new_lifecycle_events_receiver(
+        self, type: str, *, name: str | None = None, limit: int = 50
+    ) -> Receiver[DispatchEvent]:
+        """Lifecycle events of one type (``frequenz.dispatch``'s method, filtered here).
+
+        Unlike running states, lifecycle events of all types share the main
+        queue, so this filter runs in Python.
+        """
+        return self._lifecycle.new_receiver(name=name, limit=limit).filter(
+            lambda event: event.dispatch.type == type
+        )
+
     @property
     def running_status_change(self) -> ReceiverFetcher[Dispatch]:
         """Running-state changes of every type.

@@ -72,12 +72,17 @@ async def test_lifecycle_events_reach_every_receiver(
 ) -> None:
     async with Dispatcher(MG, amqp_url, exchange=exchange) as dispatcher:
         receivers = [dispatcher.lifecycle_events.new_receiver() for _ in range(2)]
+        only_t = dispatcher.new_lifecycle_events_receiver("T")
+        await create(daemon.client, "OTHER", start_in=60)
         created = await create(daemon.client, start_in=60, payload={"p": 1})
         await daemon.client.update(
             microgrid_id=mg(), dispatch_id=created.id, new_fields={"payload": {"p": 2}}
         )
         await daemon.client.delete(microgrid_id=mg(), dispatch_id=created.id)
         for receiver in receivers:
+            [other] = await take(receiver, 1)
+            assert other.dispatch.type == "OTHER"
+        for receiver in (*receivers, only_t):  # only_t never sees OTHER
             events: list[DispatchEvent] = await take(receiver, 3)
             assert [type(e) for e in events] == [Created, Updated, Deleted]
             assert {e.dispatch.id for e in events} == {int(created.id)}
