@@ -554,7 +554,14 @@ class Engine:
         announced = record.announced
         truth = self._truth(record, at)
         drafts: list[_Draft] = []
-        if announced is None:
+        if announced is not None and before.type != current.type:
+            # Actors bind by type: the old type's actors must hear the stop.
+            drafts.append(_Draft(record, Event.STOPPED, Reason.TYPE_CHANGED, before, announced, at))
+            if truth is not None:
+                drafts.append(
+                    _Draft(record, Event.RUNNING, Reason.RECONFIGURED, current, truth, at)
+                )
+        elif announced is None:
             if truth is not None:
                 due = _due(truth.start, since, at)
                 drafts.append(_Draft(record, Event.RUNNING, start_reason, current, truth, due))
@@ -562,9 +569,6 @@ class Engine:
             due = _due(announced.end, since, at)
             reason = _stop_reason(record)
             drafts.append(_Draft(record, Event.STOPPED, reason, current, announced, due))
-        elif before.type != current.type:
-            drafts.append(_Draft(record, Event.STOPPED, Reason.TYPE_CHANGED, before, announced, at))
-            drafts.append(_Draft(record, Event.RUNNING, Reason.RECONFIGURED, current, truth, at))
         elif truth.start != announced.start:
             due = _due(truth.start, since, at)
             drafts.append(_Draft(record, Event.RUNNING, start_reason, current, truth, due))

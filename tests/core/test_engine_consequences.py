@@ -224,6 +224,24 @@ def test_consequence_15_type_change_while_running_stops_old_type_first() -> None
     assert all(m.dispatch == renamed for m in messages[:2])
 
 
+def test_consequence_15_type_change_that_also_stops_is_heard_by_the_old_type() -> None:
+    original = make(start=10, duration=20, type="OLD")
+    engine, _ = engine_with(original)
+    run_until(engine, 12)
+    moved = bump(original, 1, type="NEW", start_time=100)
+    messages = engine.apply(Updated(moved), at(15))
+    assert summaries(messages) == [
+        ("L", 1, "updated", "OLD"),
+        ("L", 1, "updated", "NEW"),
+        ("R", 1, "stopped", "type_changed", 10, 30, None, 15, 15, 2, 10),
+    ]
+    assert messages[2].routing_type == "OLD"
+    assert summaries(run_until(engine, 1000)) == [
+        ("R", 1, "running", "started", 100, 120, 120, 100, 100, 3, 15),
+        ("R", 1, "stopped", "ended", 100, 120, None, 120, 120, 4, 100),
+    ]
+
+
 def test_consequence_16_update_at_a_boundary_loses_nothing_either_order() -> None:
     original = make(start=10, duration=20, payload={"power": 1})
     at_start = bump(original, 1, payload={"power": 2})

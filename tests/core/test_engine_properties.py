@@ -110,9 +110,9 @@ class Replay:
     sequence: dict[int, int] = field(default_factory=dict)
     last_emitted: dict[int, datetime] = field(default_factory=dict)
     runtime: dict[int, tuple[object, ...]] = field(default_factory=dict)
-    last_reason: dict[int, Reason] = field(default_factory=dict)
 
     def feed(self, messages: list[Message], now: datetime) -> None:
+        type_changed: set[int] = set()  # a stop for the old type in this very call
         for message in messages:
             assert message.emitted_at == now
             if isinstance(message, LifecycleMessage):
@@ -124,14 +124,12 @@ class Replay:
             assert message.scheduled_for <= message.emitted_at
             self.sequence[dispatch_id] = message.sequence
             self.last_emitted[dispatch_id] = message.emitted_at
-            previous_reason = self.last_reason.get(dispatch_id)
-            self.last_reason[dispatch_id] = message.reason
             if message.event is Event.RUNNING:
                 assert message.dispatch.active
                 assert not isinstance(Schedule.build(message.dispatch), Invalid)
                 assert message.until == message.occurrence.end
                 before = self.announced.get(dispatch_id)
-                if previous_reason is Reason.TYPE_CHANGED:
+                if dispatch_id in type_changed:
                     assert message.reason is Reason.RECONFIGURED
                     assert message.dispatch.type != self.runtime[dispatch_id][0]
                 elif before is None:
@@ -147,6 +145,8 @@ class Replay:
                 self.runtime[dispatch_id] = runtime(message.dispatch)
             else:
                 assert message.until is None
+                if message.reason is Reason.TYPE_CHANGED:
+                    type_changed.add(dispatch_id)
                 assert self.announced.get(dispatch_id) == message.occurrence
                 self.announced[dispatch_id] = None
 
