@@ -347,3 +347,23 @@ async def test_a_receiver_created_later_starts_with_what_runs_now(
             RunningState.RUNNING,
         )
         assert isinstance(from_snapshot, Dispatch)
+
+
+async def test_a_slow_receiver_loses_its_oldest_messages_alone(
+    amqp_url: str, exchange: str, daemon: DaemonHandle
+) -> None:
+    async with Dispatcher(MG, amqp_url, exchange=exchange) as dispatcher:
+        slow = dispatcher.running_status_change.new_receiver(name="slow", limit=2)
+        fast = dispatcher.running_status_change.new_receiver(name="fast")
+        first = await create(daemon.client, start_in=0.2, duration=0.2)
+        second = await create(daemon.client, start_in=0.3, duration=0.3)
+        everything = await take(fast, 4)
+        assert sorted(states(everything)) == [
+            (int(first.id), "RUNNING"),
+            (int(first.id), "STOPPED"),
+            (int(second.id), "RUNNING"),
+            (int(second.id), "STOPPED"),
+        ]
+        # Sends to both happen together: the slow one kept only the newest two.
+        assert await take(slow, 2) == everything[2:]
+        await expect_quiet(slow, 0.1)

@@ -54,17 +54,20 @@ async def test_private_queue_re_asks_the_snapshot_after_a_cut(
 ) -> None:
     async with Dispatcher(MG, through(amqp_url, proxy), exchange=exchange) as dispatcher:
         running = dispatcher.running_status_change.new_receiver()
+        typed = await dispatcher.new_running_state_event_receiver("T")
         ending = await create(daemon.client, start_in=0.2, duration=1.5)
         assert states(await take(running, 1)) == [(int(ending.id), "RUNNING")]
+        assert states(await take(typed, 1)) == [(int(ending.id), "RUNNING")]
         begins, _ = await cut_while(proxy, daemon, observer)
         await observer.wait_for(lambda r: r.is_(int(ending.id), "stopped"), 5)
         await proxy.accept()
         # The private queue missed everything; the snapshot tells the state:
         # the ended one stopped, the new one runs. (The short one began and
         # ended unseen: only a durable queue can tell that.)
-        got = await take(running, 2, timeout=15)
-        assert states(got) == [(int(ending.id), "STOPPED"), (begins, "RUNNING")]
-        assert all(d.announced is not None and d.announced.from_snapshot for d in got)
+        for receiver in (running, typed):
+            got = await take(receiver, 2, timeout=15)
+            assert states(got) == [(int(ending.id), "STOPPED"), (begins, "RUNNING")]
+            assert all(d.announced is not None and d.announced.from_snapshot for d in got)
         # Live messages flow again after the recovery.
         after = await create(daemon.client, start_in=0.2, duration=0.2)
         assert states(await take(running, 2)) == [
