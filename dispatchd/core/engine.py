@@ -382,18 +382,20 @@ class Engine:
         engine._down_since = last_seen
         for stored in records:
             dispatch = stored.dispatch
-            record = engine._new_record(dispatch)
+            if stored.tombstone or stored.forgotten:
+                key = (dispatch.microgrid_id, dispatch.id)
+                record = _Record(key=key, dispatch=dispatch, schedule=None, invalid=None)
+                record.tombstone = stored.tombstone
+                record.forgotten = stored.forgotten
+            else:
+                record = engine._new_record(dispatch)
             record.announced = stored.announced
             record.sequence = stored.sequence
             record.last_emitted_at = stored.last_emitted_at
-            record.tombstone = stored.tombstone
-            record.forgotten = stored.forgotten
-            if record.tombstone or record.forgotten:
-                record.schedule = None
             record.pending_missed = stored.pending_missed
             record.last_pulse = stored.last_pulse
             engine._microgrids.setdefault(dispatch.microgrid_id, {})[dispatch.id] = record
-            if last_seen is not None and not record.tombstone:
+            if last_seen is not None:
                 engine._reschedule(record, last_seen)
         engine._dirty.clear()
         return engine

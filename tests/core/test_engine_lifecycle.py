@@ -373,3 +373,27 @@ def test_advance_catches_up_in_order_with_lateness_visible() -> None:
         ("R", 1, "stopped", "ended", 10, 30, None, 30, 100, 2, 100),
     ]
     assert set(_dispatch_times(late)) == {at(100)}
+
+
+def test_tombstones_and_forgotten_dispatches_survive_a_restart() -> None:
+    deleted = make(1, start=10, duration=20)
+    finished = make(2, start=0, duration=5)
+    engine = Engine()
+    engine.relist(MG, [deleted, finished], at(1), initial=True)
+    engine.apply(Deleted(deleted), at(2))
+    run_until(engine, 10)
+    engine.relist(MG, [], at(10), initial=False)
+    store: dict[Any, Any] = {}
+    persist(engine, store)
+
+    restored = reload(store)
+    assert restored.resume(at(11)) == []
+    assert restored.take_new_invalid() == []
+    assert restored.apply(Created(bump(deleted, 5)), at(12)) == []
+    assert restored.apply(Updated(finished), at(12)) == []
+    assert summaries(restored.apply(Updated(bump(finished, 5, start_time=20)), at(13))) == [
+        ("L", 2, "updated", "PEAK")
+    ]
+    assert summaries(run_until(restored, 22)) == [
+        ("R", 2, "running", "started", 20, 25, 25, 20, 20, 3, 5),
+    ]
