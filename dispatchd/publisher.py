@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustExchange
 from aio_pika.exceptions import ChannelPreconditionFailed, DeliveryError, PublishError
@@ -403,25 +404,33 @@ class Publisher:
 
     async def _publish(self, item: OutboxItem) -> None:
         envelope = item.envelope
-        message = aio_pika.Message(
-            envelope.body,
-            headers=dict[str, Any](envelope.headers),
+        properties = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
             message_id=envelope.message_id,
             timestamp=datetime.now(UTC),
-            type=envelope.type,
+            message_type=envelope.type,
             app_id=APP_ID,
+            headers=dict[str, Any](envelope.headers),
         )
         task = asyncio.current_task()
         try:
-            assert self._exchange is not None
+            assert self._channel is not None
             async with asyncio.timeout(self._publish_timeout):
-                await self._exchange.publish(
-                    message,
-                    envelope.routing_key,
+                channel = await self._channel.get_underlay_channel()
+                assert isinstance(channel, aiormq.Channel)
+                # wait=False: hand the frames to the connection's writer and wait only
+                # for the confirm; waiting for each socket drain under the channel lock
+                # (what Exchange.publish does) serialises publishes and lets a long
+                # queue of them run into the timeout before reaching the wire.
+                await channel.basic_publish(
+                    envelope.body,
+                    exchange=self._exchange_name,
+                    routing_key=envelope.routing_key,
+                    properties=properties,
                     mandatory=True,
                     timeout=self._publish_timeout,
+                    wait=False,
                 )
         except PublishError:
             metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
