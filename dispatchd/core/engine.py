@@ -49,6 +49,8 @@ Key = tuple[int, int]
 """``(microgrid_id, dispatch_id)``: dispatch ids are only unique per microgrid."""
 
 _ZERO = timedelta(0)
+_MISSED_LIMIT = 100
+"""wire-v1: ``missed_runs`` holds at most this many starts, oldest first."""
 _NEVER = datetime.max.replace(tzinfo=UTC)
 _ALWAYS = datetime.min.replace(tzinfo=UTC)
 
@@ -514,14 +516,19 @@ class Engine:
         return not _is_finished(record, now)
 
     def _set_missed(self, record: _Record, since: datetime, now: datetime) -> None:
-        """Remember the occurrences that began and ended unseen in ``(since, now]``."""
+        """Remember the occurrences that began and ended unseen in ``(since, now]``.
+
+        Runs missed in an earlier downtime and not reported yet are kept; those
+        of this downtime are replaced (the initial re-list may know better).
+        """
         schedule = _schedule_of(record)
         assert schedule is not None
         if record.last_emitted_at is not None and record.last_emitted_at > since:
             since = record.last_emitted_at
         if since >= now:
             return
-        missed = schedule.missed_runs(since, now)
+        earlier = tuple(start for start in record.pending_missed if start <= since)
+        missed = (earlier + schedule.missed_runs(since, now))[:_MISSED_LIMIT]
         if missed != record.pending_missed:
             record.pending_missed = missed
             self._dirty.add(record.key)

@@ -397,3 +397,35 @@ def test_tombstones_and_forgotten_dispatches_survive_a_restart() -> None:
     assert summaries(run_until(restored, 22)) == [
         ("R", 2, "running", "started", 20, 25, 25, 20, 20, 3, 5),
     ]
+
+
+def test_missed_runs_of_two_downtimes_accumulate_across_restarts() -> None:
+    recurring = make(1, start=60, duration=10, every=60, count=10)
+    engine, _ = engine_with(recurring)
+    store: dict[Any, Any] = {}
+    persist(engine, store)
+    first = reload(store)
+    assert first.resume(at(135)) == []  # down (0, 135]: 60 and 120 missed
+    persist(first, store)
+    second = reload(store)
+    assert second.resume(at(200)) == []  # down again (135, 200]: 180 missed
+    persist(second, store)
+    third = reload(store)
+    assert third.resume(at(201)) == []
+    following = run_until(third, 245)
+    assert summaries(following)[0][:5] == ("R", 1, "running", "started", 240)
+    assert isinstance(following[0], RunningMessage)
+    assert following[0].missed_runs == (at(60), at(120), at(180))
+
+
+def test_a_pulse_is_not_repeated_after_a_restart_at_the_same_instant() -> None:
+    pulse = make(1, start=30, duration=0)
+    engine, _ = engine_with(pulse)
+    assert len(run_until(engine, 30)) == 2
+    store: dict[Any, Any] = {}
+    persist(engine, store)
+    restored = reload(store)
+    assert restored.resume(at(30)) == []
+    assert summaries(restored.apply(Updated(bump(pulse, 1)), at(30))) == [
+        ("L", 1, "updated", "PEAK")
+    ]
