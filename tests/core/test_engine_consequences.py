@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dispatchd.core.engine import Created, Deleted, Engine, Updated
 from dispatchd.core.messages import RunningMessage
+from dispatchd.core.model import TargetIds
 from tests.core.test_engine_support import (
     at,
     bump,
@@ -106,7 +107,7 @@ def test_consequence_09_runtime_change_while_running_reconfigures() -> None:
     engine, _ = engine_with(original)
     run_until(engine, 12)
     payload = bump(original, 1, payload={"power": 2})
-    target = bump(payload, 2, target=make().target.__class__(9))
+    target = bump(payload, 2, target=TargetIds(9))
     duration = bump(target, 3, duration=25)
     dry_run = bump(duration, 4, dry_run=True)
     assert summaries(engine.apply(Updated(payload), at(13))) == [

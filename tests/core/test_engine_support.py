@@ -122,7 +122,7 @@ def engine_with(*dispatches: Dispatch, now: float = 0) -> tuple[Engine, list[Mes
     return engine, out
 
 
-def persist(engine: Engine, store: dict[Any, dict[str, Any]]) -> None:
+def persist(engine: Engine, store: dict[Any, Any]) -> None:
     """What a store does: write the dirty records through JSON, drop vanished ones."""
     dispatches: dict[int, Dispatch] = store.setdefault("dispatches", {})
     for key in engine.take_dirty():
