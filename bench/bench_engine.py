@@ -1,6 +1,10 @@
 """Engine scale benchmark: load, per-update and per-transition cost, memory.
 
 Run: ``python bench/bench_engine.py [sizes...]`` (default 1k 10k 50k 200k).
+Columns: initial load (a first re-list of everything), a reconnect's re-list
+with nothing changed, mean ``apply(Updated)``, mean cost per due transition
+when advancing one day, ``counts()``, and bytes the engine allocates per
+dispatch (tracemalloc, excluding the ``Dispatch`` values themselves).
 Half the dispatches are one-off, half recurring (daily, some endless), with
 start times spread over the next three days, in four microgrids. The target
 is a per-update cost at 200k within 2x of the cost at 1k: a change must not
@@ -65,6 +69,17 @@ def load(dispatches: list[Dispatch]) -> tuple[Engine, float]:
     return engine, time.perf_counter() - began
 
 
+def relist_unchanged(engine: Engine, dispatches: list[Dispatch]) -> float:
+    """Seconds for a reconnect's re-list of everything, nothing changed."""
+    by_microgrid: dict[int, list[Dispatch]] = {}
+    for dispatch in dispatches:
+        by_microgrid.setdefault(dispatch.microgrid_id, []).append(dispatch)
+    began = time.perf_counter()
+    for microgrid_id, listed in by_microgrid.items():
+        assert engine.relist(microgrid_id, listed, NOW, initial=False) == []
+    return time.perf_counter() - began
+
+
 def memory_per_dispatch(dispatches: list[Dispatch]) -> float:
     """Bytes the engine allocates per dispatch (records, schedules, heap)."""
     gc.collect()
@@ -112,7 +127,7 @@ def transition_cost(engine: Engine) -> tuple[float, int]:
 
 def main(sizes: list[int]) -> None:
     print(
-        f"{'n':>8} {'load s':>8} {'load µs/d':>10} {'update µs':>10} "
+        f"{'n':>8} {'load s':>8} {'load µs/d':>10} {'relist s':>9} {'update µs':>10} "
         f"{'due µs':>8} {'due n':>8} {'counts ms':>10} {'mem B/d':>8}"
     )
     for n in sizes:
@@ -121,13 +136,15 @@ def main(sizes: list[int]) -> None:
         memory = memory_per_dispatch(dispatches)
         gc.collect()
         engine, load_s = load(dispatches)
+        relist_s = relist_unchanged(engine, dispatches)
         update_s = update_cost(engine, dispatches, rng)
         began = time.perf_counter()
         engine.counts(NOW)
         counts_s = time.perf_counter() - began
         due_s, due_n = transition_cost(engine)
         print(
-            f"{n:>8} {load_s:>8.2f} {load_s / n * 1e6:>10.1f} {update_s * 1e6:>10.1f} "
+            f"{n:>8} {load_s:>8.2f} {load_s / n * 1e6:>10.1f} {relist_s:>9.2f} "
+            f"{update_s * 1e6:>10.1f} "
             f"{due_s * 1e6:>8.1f} {due_n:>8} {counts_s * 1e3:>10.1f} {memory:>8.0f}",
             flush=True,
         )

@@ -8,10 +8,27 @@ only the difference (semantics.md). The caller owns the clock: every entry
 point takes ``now``, and :meth:`Engine.next_deadline` says when to call
 :meth:`Engine.advance` next.
 
+Choices the spec leaves open:
+
+- ``apply`` and ``relist`` first process every boundary due at ``now``, so an
+  update arriving exactly at a boundary gives the same messages whether or
+  not the timer fired first (consequence 16).
+- ``scheduled_for`` is the boundary instant for timer transitions and for
+  boundaries that fell into a downtime (``resume``); otherwise ``now``.
+- Start reasons: ``started`` at a boundary or through a stream update,
+  ``created`` for a dispatch seen for the first time, ``resumed`` for a
+  change learnt through a re-list or on restart. Stop reasons: ``deleted``,
+  else ``deactivated``, else ``ended`` (also when a version became invalid).
+- A finished dispatch that falls out of the list is hidden, not dropped: its
+  version and sequence stay, so a stale event stays ignored and a revival
+  continues the sequence (consumers drop repeated sequence numbers).
+- Time never goes backwards: an earlier ``now`` is treated as the latest seen.
+
 Scale: each dispatch has at most one live entry in a timer heap; entries are
 invalidated lazily by a per-dispatch version, so a change costs O(log n) plus
 the cost of building its schedule, and waking costs O(k log n) for k due
-transitions.
+transitions. An idle dispatch's schedule is dropped and rebuilt at its next
+boundary, which keeps memory per dispatch around 0.4 KB.
 """
 
 from __future__ import annotations
