@@ -502,12 +502,17 @@ class Engine:
             return []
         if record.tombstone:
             return []
-        if dispatch.update_time > record.dispatch.update_time:
-            record.dispatch = dispatch
+        held = record.dispatch
+        newest = dispatch if dispatch.update_time > held.update_time else held
+        out: list[Message] = []
+        if newest.type != held.type:
+            out.append(_lifecycle(Event.DELETED, newest, held.type, now))
+        out.append(_lifecycle(Event.DELETED, newest, newest.type, now))
         record.tombstone = True
         self._dirty.add(key)
-        out: list[Message] = [_lifecycle(Event.DELETED, record.dispatch, record.dispatch.type, now)]
+        # The stop carries what was announced, so it reaches the actors running it.
         drafts = self._converge(record, now, Reason.STARTED, pulse=False)
+        record.dispatch = newest
         record.schedule = None
         self._reschedule(record, now)
         out.extend(self._finish(drafts, now))

@@ -46,6 +46,21 @@ def test_deleted_ids_stay_deleted() -> None:
     assert run_until(engine, 100) == []
 
 
+def test_delete_carrying_a_missed_type_change_reaches_both_types() -> None:
+    original = make(start=10, duration=20, type="OLD")
+    engine, _ = engine_with(original)
+    run_until(engine, 12)
+    last = bump(original, 3, type="NEW")
+    messages = engine.apply(Deleted(last), at(15))
+    assert summaries(messages) == [
+        ("L", 1, "deleted", "OLD"),
+        ("L", 1, "deleted", "NEW"),
+        ("R", 1, "stopped", "deleted", 10, 30, None, 15, 15, 2, 10),
+    ]
+    assert messages[2].routing_type == "OLD"
+    assert all(m.dispatch == last for m in messages[:2])
+
+
 def test_delete_of_an_unknown_id_is_silent_but_final() -> None:
     engine = Engine()
     ghost = make(3, start=10, duration=20)
