@@ -1,0 +1,462 @@
+"""End-to-end figures of ``dispatchd run``: sync, start lag, update latency, idle CPU.
+
+Run: ``python bench/bench_daemon.py [--amqp-url URL] [--sync-sizes 1000 10000 50000]
+[--lag-sizes 1 100 1000 5000] [--idle-seconds 60] [--idle-dispatches 10000]``.
+
+The daemon runs as a subprocess (``python -m dispatchd run``, embedded local
+API, JSON logs on stderr), exactly as in production; this script is the
+consumer: one queue bound to ``microgrid.#`` of a fresh exchange, declared
+before the daemon starts. Dispatches are written straight into the embedded
+API's SQLite (``dispatchd.localapi.storage``) before the daemon starts, so
+seeding 50k takes seconds and is not measured.
+
+What is measured:
+
+- sync: spawn -> ``first sync done`` (includes the interpreter's imports) and
+  the daemon's own first-log-line -> ``first sync done``; RSS of the daemon at
+  ready; then publish throughput with confirms through the daemon: the
+  ``created`` messages of the initial sync, counted at the consumer, and the
+  outbox gauge from ``/metrics`` read back as 0 (everything confirmed).
+- update latency: an update of one dispatch's payload through the API (gRPC,
+  ``DispatchApiClient``) until the consumer receives its ``lifecycle.updated``.
+- start lag: consumer receive time minus ``scheduled_for`` of each ``running``
+  message, for N dispatches starting at one instant (N=1: lone starts spaced
+  apart, many samples). The message was routed by the broker when it reaches
+  the consumer; that the publisher got the confirms too is checked with the
+  outbox gauge.
+- the ceiling: the same 1,000 bodies published by a bare aio-pika loop with
+  confirms, all in flight at once, timed to the consumer the same way.
+- idle CPU of the daemon (``/proc/<pid>/stat``) over ``--idle-seconds`` with
+  10k recurring dispatches and no deadline inside the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from frequenz.api.dispatch.v1.dispatch_pb2 import DispatchData, RecurrenceRule
+from frequenz.client.base.conversion import to_timestamp
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch import DispatchApiClient
+
+from dispatchd.localapi.storage import Storage
+from dispatchd.localapi.validation import prepare_create
+
+MICROGRID = 7
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- consumer
+
+
+@dataclass
+class Received:
+    at: float
+    routing_key: str
+    body: dict[str, Any]
+
+
+@dataclass
+class Consumer:
+    """Everything on the bench queue, stamped with the wall clock on arrival."""
+
+    messages: list[Received] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def receive(self, message: AbstractIncomingMessage) -> None:
+        at = time.time()
+        self.messages.append(Received(at, message.routing_key or "", json.loads(message.body)))
+        self.arrived.set()
+
+    async def wait_count(self, condition: Callable[[], bool], within: float) -> None:
+        deadline = time.monotonic() + within
+        while not condition():
+            self.arrived.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("consumer did not see what it waited for")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+
+    def count(self, label: str) -> int:
+        kind, event = label.split(".")
+        return sum(1 for m in self.messages if m.body["kind"] == kind and m.body["event"] == event)
+
+
+@contextlib.asynccontextmanager
+async def bound_queue(amqp_url: str, exchange_name: str) -> AsyncIterator[Consumer]:
+    consumer = Consumer()
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=0)
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, "#")
+        await queue.consume(consumer.receive, no_ack=True)
+        yield consumer
+        await channel.exchange_delete(exchange_name)
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(f"{exchange_name}.rpc")
+    finally:
+        await connection.close()
+
+
+# ------------------------------------------------------------------ daemon
+
+
+class Daemon:
+    """``python -m dispatchd run`` on a state dir; its JSON log is parsed."""
+
+    def __init__(self, amqp_url: str, exchange: str, state_dir: Path) -> None:
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("DISPATCHD_")},
+            "DISPATCHD_AMQP__URL": amqp_url,
+            "DISPATCHD_AMQP__EXCHANGE": exchange,
+            "DISPATCHD_STATE__DIR": str(state_dir),
+            "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+            "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0",
+            "DISPATCHD_MICROGRID_IDS": f"[{MICROGRID}]",
+            "DISPATCHD_LOG__FORMAT": "json",
+            "DISPATCHD_LOG__LEVEL": "INFO",
+        }
+        self.process: asyncio.subprocess.Process | None = None
+        self.log: list[dict[str, Any]] = []
+        self.synced = asyncio.Event()
+        self.api_port = 0
+        self.http_port = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, within: float = 300) -> float:
+        """Spawn and wait for the first sync; returns the seconds it took."""
+        started = time.perf_counter()
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dispatchd",
+            "run",
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            limit=1 << 20,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await asyncio.wait_for(self.synced.wait(), within)
+        return time.perf_counter() - started
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        async for raw in self.process.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            self.log.append(line)
+            event = line.get("event")
+            if event == "local dispatch API listening":
+                self.api_port = int(line["port"])
+            elif event == "http listening":
+                self.http_port = int(line["address"].rpartition(":")[2])
+            elif event == "first sync done":
+                self.synced.set()
+
+    def logged(self, event: str) -> dict[str, Any]:
+        return next(line for line in self.log if line.get("event") == event)
+
+    def internal_ready_seconds(self) -> float:
+        first = datetime.fromisoformat(self.log[0]["timestamp"])
+        ready = datetime.fromisoformat(self.logged("first sync done")["timestamp"])
+        return (ready - first).total_seconds()
+
+    def rss_mib(self) -> float:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def cpu_seconds(self) -> float:
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def outbox(self) -> float:
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith("dispatchd_outbox_messages "):
+                return float(line.split()[1])
+        raise RuntimeError("no dispatchd_outbox_messages in /metrics")
+
+    def client(self) -> DispatchApiClient:
+        return DispatchApiClient(
+            server_url=f"grpc://127.0.0.1:{self.api_port}?ssl=false", auth_key="bench"
+        )
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        await asyncio.wait_for(self.process.wait(), 60)
+        if self._reader is not None:
+            await self._reader
+
+
+# ----------------------------------------------------------------- seeding
+
+
+def seed(
+    state_dir: Path,
+    starts: list[datetime],
+    *,
+    duration: int = 60,
+    recurrence: RecurrenceRule.Frequency.ValueType | None = None,
+) -> None:
+    """Write one dispatch per start time into the embedded API's database."""
+    now = datetime.now(UTC)
+    storage = Storage(state_dir / "dispatches.sqlite3")
+    try:
+        for index, start in enumerate(starts):
+            data = DispatchData(type="BENCH", duration=duration, is_active=True)
+            data.start_time.CopyFrom(to_timestamp(start))
+            data.target.component_ids.ids.extend([1, 2, 3])
+            data.payload.update({"power_w": -5000, "n": index})
+            if recurrence is not None:
+                data.recurrence.freq = recurrence
+                data.recurrence.interval = 1
+            storage.create(MICROGRID, prepare_create(data, start_immediately=False, now=now), now)
+    finally:
+        storage.close()
+
+
+# ------------------------------------------------------------------ figures
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """p50, p99, max in milliseconds."""
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return statistics.median(ordered) * 1e3, p99 * 1e3, ordered[-1] * 1e3
+
+
+def show(name: str, figure: str, target: str = "") -> None:
+    print(f"{name:<46} {figure:<38} {('target: ' + target) if target else ''}", flush=True)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    amqp_url: str, seeding: Callable[[Path], None]
+) -> AsyncIterator[tuple[Daemon, Consumer, float]]:
+    exchange = f"bench-daemon-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        seeding(state)
+        async with bound_queue(amqp_url, exchange) as consumer:
+            daemon = Daemon(amqp_url, exchange, state)
+            try:
+                seconds = await daemon.start()
+                yield daemon, consumer, seconds
+            finally:
+                await daemon.stop()
+
+
+async def wait_outbox_empty(daemon: Daemon, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while daemon.outbox() != 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError("outbox not drained")
+        await asyncio.sleep(0.05)
+
+
+async def bench_sync(amqp_url: str, size: int, updates: int) -> None:
+    far = datetime.now(UTC) + timedelta(days=1)
+    starts = [far + timedelta(seconds=i) for i in range(size)]
+    async with running_daemon(amqp_url, lambda state: seed(state, starts)) as (
+        daemon,
+        consumer,
+        seconds,
+    ):
+        rss = daemon.rss_mib()
+        show(f"sync {size}: spawn -> ready", f"{seconds:.2f} s", "50k within 5 s")
+        show(f"sync {size}: first log line -> ready", f"{daemon.internal_ready_seconds():.2f} s")
+        listed = daemon.logged("listed dispatches")["seconds"]
+        show(f"sync {size}: API list", f"{listed:.2f} s")
+        show(f"sync {size}: daemon RSS at ready", f"{rss:.0f} MiB")
+        ready_at = time.time()
+        await consumer.wait_count(lambda: len(consumer.messages) >= size, 600)
+        await wait_outbox_empty(daemon)
+        published = consumer.messages[size - 1].at - ready_at
+        show(
+            f"sync {size}: {size} created published",
+            f"{published:.2f} s = {size / published:,.0f} msg/s (confirmed)",
+        )
+        show(f"sync {size}: daemon RSS after publishing", f"{daemon.rss_mib():.0f} MiB")
+        await bench_updates(daemon, consumer, size, updates)
+
+
+async def bench_updates(daemon: Daemon, consumer: Consumer, size: int, updates: int) -> None:
+    client = daemon.client()
+    latencies: list[float] = []
+    for n in range(updates):
+        dispatch_id = 1 + (n * 7919) % size
+        before = len(consumer.messages)
+        started = time.time()
+        await client.update(
+            microgrid_id=MicrogridId(MICROGRID),
+            dispatch_id=dispatch_id,  # type: ignore[arg-type]
+            new_fields={"payload": {"power_w": n}},
+        )
+
+        def arrived(since: int = before, wanted: int = dispatch_id) -> bool:
+            return any(
+                m.body["event"] == "updated" and m.body["dispatch"]["id"] == wanted
+                for m in consumer.messages[since:]
+            )
+
+        await consumer.wait_count(arrived, 30)
+        got = next(
+            m
+            for m in consumer.messages[before:]
+            if m.body["event"] == "updated" and m.body["dispatch"]["id"] == dispatch_id
+        )
+        latencies.append(got.at - started)
+    p50, p99, worst = quantiles(latencies)
+    show(
+        f"update via API -> consumer, {size} known",
+        f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+        "p50 within 5 ms",
+    )
+
+
+async def bench_lag(amqp_url: str, size: int) -> list[Received] | None:
+    """Start lag of ``size`` simultaneous starts; returns the running messages."""
+    lone = size == 1
+    samples = 40 if lone else size
+    margin = 8.0 + size / 1000
+    first = datetime.now(UTC) + timedelta(seconds=margin)
+    first = first.replace(microsecond=0)
+    spacing = timedelta(milliseconds=250)
+    starts = [first + spacing * i if lone else first for i in range(samples)]
+    async with running_daemon(amqp_url, lambda state: seed(state, starts)) as (
+        daemon,
+        consumer,
+        _,
+    ):
+        await consumer.wait_count(lambda: len(consumer.messages) >= samples, 300)
+        if datetime.now(UTC) >= first:
+            raise RuntimeError(f"start-up took longer than the {margin} s margin")
+        await consumer.wait_count(lambda: consumer.count("running.running") >= samples, 120)
+        await wait_outbox_empty(daemon)
+        running = [m for m in consumer.messages if m.body["event"] == "running"]
+        lags = [m.at - datetime.fromisoformat(m.body["scheduled_for"]).timestamp() for m in running]
+        p50, p99, worst = quantiles(lags)
+        name = "1 (40 lone starts)" if lone else str(size)
+        target = "p50 5 ms, p99 10 ms" if lone else ""
+        if size == 1000:
+            target = "p99 within 1.2x of the bare loop"
+        show(
+            f"start lag, {name} at one instant",
+            f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+            target,
+        )
+        return running
+
+
+async def bench_bare(amqp_url: str, bodies: list[Received]) -> float:
+    """The same messages by a bare pipelined aio-pika loop; returns p99 in ms."""
+    exchange_name = f"bench-bare-{uuid.uuid4().hex[:8]}"
+    async with bound_queue(amqp_url, exchange_name) as consumer:
+        connection = await aio_pika.connect_robust(amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(exchange_name)
+            payloads = [(m.routing_key, json.dumps(m.body).encode()) for m in bodies]
+            started = time.time()
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            body,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            message_id=f"bare-{n}",
+                        ),
+                        key,
+                        mandatory=True,
+                    )
+                    for n, (key, body) in enumerate(payloads)
+                )
+            )
+            confirmed = time.time() - started
+            await consumer.wait_count(lambda: len(consumer.messages) >= len(bodies), 60)
+        p50, p99, worst = quantiles([m.at - started for m in consumer.messages])
+        show(
+            f"bare aio-pika, {len(bodies)} at once (ceiling)",
+            f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+        )
+        show(
+            f"bare aio-pika, {len(bodies)}: all confirmed",
+            f"{confirmed * 1e3:.1f} ms = {len(bodies) / confirmed:,.0f} msg/s",
+        )
+        return p99
+
+
+async def bench_idle(amqp_url: str, dispatches: int, seconds: float) -> None:
+    first = datetime.now(UTC) + timedelta(hours=2)
+    starts = [first + timedelta(seconds=i) for i in range(dispatches)]
+    seeding = lambda state: seed(state, starts, recurrence=RecurrenceRule.FREQUENCY_DAILY)  # noqa: E731
+    async with running_daemon(amqp_url, seeding) as (daemon, consumer, _):
+        await consumer.wait_count(lambda: len(consumer.messages) >= dispatches, 300)
+        await wait_outbox_empty(daemon)
+        before, wall = daemon.cpu_seconds(), time.monotonic()
+        await asyncio.sleep(seconds)
+        used, wall = daemon.cpu_seconds() - before, time.monotonic() - wall
+        show(
+            f"idle CPU, {dispatches} recurring, {seconds:.0f} s",
+            f"{used:.2f} CPU s = {100 * used / wall:.3f} %; RSS {daemon.rss_mib():.0f} MiB",
+            "no CPU between deadlines",
+        )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--sync-sizes", type=int, nargs="*", default=[1000, 10000, 50000])
+    parser.add_argument("--updates", type=int, default=50)
+    parser.add_argument("--lag-sizes", type=int, nargs="*", default=[1, 100, 1000, 5000])
+    parser.add_argument("--idle-dispatches", type=int, default=10000)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()}", flush=True)
+    for size in args.sync_sizes:
+        await bench_sync(args.amqp_url, size, args.updates)
+    for size in args.lag_sizes:
+        running = await bench_lag(args.amqp_url, size)
+        if size == 1000 and running is not None:
+            await bench_bare(args.amqp_url, running)
+    if args.idle_seconds > 0 and args.idle_dispatches > 0:
+        await bench_idle(args.amqp_url, args.idle_dispatches, args.idle_seconds)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
