@@ -199,6 +199,8 @@ class _Record:
     version: int = 0
     finished_from: datetime | None = None
     """From when the schedule is finished (``_NEVER``: infinite or endless)."""
+    counted: str | None = None
+    """The metric state this record is counted in (``None``: hidden)."""
 
 
 @dataclass(slots=True)
@@ -228,6 +230,7 @@ class Engine:
         self._down_since: datetime | None = None
         self._dirty: set[Key] = set()
         self._new_invalid: list[tuple[Key, str]] = []
+        self._counts: dict[int, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ input
 
@@ -345,15 +348,14 @@ class Engine:
         return entries
 
     def counts(self, now: datetime) -> dict[int, dict[str, int]]:
-        """Per microgrid, how many dispatches are in each metric state (O(n))."""
-        result: dict[int, dict[str, int]] = {}
-        for microgrid_id, records in self._microgrids.items():
-            counts = dict.fromkeys(_STATES, 0)
-            for record in records.values():
-                if not record.tombstone and not record.forgotten:
-                    counts[_state_of(record, now)] += 1
-            result[microgrid_id] = counts
-        return result
+        """Per microgrid, how many dispatches are in each metric state.
+
+        Kept up to date at every step (a dispatch only changes state at one of
+        its boundaries or through a change), so this is O(microgrids). The
+        counts are those of the last step; ``now`` is accepted so callers need
+        not know that.
+        """
+        return {microgrid_id: dict(counts) for microgrid_id, counts in self._counts.items()}
 
     def invalid_reason(self, key: Key) -> str | None:
         """Why the dispatch's schedule cannot be evaluated, if it cannot."""
@@ -416,6 +418,8 @@ class Engine:
             engine._microgrids.setdefault(dispatch.microgrid_id, {})[dispatch.id] = record
             if last_seen is not None:
                 engine._reschedule(record, last_seen)
+            else:
+                engine._recount(record, _ALWAYS)
         engine._dirty.clear()
         return engine
 
@@ -498,6 +502,7 @@ class Engine:
             record = _Record(key=key, dispatch=dispatch, schedule=None, invalid=None)
             record.tombstone = True
             self._microgrids.setdefault(key[0], {})[key[1]] = record
+            self._recount(record, now)
             self._dirty.add(key)
             return []
         if record.tombstone:
@@ -629,8 +634,26 @@ class Engine:
         schedule = _schedule_of(record)
         return schedule is not None and schedule.last_start_at_or_before(at) == at
 
+    def _recount(self, record: _Record, at: datetime) -> None:
+        """Move the record to the metric state it is in at ``at``."""
+        counts = self._counts.get(record.key[0])
+        if counts is None:
+            counts = self._counts[record.key[0]] = dict.fromkeys(_STATES, 0)
+        state = None if record.tombstone or record.forgotten else _state_of(record, at)
+        if state == record.counted:
+            return
+        if record.counted is not None:
+            counts[record.counted] -= 1
+        if state is not None:
+            counts[state] += 1
+        record.counted = state
+
     def _reschedule(self, record: _Record, after: datetime) -> None:
-        """Put the record's next boundary strictly after ``after`` on the heap."""
+        """Put the record's next boundary strictly after ``after`` on the heap.
+
+        Every change of a record's state ends here, so it is recounted too.
+        """
+        self._recount(record, after)
         deadline: datetime | None = None
         schedule = _schedule_of(record) if record.dispatch.active else None
         if schedule is not None:

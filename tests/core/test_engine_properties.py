@@ -279,6 +279,25 @@ class Harness:
         self.held[dispatch_id] = candidate
         self.forgotten.pop(dispatch_id, None)
 
+    def expected_counts(self, now: datetime) -> dict[str, int]:
+        counts = dict.fromkeys(("scheduled", "running", "finished", "inactive", "invalid"), 0)
+        for dispatch_id, dispatch in self.held.items():
+            schedule = Schedule.build(dispatch)
+            if isinstance(schedule, Invalid):
+                state = "invalid"
+            elif not dispatch.active:
+                state = "inactive"
+            elif self.replay.announced.get(dispatch_id) is not None:
+                state = "running"
+            elif schedule.is_finished(now):
+                state = "finished"
+            else:
+                state = "scheduled"
+            counts[state] += 1
+        if not self.held and not self.deleted and not self.forgotten:
+            return {}
+        return counts
+
     def expect_missed(self, since: datetime, until: datetime) -> None:
         """Runs that began and ended while down go with each one's next start."""
         if since >= until:
@@ -378,6 +397,7 @@ class Harness:
             assert snapshot[dispatch_id].sequence == self.replay.sequence.get(dispatch_id, 0)
         for dispatch_id in self.deleted:
             assert self.replay.announced.get(dispatch_id) is None
+        assert self.engine.counts(now).get(MG, {}) == self.expected_counts(now)
         # nothing more is due now
         assert self.engine.advance(now) == []
         deadline = self.engine.next_deadline()
@@ -385,11 +405,11 @@ class Harness:
 
 
 @settings(
-    max_examples=250,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(st.lists(operations, min_size=1, max_size=30))
+@given(st.lists(operations, min_size=8, max_size=40))
 def test_random_interleavings_keep_announcements_true(ops: list[tuple[Any, ...]]) -> None:
     harness = Harness()
     for operation in ops:
