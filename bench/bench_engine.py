@@ -2,7 +2,7 @@
 
 Run: ``python bench/bench_engine.py [sizes...]`` (default 1k 10k 50k 200k).
 Columns: initial load (a first re-list of everything), a reconnect's re-list
-with nothing changed, mean ``apply(Updated)``, mean cost per due transition
+with nothing changed, ``apply(Updated)`` (fastest of 5 rounds), cost per due transition
 when advancing one day, ``counts()``, and bytes the engine allocates per
 dispatch (tracemalloc, excluding the ``Dispatch`` values themselves).
 Half the dispatches are one-off, half recurring (daily, some endless), with
@@ -26,6 +26,9 @@ from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
 MICROGRIDS = 4
 UPDATES = 2000
+ROUNDS = 5
+"""Updates are timed in rounds and the fastest round is reported: the least
+disturbed by other processes on a shared machine."""
 
 
 def population(n: int, rng: random.Random) -> list[Dispatch]:
@@ -95,7 +98,7 @@ def memory_per_dispatch(dispatches: list[Dispatch]) -> float:
 
 
 def update_cost(engine: Engine, dispatches: list[Dispatch], rng: random.Random) -> float:
-    """Mean seconds per ``apply(Updated)`` on random dispatches (payload or start)."""
+    """Seconds per ``apply(Updated)`` on random dispatches (payload or start)."""
     chosen = [rng.choice(dispatches) for _ in range(UPDATES)]
     versions = []
     for step, dispatch in enumerate(chosen):
@@ -111,10 +114,14 @@ def update_cost(engine: Engine, dispatches: list[Dispatch], rng: random.Random) 
                 }
             )
         )
-    began = time.perf_counter()
-    for step, version in enumerate(versions):
-        engine.apply(Updated(version), NOW + timedelta(microseconds=step))
-    return (time.perf_counter() - began) / UPDATES
+    per_round = UPDATES // ROUNDS
+    best = float("inf")
+    for first in range(0, UPDATES, per_round):
+        began = time.perf_counter()
+        for step in range(first, first + per_round):
+            engine.apply(Updated(versions[step]), NOW + timedelta(microseconds=step))
+        best = min(best, (time.perf_counter() - began) / per_round)
+    return best
 
 
 def transition_cost(engine: Engine) -> tuple[float, int]:
