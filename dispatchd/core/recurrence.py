@@ -24,7 +24,8 @@ import calendar
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from itertools import islice
+from itertools import islice, takewhile
+from math import gcd
 from typing import Final
 
 from dateutil import rrule as du
@@ -72,7 +73,7 @@ _ANCHOR_BUDGET: Final = 16
 """Roughly how many candidate occurrences a query may iterate past the anchor
 before the anchor is moved forward."""
 
-_DIRECT_COUNT_LIMIT: Final = 1_000_000
+_DIRECT_COUNT_LIMIT: Final = 200_000
 """Above this count, finding the last occurrence by iteration is refused
 (Invalid) unless arithmetic can do it: it would stall the daemon."""
 
@@ -501,21 +502,20 @@ def _build_recurring(rule: Recurrence, start: datetime, duration: timedelta) -> 
         return Invalid(
             f"no occurrence within {_PROBE_YEARS} years of start_time: the by-rules never match"
         )
-    if rule.count is not None:
-        last = _count_last(parts, base, first, rule.count)
-        if isinstance(last, Invalid):
-            return last
-        base = parts.rrule(dtstart, last)
-        return Schedule(
-            duration=duration, first=first, last=last, rule=base, parts=parts, dtstart=dtstart
-        )
     schedule = Schedule(
         duration=duration, first=first, last=None, rule=base, parts=parts, dtstart=dtstart
     )
-    if until is not None:
-        # Found through unbounded anchored rules; drop them once ``_last`` is set.
+    if rule.count is not None:
+        last = _count_last(schedule, first, rule.count)
+        if isinstance(last, Invalid):
+            return last
+        schedule._last = last
+        if last is not None:
+            schedule._rule = parts.rrule(dtstart, last)
+    elif until is not None:
         schedule._last = schedule.last_start_at_or_before(until)
-        schedule._anchor = None
+    # Anchors built while pinning ``_last`` down ignore it: drop them.
+    schedule._anchor = None
     return schedule
 
 
@@ -527,8 +527,14 @@ def _probe_horizon(dtstart: datetime) -> datetime:
         return _MAX
 
 
-def _count_last(parts: _Parts, base: du.rrule, first: datetime, count: int) -> datetime | Invalid:
-    """The count-th occurrence (or the last one, if fewer exist)."""
+def _count_last(schedule: Schedule, first: datetime, count: int) -> datetime | Invalid | None:
+    """The count-th start (or the last one, if fewer exist; None: past year 9999).
+
+    Arithmetic when every period holds exactly one start; by periodicity when
+    the by-parts repeat weekly (no month or month-day parts); else iteration.
+    """
+    parts, base = schedule._parts, schedule._rule
+    assert parts is not None and base is not None
     if parts.plain:
         unit = _UNIT.get(parts.freq)
         try:
@@ -537,10 +543,53 @@ def _count_last(parts: _Parts, base: du.rrule, first: datetime, count: int) -> d
             per_step = 12 if parts.freq == Frequency.YEARLY else 1
             return _month_add(first, parts.interval * (count - 1) * per_step)
         except (OverflowError, ValueError):
-            pass
+            return None
+    periodic = _weekly_periodic(schedule, first, count)
+    if periodic is not _NOT_PERIODIC:
+        return periodic  # type: ignore[return-value]
     if count > _DIRECT_COUNT_LIMIT:
         return Invalid(f"count {count} is too large for this rule (> {_DIRECT_COUNT_LIMIT})")
     last = first
     for last in islice(base, count):  # noqa: B007 - walks to the count-th start
         pass
     return last
+
+
+_NOT_PERIODIC: Final = object()
+_WEEK: Final = timedelta(weeks=1)
+
+
+def _weekly_periodic(schedule: Schedule, first: datetime, count: int) -> object:
+    """The count-th start of a rule whose starts repeat every lcm(period, week).
+
+    From the first period boundary on, the anchored rule's starts shifted by
+    ``span`` are its starts again (UTC has no DST; hour, minute and weekday
+    filters repeat weekly), so only one span is iterated.
+    """
+    parts, base = schedule._parts, schedule._rule
+    assert parts is not None and base is not None
+    unit = _UNIT.get(parts.freq)
+    if unit is None or parts.bymonth is not None or parts.bymonthday is not None:
+        return _NOT_PERIODIC
+    period_seconds = int((unit * parts.interval).total_seconds())
+    week_seconds = int(_WEEK.total_seconds())
+    span_seconds = period_seconds * week_seconds // gcd(period_seconds, week_seconds)
+    try:
+        boundary = schedule._boundary(1)
+        span = timedelta(seconds=span_seconds)
+        span_end = boundary + span
+        if span_end.year > _MAX.year - 1:
+            return _NOT_PERIODIC
+    except OverflowError:
+        return _NOT_PERIODIC
+    head = list(takewhile(lambda start: start < boundary, base))
+    if count <= len(head):
+        return head[count - 1]
+    repeating = list(takewhile(lambda start: start < span_end, parts.rrule(boundary, None)))
+    if not repeating:
+        return head[-1] if head else first
+    spans, index = divmod(count - len(head) - 1, len(repeating))
+    try:
+        return repeating[index] + span * spans
+    except OverflowError:
+        return None

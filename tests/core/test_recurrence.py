@@ -459,3 +459,35 @@ def test_huge_count_without_by_parts_is_arithmetic() -> None:
         dispatch(at(0), timedelta(seconds=1), Recurrence(frequency=Frequency.MINUTELY, count=10**9))
     )
     assert schedule.last_end() == at(0) + timedelta(minutes=10**9 - 1, seconds=1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.data(),
+    st.sampled_from([Frequency.MINUTELY, Frequency.HOURLY, Frequency.DAILY, Frequency.WEEKLY]),
+    st.integers(1, 20),
+    st.integers(50, 4000),
+)
+def test_large_counts_end_where_brute_force_ends(
+    data: st.DataObject, frequency: Frequency, interval: int, count: int
+) -> None:
+    """Counts beyond one weekly span go through the periodic shortcut."""
+    rule = Recurrence(
+        frequency=frequency,
+        interval=interval,
+        count=count,
+        byminutes=data.draw(by_part(st.integers(0, 59))),
+        byhours=data.draw(by_part(st.integers(0, 23))),
+        byweekdays=tuple(data.draw(by_part(st.sampled_from(WEEKDAYS)))),
+    )
+    d = dispatch(data.draw(starts), timedelta(seconds=1), rule)
+    schedule = Schedule.build(d)
+    reference = oracle(d)
+    if isinstance(schedule, Invalid):
+        assert_really_empty_or_unevaluable(reference, d.start_time)
+        return
+    assert reference is not None
+    every = list(reference)
+    assert schedule.last_end() == every[-1] + timedelta(seconds=1)
+    assert schedule.next_start_after(every[-1]) is None
+    assert schedule.last_start_at_or_before(every[-1] + timedelta(days=9999)) == every[-1]
