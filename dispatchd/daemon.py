@@ -24,8 +24,9 @@ import functools
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from frequenz.client.common.streaming import Event
@@ -154,15 +155,22 @@ class Daemon:
         """Stop intake first, then drain the publisher, then close the rest."""
         started = time.monotonic()
         budget = self._settings.shutdown_timeout
+
+        def left() -> float:
+            return max(0.0, budget - (time.monotonic() - started))
+
         _log.info("stopping", shutdown_timeout=budget)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await rpc.close()
+        # A broker that stopped answering never sends Close-Ok: bound every close,
+        # the outbox is durable, so giving up on one only risks a duplicate later.
+        await _within(rpc.close(), left(), "closing the snapshot rpc channel")
         if client is not None:
             await client.disconnect()
-        left = max(0.0, budget - (time.monotonic() - started))
-        await publisher.close(left)
+        await _within(
+            publisher.close(left() * _DRAIN_SHARE), left(), "closing the broker connection"
+        )
         await http.close()
         if local_api is not None:
             await local_api.stop(max(0.0, budget - (time.monotonic() - started)))
@@ -283,6 +291,19 @@ class Daemon:
         for microgrid_id, counts in self._engine.counts(self._clock()).items():
             for state, count in counts.items():
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
+
+
+_DRAIN_SHARE = 0.8
+"""Of the shutdown time left, how much the publisher may spend draining in-flight messages;
+the rest is for closing the connection."""
+
+
+async def _within(closing: Coroutine[Any, Any, None], seconds: float, what: str) -> None:
+    """Await a close step for at most ``seconds``; a late one is abandoned and logged."""
+    try:
+        await asyncio.wait_for(closing, seconds)
+    except TimeoutError:
+        _log.warning("gave up waiting during shutdown", step=what, seconds=round(seconds, 3))
 
 
 _CHANGES: dict[Event, Callable[..., Change]] = {
