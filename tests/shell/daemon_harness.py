@@ -267,6 +267,23 @@ class QueueObserver:
                 if predicate(received):
                     return received
 
+    async def seen(
+        self,
+        predicate: Callable[[Received], bool],
+        timeout: float,  # noqa: ASYNC109
+    ) -> Received:
+        """The first message ever received that matches, waiting for it if need be.
+
+        Unlike ``wait_for`` it looks at handed-out messages too and moves no
+        cursor, so waits for several messages can come in any order.
+        """
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(
+                lambda: self.errors or any(predicate(r) for r in self.received)
+            )
+        assert not self.errors, self.errors
+        return next(r for r in self.received if predicate(r))
+
     async def expect_quiet(self, within: float) -> None:
         """Fail if any message arrives within ``within`` seconds (a bounded wait)."""
         with contextlib.suppress(TimeoutError):
