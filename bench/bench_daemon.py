@@ -124,21 +124,26 @@ async def bound_queue(amqp_url: str, exchange_name: str) -> AsyncIterator[Consum
 # ------------------------------------------------------------------ daemon
 
 
+def daemon_env(amqp_url: str, exchange: str, state_dir: Path) -> dict[str, str]:
+    """The environment of a daemon with the embedded API and JSON logs."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DISPATCHD_")},
+        "DISPATCHD_AMQP__URL": amqp_url,
+        "DISPATCHD_AMQP__EXCHANGE": exchange,
+        "DISPATCHD_STATE__DIR": str(state_dir),
+        "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+        "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0",
+        "DISPATCHD_MICROGRID_IDS": f"[{MICROGRID}]",
+        "DISPATCHD_LOG__FORMAT": "json",
+        "DISPATCHD_LOG__LEVEL": "INFO",
+    }
+
+
 class Daemon:
     """``python -m dispatchd run`` on a state dir; its JSON log is parsed."""
 
-    def __init__(self, amqp_url: str, exchange: str, state_dir: Path) -> None:
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("DISPATCHD_")},
-            "DISPATCHD_AMQP__URL": amqp_url,
-            "DISPATCHD_AMQP__EXCHANGE": exchange,
-            "DISPATCHD_STATE__DIR": str(state_dir),
-            "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
-            "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0",
-            "DISPATCHD_MICROGRID_IDS": f"[{MICROGRID}]",
-            "DISPATCHD_LOG__FORMAT": "json",
-            "DISPATCHD_LOG__LEVEL": "INFO",
-        }
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[dict[str, Any]] = []
         self.synced = asyncio.Event()
@@ -208,6 +213,10 @@ class Daemon:
                 return float(line.split()[1])
         raise RuntimeError("no dispatchd_outbox_messages in /metrics")
 
+    def again(self) -> Daemon:
+        """A new process on the same state dir and exchange (a restart)."""
+        return Daemon(dict(self.env))
+
     def client(self) -> DispatchApiClient:
         return DispatchApiClient(
             server_url=f"grpc://127.0.0.1:{self.api_port}?ssl=false", auth_key="bench"
@@ -272,7 +281,7 @@ async def running_daemon(
         state = Path(tmp)
         seeding(state)
         async with bound_queue(amqp_url, exchange) as consumer:
-            daemon = Daemon(amqp_url, exchange, state)
+            daemon = Daemon(daemon_env(amqp_url, exchange, state))
             try:
                 seconds = await daemon.start()
                 yield daemon, consumer, seconds
@@ -312,6 +321,19 @@ async def bench_sync(amqp_url: str, size: int, updates: int) -> None:
         )
         show(f"sync {size}: daemon RSS after publishing", f"{daemon.rss_mib():.0f} MiB")
         await bench_updates(daemon, consumer, size, updates)
+        await daemon.stop()
+        before = len(consumer.messages)
+        restarted = daemon.again()
+        try:
+            seconds = await restarted.start()
+            show(f"sync {size}: restart with all known -> ready", f"{seconds:.2f} s")
+            show(
+                f"sync {size}: restart: first log line -> ready",
+                f"{restarted.internal_ready_seconds():.2f} s",
+            )
+            show(f"sync {size}: restart: messages published", f"{len(consumer.messages) - before}")
+        finally:
+            await restarted.stop()
 
 
 async def bench_updates(daemon: Daemon, consumer: Consumer, size: int, updates: int) -> None:
