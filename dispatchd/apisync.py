@@ -123,6 +123,9 @@ class ApiSync:
         self._page_size = page_size
         self._rng = random.Random()
         self._labels = {"microgrid_id": str(microgrid_id)}
+        # Export the per-microgrid series from the start (0), not from the first failure.
+        metrics.API_RECONNECTS.labels(**self._labels)
+        metrics.API_STREAM_UP.labels(**self._labels)
         self.synced = asyncio.Event()
         """Set once the first full listing has been delivered."""
 
