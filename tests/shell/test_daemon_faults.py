@@ -296,3 +296,40 @@ async def test_graceful_stop_with_messages_in_flight_keeps_them_for_the_next_sta
                 f"{int(dispatch.id)}:lifecycle.updated/None",
                 f"{int(dispatch.id)}:running.running/reconfigured",
             ]
+
+
+async def test_api_unreachable_at_start_is_not_ready_until_the_first_sync(
+    amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    """/readyz names the microgrid whose first sync is missing; a dispatch created
+    meanwhile is announced once the API is reachable."""
+    exchange = unique_name("e2e")
+    server = LocalApiServer(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3")
+    port = await server.start()
+    direct = api_client(f"grpc://127.0.0.1:{port}?ssl=false")
+    try:
+        async with TcpProxy("127.0.0.1", port) as proxy:
+            await proxy.refuse()
+            async with (
+                QueueObserver(amqp_url, exchange) as observer,
+                running_daemon(
+                    tmp_path / "daemon",
+                    amqp_url,
+                    exchange,
+                    api_url=f"grpc://127.0.0.1:{proxy.port}?ssl=false",
+                    wait_ready=False,
+                ) as handle,
+            ):
+                body = await readyz_until(handle.http_port, 503)
+                assert body["missing"] == [
+                    f"microgrid {MG}: first sync with the dispatch API not finished"
+                ], body
+                waiting = await direct.create(mg(), "WAIT", soon(60), None, TargetIds(1))
+                await proxy.accept()
+                await asyncio.wait_for(handle.daemon.ready.wait(), WAIT)
+                assert (await readyz_until(handle.http_port, 200))["ready"] is True
+                first = await observer.next(WAIT)
+                assert first.is_(int(waiting.id), "created")
+    finally:
+        await direct.disconnect()
+        await server.stop(0)

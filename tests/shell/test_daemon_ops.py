@@ -329,3 +329,22 @@ async def test_schedule_prints_the_occurrences_the_daemon_would_run(
         [fmt(start + timedelta(hours=1)), fmt(start + timedelta(hours=1) + ten), h, "HOURLY"],
         [fmt(start + timedelta(hours=2)), fmt(start + timedelta(hours=2) + ten), h, "HOURLY"],
     ]
+
+
+async def test_each_microgrid_is_synced_and_routed_under_its_own_id(
+    amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    exchange = unique_name("e2e")
+    async with (
+        QueueObserver(amqp_url, exchange, ["microgrid.8.#"]) as only_8,
+        running_daemon(tmp_path, amqp_url, exchange, microgrid_ids=(MG, 8)) as handle,
+    ):
+        # Published before 8's: a binding that matched it would show it first.
+        await handle.client.create(mg(), "T", "NOW", timedelta(seconds=30), TargetIds(1))
+        on_8 = await handle.client.create(mg(8), "T", "NOW", timedelta(seconds=30), TargetIds(1))
+        created, running = await only_8.take(2, WAIT)
+    assert created.is_(int(on_8.id), "created") and running.is_(int(on_8.id), "running")
+    assert created.routing_key == "microgrid.8.lifecycle.created.T"
+    assert running.routing_key == "microgrid.8.running.running.T"
+    assert created.headers["microgrid_id"] == running.message.dispatch.microgrid_id == 8
+    assert all(r.message.dispatch.microgrid_id == 8 for r in only_8.received)
