@@ -64,6 +64,10 @@ def per_dispatch(received: list[Received], dispatch_id: int) -> list[str]:
     return [r.short() for r in received if r.dispatch_id == dispatch_id]
 
 
+def is_running(dispatch_id: int) -> Callable[[Received], bool]:
+    return lambda received: received.is_(dispatch_id, "running")
+
+
 def assert_duplicates_identical(received: list[Received]) -> None:
     """At least once: a message seen twice is the same message (id, key and body)."""
     first: dict[str | None, Received] = {}
@@ -333,3 +337,76 @@ async def test_api_unreachable_at_start_is_not_ready_until_the_first_sync(
     finally:
         await direct.disconnect()
         await server.stop(0)
+
+
+async def test_graceful_restart_publishes_only_what_changed_while_down(
+    amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    """The API keeps running while the daemon is down; on restart the daemon diffs
+    the fresh list against its persisted view: no second ``created``, no repeated
+    ``running`` for an occurrence already announced, and every real change."""
+    exchange = unique_name("e2e")
+    server = LocalApiServer(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3")
+    port = await server.start()
+    url = f"grpc://127.0.0.1:{port}?ssl=false"
+    direct = api_client(url)
+    state = tmp_path / "daemon"
+    try:
+        async with QueueObserver(amqp_url, exchange) as observer:
+            async with running_daemon(state, amqp_url, exchange, api_url=url):
+                idle = await direct.create(
+                    mg(), "IDLE", soon(60), timedelta(seconds=5), TargetIds(1)
+                )
+                steady = await direct.create(
+                    mg(), "STEADY", "NOW", timedelta(seconds=60), TargetIds(1)
+                )
+                changed = await direct.create(
+                    mg(), "CHG", "NOW", timedelta(seconds=60), TargetIds(1)
+                )
+                gone = await direct.create(
+                    mg(), "GONE", soon(60), timedelta(seconds=5), TargetIds(1)
+                )
+                ends = await direct.create(mg(), "ENDS", "NOW", timedelta(seconds=1), TargetIds(1))
+                for running_id in (int(steady.id), int(changed.id), int(ends.id)):
+                    await observer.seen(is_running(running_id), WAIT)
+                await observer.seen(lambda r: r.is_(int(gone.id), "created"), WAIT)
+            before = len(observer.received)
+            await direct.update(
+                microgrid_id=mg(), dispatch_id=changed.id, new_fields={"payload": {"x": 1}}
+            )
+            await direct.delete(microgrid_id=mg(), dispatch_id=gone.id)
+            new = await direct.create(mg(), "NEW", "NOW", timedelta(seconds=60), TargetIds(1))
+            await until(ends.start_time + timedelta(seconds=1))
+            async with running_daemon(state, amqp_url, exchange, api_url=url):
+                await observer.seen(lambda r: r.is_(int(ends.id), "stopped"), WAIT)
+                await observer.seen(lambda r: r.is_(int(new.id), "running"), WAIT)
+                await observer.seen(
+                    lambda r: r.is_(int(changed.id), "running", "reconfigured"), WAIT
+                )
+                await observer.seen(lambda r: r.is_(int(gone.id), "deleted"), WAIT)
+                marker = await direct.create(mg(), "MARKER", soon(60), None, TargetIds(1))
+                await observer.seen(lambda r: r.is_(int(marker.id), "created"), WAIT)
+    finally:
+        await direct.disconnect()
+        await server.stop(0)
+
+    after = observer.received[before:]
+    assert_duplicates_identical(observer.received)
+    assert len({r.message_id for r in observer.received}) == len(observer.received)
+    assert per_dispatch(after, int(idle.id)) == []
+    assert per_dispatch(after, int(steady.id)) == []
+    c, g, e, n = int(changed.id), int(gone.id), int(ends.id), int(new.id)
+    assert per_dispatch(after, c) == [
+        f"{c}:lifecycle.updated/None",
+        f"{c}:running.running/reconfigured",
+    ]
+    assert per_dispatch(after, g) == [f"{g}:lifecycle.deleted/None"]
+    assert per_dispatch(after, e) == [f"{e}:running.stopped/ended"]
+    stopped = next(r for r in after if r.dispatch_id == e)
+    assert stopped.running.scheduled_for == ends.start_time + timedelta(seconds=1)
+    assert stopped.running.sequence == 2
+    created, running = per_dispatch(after, n)
+    assert created == f"{n}:lifecycle.created/None"
+    # Learnt at the restart, already inside its occurrence (semantics.md allows either).
+    assert running in (f"{n}:running.running/created", f"{n}:running.running/resumed")
+    assert [r.short() for r in after][-1] == f"{int(marker.id)}:lifecycle.created/None"
