@@ -324,9 +324,12 @@ class Schedule:
             return last
         if self._rule is None:
             return first
+        step = self._plain_step()
+        if step is not None:
+            return self._plain_start(step, self._plain_index(step, t))
         anchor = self._anchor_for(t)
         found: datetime | None = anchor.rule.before(t, inc=True)
-        return found if found is not None else anchor.previous
+        return found if found is not None else self._previous(anchor)
 
     # --- derived queries -------------------------------------------------------
 
@@ -407,7 +410,53 @@ class Schedule:
         last = self._last
         if last is not None and (t > last or (not inclusive and t == last)):
             return
-        yield from self._anchor_for(t).rule.xafter(t, inc=inclusive)
+        step = self._plain_step()
+        if step is None:
+            yield from self._anchor_for(t).rule.xafter(t, inc=inclusive)
+            return
+        index = self._plain_index(step, t)
+        start = self._plain_start(step, index)
+        if start is None or start < t or (start == t and not inclusive):
+            index += 1
+        while (start := self._plain_start(step, index)) is not None:
+            yield start
+            index += 1
+
+    def _plain_step(self) -> timedelta | int | None:
+        """The fixed distance between starts (a timedelta, or months), if any."""
+        parts = self._parts
+        if parts is None or not parts.plain:
+            return None
+        unit = _UNIT.get(parts.freq)
+        if unit is not None:
+            try:
+                return unit * parts.interval
+            except OverflowError:
+                return None
+        return parts.interval * (12 if parts.freq == Frequency.YEARLY else 1)
+
+    def _plain_index(self, step: timedelta | int, t: datetime) -> int:
+        """Index of the last start <= t of a plain rule (t >= first)."""
+        first = self._first
+        assert first is not None
+        if isinstance(step, timedelta):
+            return (t - first) // step
+        index = ((t.year - first.year) * 12 + t.month - first.month) // step
+        start = self._plain_start(step, index)
+        return index - 1 if start is None or start > t else index
+
+    def _plain_start(self, step: timedelta | int, index: int) -> datetime | None:
+        """Start number ``index`` of a plain rule; None past the last or year 9999."""
+        first, last = self._first, self._last
+        assert first is not None
+        try:
+            if isinstance(step, timedelta):
+                start = first + step * index
+            else:
+                start = _month_add(first, step * index)
+        except (OverflowError, ValueError):
+            return None
+        return None if last is not None and start > last else start
 
     def _anchor_for(self, t: datetime) -> _Anchor:
         """A rule equal to the dispatch's from a period boundary <= t on."""
@@ -415,20 +464,27 @@ class Schedule:
         index = self._period_index(t)
         index -= index % self._step
         if index <= 0:
-            return _Anchor(0, self._rule, None)
+            return _Anchor(0, self._rule, None, known=True)
         anchor = self._anchor
         if anchor is not None and anchor.index == index:
             return anchor
         boundary = self._boundary(index)
         rule = self._parts.rrule(boundary, self._last)
+        self._anchor = _Anchor(index, rule, None, known=False)
         if anchor is not None and anchor.index < index <= anchor.index + 4 * self._step:
             # Moving forward a little: only the gap is iterated.
             in_gap: datetime | None = anchor.rule.before(boundary)
-            previous = in_gap if in_gap is not None else anchor.previous
-        else:
-            previous = self._search_back(index, boundary)
-        self._anchor = _Anchor(index, rule, previous)
+            if in_gap is not None or anchor.known:
+                self._anchor.previous = in_gap if in_gap is not None else anchor.previous
+                self._anchor.known = True
         return self._anchor
+
+    def _previous(self, anchor: _Anchor) -> datetime | None:
+        """The last start before the anchor's boundary, searched only when asked."""
+        if not anchor.known:
+            anchor.previous = self._search_back(anchor.index, self._boundary(anchor.index))
+            anchor.known = True
+        return anchor.previous
 
     def _search_back(self, index: int, boundary: datetime) -> datetime | None:
         """Last occurrence before ``boundary``, looking back 1, 2, 4... steps."""
@@ -475,13 +531,15 @@ class Schedule:
         return day.replace(year=start.year + moved, month=1, day=1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Anchor:
-    """A re-anchored rule for period ``index`` on, and the last start before it."""
+    """A re-anchored rule for period ``index`` on, and (once ``known``) the
+    last start before it."""
 
     index: int
     rule: du.rrule
     previous: datetime | None
+    known: bool
 
 
 def _build_recurring(rule: Recurrence, start: datetime, duration: timedelta) -> Schedule | Invalid:
