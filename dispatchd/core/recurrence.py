@@ -5,14 +5,26 @@
 a human-readable reason. Queries never raise.
 
 Speed: a plain ``rrule.before``/``after`` iterates from ``dtstart``, so a
-MINUTELY rule started a year ago costs ~500k steps per question. Instead the
-rule is re-anchored: an equivalent ``rrule`` whose ``dtstart`` is moved
-forward by a whole number of periods (interval x frequency unit) to a period
-boundary, with every by-part that ``rrule`` would default from ``dtstart``
-made explicit, so the set of occurrences after the anchor is unchanged. The
-anchor is cached and only moved when queries move a few periods on. A
-``count`` is turned into an inclusive ``until`` at its last occurrence, found
-once (by arithmetic when the rule has no by-parts, else by iteration).
+MINUTELY rule started a year ago costs ~500k steps per question. Instead:
+
+- Rules with exactly one start per period (no by-parts, or one hour and one
+  minute, one weekday for WEEKLY, one month day <= 28 for MONTHLY/YEARLY) are
+  pure arithmetic: start k is ``first + k * period``.
+- Other rules are re-anchored: an equivalent ``rrule`` whose ``dtstart`` is
+  moved forward by a whole number of periods (interval x frequency unit) to a
+  period boundary, with every by-part that ``rrule`` would default from
+  ``dtstart`` made explicit, so the set of occurrences after the anchor is
+  unchanged. The anchor is cached and moved only when queries move a few
+  periods on; the last start before it is searched (backwards, doubling)
+  only when a query needs it.
+- A ``count`` becomes an inclusive ``until`` at its last start, found once:
+  by arithmetic, or by weekly periodicity for MINUTELY..WEEKLY rules without
+  month or month-day parts, else by iteration (refused above
+  ``_DIRECT_COUNT_LIMIT``).
+
+Emptiness: a rule without any occurrence within ``_PROBE_YEARS`` of its start
+is ``Invalid`` (its by-rules never match), unless its ``until`` comes before
+that horizon: then it is a valid, empty schedule.
 
 Like plain ``rrule``, a recurring rule drops the microseconds of
 ``start_time``; one-off and infinite dispatches keep them.
