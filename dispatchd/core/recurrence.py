@@ -353,12 +353,14 @@ class Schedule:
         is the only candidate: it also ends last.
         """
         t = _utc(t)
-        start = self.last_start_at_or_before(t)
+        duration = self.duration
+        if duration is None:
+            start = self.last_start_at_or_before(t)
+            return Occurrence(start, None) if start is not None else None
+        start = self._start_covering(t, duration)
         if start is None:
             return None
-        if self.duration is None:
-            return Occurrence(start, None)
-        end = _add(start, self.duration)
+        end = _add(start, duration)
         return Occurrence(start, end) if t < end else None
 
     def until(self, t: datetime) -> datetime | None:
@@ -407,6 +409,25 @@ class Schedule:
         return _add(self._last, self.duration)
 
     # --- recurring machinery ---------------------------------------------------
+
+    def _start_covering(self, t: datetime, duration: timedelta) -> datetime | None:
+        """The latest start <= t, or None when no start lies in (t - duration, t].
+
+        Only that window matters, so when it spans a few anchor steps the rule
+        anchored before ``t - duration`` answers without any backward search
+        (which sparse rules would otherwise pay on a cold cache).
+        """
+        first = self._first
+        if first is None or t < first or duration <= timedelta(0):
+            return None
+        if self._rule is None or self._plain_step() is not None:
+            return self.last_start_at_or_before(t)
+        low = _add(t, -duration)
+        window = self._period_index(t) - self._period_index(low)
+        if window > 4 * self._step:
+            return self.last_start_at_or_before(t)
+        found: datetime | None = self._anchor_for(max(low, first)).rule.before(t, inc=True)
+        return found if found is not None and found > low else None
 
     def _starts_from(self, t: datetime, *, inclusive: bool) -> Iterator[datetime]:
         """Occurrence starts after t (or at t if inclusive), in order."""
