@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,9 @@ from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.store import OutboxItem, Store
 
 log = structlog.get_logger(__name__)
+
+CLOSE_GRACE = 1.0
+"""Seconds ``close`` waits for the broker to acknowledge closing the connection."""
 
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
@@ -283,7 +287,10 @@ class Publisher:
         if self._flusher_task is not None:
             await self._flusher_task
         if self._connection is not None:
-            await self._connection.close()
+            # A broker that stopped answering never sends close-ok: don't wait for it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await self._connection.close()
         metrics.BROKER_UP.set(0)
         if self._pending:
             log.info("publisher closed, unconfirmed kept in the outbox", count=len(self._pending))

@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from dispatchd import metrics
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
-from dispatchd.publisher import ExchangeTypeMismatch, Publisher
+from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.store import OutboxItem, Store
 from tests.tcpproxy import TcpProxy
 
@@ -504,3 +504,20 @@ async def test_on_declare_gets_the_connection_to_declare_its_own_things(
     channel = await broker.channel()
     await channel.declare_queue(queue_name, passive=True)  # raises if it does not exist
     await publisher.close(5)
+
+
+async def test_close_with_a_silent_broker_keeps_its_time_budget(
+    store: Store, consumer: Consumer, exchange_name: str
+) -> None:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        publisher = Publisher(amqp_url=proxied_url(proxy), exchange=exchange_name, store=store)
+        await publisher.start()
+        proxy.pause()  # the broker gets everything and answers nothing, not even close-ok
+        publisher.submit(commit(store, [make_envelope(0, n) for n in range(3)]))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await publisher.close(0.3)
+        took = loop.time() - started
+        proxy.resume()
+    assert took < 0.3 + CLOSE_GRACE + 0.5
+    assert store.outbox_size() == 3
