@@ -636,8 +636,8 @@ def _count_last(schedule: Schedule, first: datetime, count: int) -> datetime | I
         except (OverflowError, ValueError):
             return None
     periodic = _weekly_periodic(schedule, first, count)
-    if periodic is not _NOT_PERIODIC:
-        return periodic  # type: ignore[return-value]
+    if periodic is not None:
+        return periodic[0]
     if count > _DIRECT_COUNT_LIMIT:
         return Invalid(f"count {count} is too large for this rule (> {_DIRECT_COUNT_LIMIT})")
     last = first
@@ -646,12 +646,14 @@ def _count_last(schedule: Schedule, first: datetime, count: int) -> datetime | I
     return last
 
 
-_NOT_PERIODIC: Final = object()
 _WEEK: Final = timedelta(weeks=1)
 
 
-def _weekly_periodic(schedule: Schedule, first: datetime, count: int) -> object:
-    """The count-th start of a rule whose starts repeat every lcm(period, week).
+def _weekly_periodic(
+    schedule: Schedule, first: datetime, count: int
+) -> tuple[datetime | None] | None:
+    """``(count-th start,)`` of a rule whose starts repeat every lcm(period,
+    week); None if the rule does not repeat so (or not before year 9999).
 
     From the first period boundary on, the anchored rule's starts shifted by
     ``span`` are its starts again (UTC has no DST; hour, minute and weekday
@@ -661,26 +663,26 @@ def _weekly_periodic(schedule: Schedule, first: datetime, count: int) -> object:
     assert parts is not None and base is not None
     unit = _UNIT.get(parts.freq)
     if unit is None or parts.bymonth is not None or parts.bymonthday is not None:
-        return _NOT_PERIODIC
-    period_seconds = int((unit * parts.interval).total_seconds())
-    week_seconds = int(_WEEK.total_seconds())
-    span_seconds = period_seconds * week_seconds // gcd(period_seconds, week_seconds)
+        return None
     try:
+        period_seconds = int((unit * parts.interval).total_seconds())
+        week_seconds = int(_WEEK.total_seconds())
+        span_seconds = period_seconds * week_seconds // gcd(period_seconds, week_seconds)
         boundary = schedule._boundary(1)
         span = timedelta(seconds=span_seconds)
         span_end = boundary + span
         if span_end.year > _MAX.year - 1:
-            return _NOT_PERIODIC
-    except OverflowError:
-        return _NOT_PERIODIC
-    head = list(takewhile(lambda start: start < boundary, base))
-    if count <= len(head):
-        return head[count - 1]
-    repeating = list(takewhile(lambda start: start < span_end, parts.rrule(boundary, None)))
-    if not repeating:
-        return head[-1] if head else first
-    spans, index = divmod(count - len(head) - 1, len(repeating))
-    try:
-        return repeating[index] + span * spans
+            return None
     except OverflowError:
         return None
+    head = list(takewhile(lambda start: start < boundary, base))
+    if count <= len(head):
+        return (head[count - 1],)
+    repeating = list(takewhile(lambda start: start < span_end, parts.rrule(boundary, None)))
+    if not repeating:
+        return (head[-1] if head else first,)
+    spans, index = divmod(count - len(head) - 1, len(repeating))
+    try:
+        return (repeating[index] + span * spans,)
+    except OverflowError:
+        return (None,)
