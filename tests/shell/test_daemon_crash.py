@@ -401,6 +401,7 @@ async def test_kill_while_running(harness: tuple[DaemonProcess, Observer]) -> No
     short = await _create(client, base, 1)
     late = await _create(client, base + timedelta(seconds=2), 12)
     unseen = await _create(client, base + timedelta(seconds=1), 1)
+    assert datetime.now(UTC) < base, "creating took too long for this scenario"
     ids = (long, short, late, unseen)
     await observer.wait_until("created", lambda: all(observer.of(i) for i in ids), 10)
     killed = _kill_when(observer, daemon, lambda: len(observer.running(long)) == 1)
@@ -437,10 +438,11 @@ async def test_kill_at_a_boundary(harness: tuple[DaemonProcess, Observer], offse
     daemon, observer = harness
     await daemon.start()
     client = daemon.client()
-    first = _at(2)
+    first = _at(3)
     boundary = first + timedelta(seconds=2)
     enders = [await _create(client, first, 2) for _ in range(3)]
     starters = [await _create(client, boundary, 10) for _ in range(3)]
+    assert datetime.now(UTC) < first, "creating took too long for this scenario"
     ids = (*enders, *starters)
     await observer.wait_until(
         "enders running", lambda: all(len(observer.running(i)) == 1 for i in enders), 10
@@ -474,7 +476,7 @@ async def test_kill_during_a_burst_and_during_its_republish(
     count = 300
     await daemon.start()
     client = daemon.client()
-    start = _at(4)
+    start = _at(6)
     ids: list[int] = []
     for chunk in range(0, count, 50):
         ids.extend(
@@ -482,6 +484,7 @@ async def test_kill_during_a_burst_and_during_its_republish(
                 *(_create(client, start, 3) for _ in range(chunk, min(count, chunk + 50)))
             )
         )
+    assert datetime.now(UTC) < start, "creating took too long for this scenario"
     await observer.wait_until(
         "created", lambda: len({d.dispatch_id for d in observer.distinct()}) == count, 20
     )
@@ -510,7 +513,11 @@ async def test_kill_during_a_burst_and_during_its_republish(
         assert (running, reason, due) == ("running", "started", start), dispatch_id
         assert stopped == ("stopped", "ended", end), dispatch_id
     assert_consistent(observer, ids)
-    print(f"distinct running messages seen at the kills: {received_before}, {received_again}")
+    duplicates = len(observer.deliveries) - len(observer.distinct())
+    print(
+        f"distinct running messages seen at the kills: {received_before}, {received_again};"
+        f" duplicate deliveries: {duplicates}"
+    )
 
 
 @pytest.mark.timeout(240)
