@@ -122,6 +122,8 @@ class Publisher:
         # Confirmed (or returned) and not yet removed from the store.
         self._done: list[int] = []
         self._done_set: set[int] = set()
+        # This instance's share of the process-wide outbox gauge (submitted, not removed).
+        self._counted = 0
         self._flush_wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -286,6 +288,10 @@ class Publisher:
         self._flush_wake.set()
         if self._flusher_task is not None:
             await self._flusher_task
+        # Hand back this instance's share: the next publisher on the same store (a restart
+        # in the same process) counts what is left in again when it submits it.
+        metrics.OUTBOX_MESSAGES.dec(self._counted)
+        self._counted = 0
         if self._connection is not None:
             # A broker that stopped answering never sends close-ok: don't wait for it.
             with contextlib.suppress(TimeoutError):
@@ -318,6 +324,7 @@ class Publisher:
             added += 1
         if added:
             self._idle.clear()
+            self._counted += added
             metrics.OUTBOX_MESSAGES.inc(added)
             self._wake.set()
 
@@ -514,4 +521,5 @@ class Publisher:
         self._store.remove_from_outbox(seqs)
         # Every row was counted in by submit(); a count(*) here would scan the
         # whole outbox per batch (quadratic over a 50k burst) under the store lock.
+        self._counted -= len(seqs)
         metrics.OUTBOX_MESSAGES.dec(len(seqs))
