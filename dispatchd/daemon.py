@@ -42,7 +42,7 @@ from dispatchd.core.model import Dispatch
 from dispatchd.http import HttpServer
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
-from dispatchd.publisher import ExchangeTypeMismatch, Publisher
+from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import SnapshotRpc
 from dispatchd.store import Store
 
@@ -163,13 +163,17 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # A broker that stopped answering never sends Close-Ok: bound every close,
+        # A broker that stopped answering never sends Close-Ok: bound every close;
         # the outbox is durable, so giving up on one only risks a duplicate later.
-        await _within(rpc.close(), left(), "closing the snapshot rpc channel")
+        await _within(
+            rpc.close(), min(left(), _RPC_CLOSE_GRACE), "closing the snapshot rpc channel"
+        )
         if client is not None:
             await client.disconnect()
+        # The publisher waits at most CLOSE_GRACE for its own Close-Ok: drain for the rest.
+        drain = max(0.0, left() - CLOSE_GRACE)
         await _within(
-            publisher.close(left() * _DRAIN_SHARE), left(), "closing the broker connection"
+            publisher.close(drain), drain + 2 * CLOSE_GRACE, "closing the broker connection"
         )
         await http.close()
         if local_api is not None:
@@ -293,9 +297,8 @@ class Daemon:
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
 
 
-_DRAIN_SHARE = 0.8
-"""Of the shutdown time left, how much the publisher may spend draining in-flight messages;
-the rest is for closing the connection."""
+_RPC_CLOSE_GRACE = 0.5
+"""Seconds to wait for the broker to acknowledge closing the snapshot RPC channel."""
 
 
 async def _within(closing: Coroutine[Any, Any, None], seconds: float, what: str) -> None:
