@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -148,6 +149,43 @@ def _received(message: AbstractIncomingMessage) -> Received:
     )
 
 
+BODY_KEYS = frozenset(
+    {
+        "schema",
+        "kind",
+        "event",
+        "reason",
+        "microgrid_id",
+        "dispatch",
+        "occurrence",
+        "until",
+        "scheduled_for",
+        "emitted_at",
+        "sequence",
+        "running_state_change_synced",
+        "missed_runs",
+    }
+)
+"""Every key of a wire-v1 body (§4), present in every message."""
+
+DISPATCH_KEYS = frozenset(
+    {
+        "id",
+        "type",
+        "start_time",
+        "duration",
+        "target",
+        "active",
+        "dry_run",
+        "payload",
+        "recurrence",
+        "create_time",
+        "update_time",
+        "end_time",
+    }
+)
+
+
 def check_envelope(received: Received) -> None:
     """Assert wire-v1 §3 for one message: properties, headers, deterministic id, routing key."""
     message = received.message
@@ -161,6 +199,15 @@ def check_envelope(received: Received) -> None:
     assert received.type == expected_type
     assert received.message_id == wire.message_id(message), received
     assert received.routing_key == wire.routing_key(message)
+    body = json.loads(received.body)
+    assert set(body) >= BODY_KEYS, BODY_KEYS - set(body)  # absent values are null, not missing
+    assert set(body["dispatch"]) >= DISPATCH_KEYS, DISPATCH_KEYS - set(body["dispatch"])
+    assert body["schema"] == wire.SCHEMA
+    assert body["emitted_at"].endswith("Z")
+    if isinstance(message, RunningMessage):
+        assert body["scheduled_for"].endswith("Z")
+    else:
+        assert body["reason"] is body["occurrence"] is body["sequence"] is None
     assert dict(received.headers) == {
         "microgrid_id": message.dispatch.microgrid_id,
         "dispatch_id": message.dispatch.id,

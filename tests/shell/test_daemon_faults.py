@@ -251,6 +251,7 @@ async def test_graceful_stop_with_messages_in_flight_keeps_them_for_the_next_sta
     """Unconfirmed messages at stop stay in the outbox; the stop keeps its time budget;
     the next start republishes them with their original message ids."""
     exchange = unique_name("e2e")
+    outbox_gauge = metric("dispatchd_outbox_messages")
     async with (
         TcpProxy(BROKER_HOST, BROKER_PORT) as proxy,
         QueueObserver(amqp_url, exchange) as observer,
@@ -278,6 +279,7 @@ async def test_graceful_stop_with_messages_in_flight_keeps_them_for_the_next_sta
                 f"{int(d.id)}:lifecycle.updated/None" for d in created
             )
             await poll(lambda: publisher.unconfirmed == 4)
+            await poll(lambda: metric("dispatchd_outbox_messages") == outbox_gauge + 4)
             stopped_in = await handle.stop()
         assert stopped_in < 2 + 1.0, stopped_in
         store = Store(tmp_path / "dispatchd.sqlite3")
@@ -288,8 +290,12 @@ async def test_graceful_stop_with_messages_in_flight_keeps_them_for_the_next_sta
         assert len(left) == 4
         assert {r.message_id for r in in_flight} <= set(left)
         proxy.resume()
-        async with running_daemon(tmp_path, amqp_url, exchange):
+        async with running_daemon(tmp_path, amqp_url, exchange) as restarted:
             again = await observer.take(4, WAIT)
+            republisher = restarted.daemon.publisher
+            assert republisher is not None
+            await poll(lambda: republisher.unconfirmed == 0)
+            await poll(lambda: metric("dispatchd_outbox_messages") == outbox_gauge)
         # Republished with their original ids and bodies, then nothing else new.
         assert sorted(r.message_id for r in again) == sorted(left)  # type: ignore[type-var]
         for item in in_flight:

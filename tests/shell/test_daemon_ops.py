@@ -33,7 +33,7 @@ from tests.shell.daemon_harness import (
     whole_second,
 )
 
-WAIT = 8.0
+WAIT = 15.0
 
 AWKWARD_TYPES = {
     # type: (its escaped routing word, a similar type its binding must not match)

@@ -33,7 +33,7 @@ from tests.shell.daemon_harness import (
     soon,
 )
 
-WAIT = 8.0
+WAIT = 15.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 

@@ -44,7 +44,7 @@ from tests.shell.daemon_harness import (
     whole_second,
 )
 
-WAIT = 8.0
+WAIT = 15.0
 """Upper bound for a batch of messages (every transition here is due within seconds)."""
 
 Site = tuple[QueueObserver, DaemonHandle]
