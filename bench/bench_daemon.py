@@ -412,6 +412,18 @@ async def bench_lag(amqp_url: str, size: int) -> list[Received] | None:
             f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
             target,
         )
+        woke = [
+            (
+                datetime.fromisoformat(m.body["emitted_at"])
+                - datetime.fromisoformat(m.body["scheduled_for"])
+            ).total_seconds()
+            for m in running
+        ]
+        p50, p99, worst = quantiles(woke)
+        show(
+            f"start lag, {name}: emitted_at - scheduled_for",
+            f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f} (timer wake-up)",
+        )
         if not lone:
             committed = next(
                 datetime.fromisoformat(line["timestamp"])
