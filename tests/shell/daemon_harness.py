@@ -8,7 +8,7 @@ dispatches through the official ``DispatchApiClient`` (:func:`api_client`)::
 
     async with QueueObserver(amqp_url, exchange) as observer:
         async with running_daemon(tmp_path, amqp_url, exchange) as handle:
-            created = await handle.client.create(MG, "T", soon(1), timedelta(seconds=1), ...)
+            created = await handle.client.create(mg(), "T", soon(1), timedelta(seconds=1), ...)
             first = await observer.next(5)
             running = await observer.wait_for(lambda r: r.event == "running", 5)
 
@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -46,8 +47,19 @@ from dispatchd.daemon import Daemon
 MG = 7
 """The microgrid the harness's daemon syncs unless told otherwise."""
 
-BROKER_HOST = "127.0.0.1"
-BROKER_PORT = 5672
+
+def broker_address(amqp_url: str) -> tuple[str, int]:
+    """Host and port of the test broker, for a ``TcpProxy`` in front of it."""
+    parts = urlsplit(amqp_url)
+    return parts.hostname or "127.0.0.1", parts.port or 5672
+
+
+def proxied_amqp_url(amqp_url: str, proxy_port: int) -> str:
+    """``amqp_url`` with its address replaced by a loopback proxy's."""
+    parts = urlsplit(amqp_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{proxy_port}" if credentials else f"127.0.0.1:{proxy_port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def mg(microgrid_id: int = MG) -> MicrogridId:

@@ -19,16 +19,16 @@ from frequenz.client.dispatch.types import TargetIds
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.store import Store
 from tests.shell.daemon_harness import (
-    BROKER_HOST,
-    BROKER_PORT,
     MG,
     QueueObserver,
     Received,
     api_client,
+    broker_address,
     check_envelope,
     http_get,
     metric,
     mg,
+    proxied_amqp_url,
     running_daemon,
     soon,
     until,
@@ -36,10 +36,6 @@ from tests.shell.daemon_harness import (
 from tests.tcpproxy import TcpProxy
 
 WAIT = 15.0
-
-
-def proxied_amqp(proxy: TcpProxy) -> str:
-    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
 
 
 async def poll(predicate: Callable[[], bool], within: float = WAIT) -> None:
@@ -85,9 +81,9 @@ async def test_broker_cut_while_transitions_are_due(
     lost is republished with the same message id; /readyz says 503 meanwhile."""
     exchange = unique_name("e2e")
     async with (
-        TcpProxy(BROKER_HOST, BROKER_PORT) as proxy,
+        TcpProxy(*broker_address(amqp_url)) as proxy,
         QueueObserver(amqp_url, exchange) as observer,
-        running_daemon(tmp_path, proxied_amqp(proxy), exchange) as handle,
+        running_daemon(tmp_path, proxied_amqp_url(amqp_url, proxy.port), exchange) as handle,
     ):
         a = await handle.client.create(mg(), "CUT", soon(1.5), timedelta(seconds=1), TargetIds(1))
         b = await handle.client.create(mg(), "CUT", soon(2), timedelta(seconds=1), TargetIds(2))
@@ -221,10 +217,10 @@ async def test_broker_unreachable_at_start_then_ready_when_it_opens(
     amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> None:
     exchange = unique_name("e2e")
-    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+    async with TcpProxy(*broker_address(amqp_url)) as proxy:
         await proxy.refuse()
         async with running_daemon(
-            tmp_path, proxied_amqp(proxy), exchange, wait_ready=False
+            tmp_path, proxied_amqp_url(amqp_url, proxy.port), exchange, wait_ready=False
         ) as handle:
             ready = await readyz_until(handle.http_port, 503)
             missing = [str(reason) for reason in ready["missing"]]  # type: ignore[attr-defined]
@@ -253,11 +249,14 @@ async def test_graceful_stop_with_messages_in_flight_keeps_them_for_the_next_sta
     exchange = unique_name("e2e")
     outbox_gauge = metric("dispatchd_outbox_messages")
     async with (
-        TcpProxy(BROKER_HOST, BROKER_PORT) as proxy,
+        TcpProxy(*broker_address(amqp_url)) as proxy,
         QueueObserver(amqp_url, exchange) as observer,
     ):
         async with running_daemon(
-            tmp_path, proxied_amqp(proxy), exchange, extra={"DISPATCHD_SHUTDOWN_TIMEOUT": "2"}
+            tmp_path,
+            proxied_amqp_url(amqp_url, proxy.port),
+            exchange,
+            extra={"DISPATCHD_SHUTDOWN_TIMEOUT": "2"},
         ) as handle:
             created = [
                 await handle.client.create(mg(), "STOP", "NOW", timedelta(seconds=60), TargetIds(n))
