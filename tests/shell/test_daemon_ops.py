@@ -272,7 +272,10 @@ async def test_schedule_prints_the_occurrences_the_daemon_would_run(
 ) -> None:
     exchange = unique_name("e2e")
     start = whole_second(60)
-    async with running_daemon(tmp_path, amqp_url, exchange) as handle:
+    async with (
+        QueueObserver(amqp_url, exchange),  # removes the exchange afterwards
+        running_daemon(tmp_path, amqp_url, exchange) as handle,
+    ):
         client = handle.client
         hourly = await client.create(
             mg(),
