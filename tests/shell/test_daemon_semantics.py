@@ -435,3 +435,25 @@ async def test_18_changes_the_actor_cannot_see_are_lifecycle_only(site: Site) ->
     )
     assert reconfigured.running.sequence == 2
     assert reconfigured.message.dispatch.recurrence is not None
+
+
+async def test_idle_dispatch_changes_are_lifecycle_only(site: Site) -> None:
+    """The table's last row: stopped and still stopped publishes no running message."""
+    observer, handle = site
+    idle = await handle.client.create(mg(), "IDLE", soon(60), timedelta(seconds=5), TargetIds(1))
+    d = i(idle)
+    await expect(observer, f"{d}:lifecycle.created/None")
+    await update(handle, idle, payload={"p": 2})
+    await update(handle, idle, target=TargetIds(4), duration=timedelta(seconds=9))
+    await update(handle, idle, active=False)
+    marker = i(await create_now(handle, 30, type="MARKER"))
+    updates = await expect(
+        observer,
+        f"{d}:lifecycle.updated/None",
+        f"{d}:lifecycle.updated/None",
+        f"{d}:lifecycle.updated/None",
+        f"{marker}:lifecycle.created/None",
+        f"{marker}:running.running/created",
+    )
+    assert updates[1].message.dispatch.target == TargetIds(4)
+    assert updates[2].message.dispatch.active is False
