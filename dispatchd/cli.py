@@ -286,14 +286,7 @@ def _api(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: grpc and the protobuf bindings are slow to load for other commands.
     from dispatchd.localapi.server import LocalApiServer
 
-    local = settings.api.local
-    local.database.parent.mkdir(parents=True, exist_ok=True)
-    server = LocalApiServer(
-        listen=local.listen,
-        database=local.database,
-        auth_keys=[key.get_secret_value() for key in local.auth_keys],
-        sign_secret=local.sign_secret.get_secret_value() if local.sign_secret else "",
-    )
+    server = LocalApiServer.from_config(settings.api.local)
     return asyncio.run(_serve_until_signal(server, settings.shutdown_timeout))
 
 

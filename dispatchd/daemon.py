@@ -191,20 +191,13 @@ class Daemon:
         if not settings.embedded_api:
             self.api_url = api_url(settings)
             return None
-        local = settings.api.local
-        local.database.parent.mkdir(parents=True, exist_ok=True)
-        server = LocalApiServer(
-            listen=local.listen,
-            database=local.database,
-            auth_keys=[key.get_secret_value() for key in local.auth_keys],
-            sign_secret=local.sign_secret.get_secret_value() if local.sign_secret else "",
-        )
+        server = LocalApiServer.from_config(settings.api.local)
         self.local_api_port = await server.start()
         self.api_url = api_url(settings, self.local_api_port)
         _log.info(
             "api.url is unset: started the embedded local dispatch API",
             url=self.api_url,
-            database=str(local.database),
+            database=str(settings.api.local.database),
         )
         return server
 

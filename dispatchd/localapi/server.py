@@ -11,6 +11,7 @@ import grpc.aio
 import structlog
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 
+from dispatchd.config import LocalApiConfig
 from dispatchd.localapi.auth import Authenticator, AuthInterceptor
 from dispatchd.localapi.broadcaster import Broadcaster
 from dispatchd.localapi.service import DispatchService
@@ -42,6 +43,17 @@ class LocalApiServer:
         self._server: grpc.aio.Server | None = None
         self._storage: Storage | None = None
         self._stopped = asyncio.Event()
+
+    @classmethod
+    def from_config(cls, local: LocalApiConfig) -> LocalApiServer:
+        """The server ``[api.local]`` describes (``dispatchd api`` and the embedded one)."""
+        local.database.parent.mkdir(parents=True, exist_ok=True)
+        return cls(
+            listen=local.listen,
+            database=local.database,
+            auth_keys=[key.get_secret_value() for key in local.auth_keys],
+            sign_secret=local.sign_secret.get_secret_value() if local.sign_secret else "",
+        )
 
     async def start(self) -> int:
         """Open the database and bind; returns the bound port (``:0`` picks a free one)."""
