@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from frequenz.client.common.microgrid.electrical_components import ElectricalComponentCategory
@@ -68,6 +69,7 @@ __all__ = [
     "decode_snapshot_reply",
     "decode_snapshot_request",
     "dispatch_from_json",
+    "dispatch_json_text",
     "dispatch_to_json",
     "encode",
     "encode_error_reply",
@@ -123,10 +125,16 @@ def escape_type(dispatch_type: str) -> str:
     )
 
 
+_TYPE_CACHE_SIZE = 4096
+"""Distinct types remembered by the routing-word caches; types repeat a lot."""
+
+
+@lru_cache(maxsize=_TYPE_CACHE_SIZE)
 def _type_digest(dispatch_type: str) -> str:
     return hashlib.sha256(_utf8(dispatch_type, "type")).hexdigest()[:_TYPE_DIGEST_HEX]
 
 
+@lru_cache(maxsize=_TYPE_CACHE_SIZE)
 def _type_word(dispatch_type: str, budget: int) -> str:
     """The escaped type, cut to ``budget`` bytes with ``~`` + digest when it is longer.
 
@@ -248,43 +256,59 @@ class Envelope:
     dispatch_id: int
 
 
-def encode(message: Message) -> Envelope:
-    """The AMQP message for a lifecycle or running message."""
+_BODY_HEADS = {
+    (kind, event): f'{{"schema":"{SCHEMA}","kind":"{kind.value}","event":"{event.value}",'
+    for kind in Kind
+    for event in Event
+}
+"""The constant start of a body, per kind and event."""
+
+
+def encode(message: Message, *, dispatch_text: str | None = None) -> Envelope:
+    """The AMQP message for a lifecycle or running message.
+
+    ``dispatch_text`` is ``dispatch_json_text(message.dispatch)`` when the
+    caller already has it (the daemon writes the same text into its record),
+    so a large sync serialises each dispatch once.
+    """
     dispatch = message.dispatch
-    body: dict[str, Any] = {
-        "schema": SCHEMA,
-        "kind": message.kind.value,
-        "event": message.event.value,
-        "reason": None,
-        "microgrid_id": dispatch.microgrid_id,
-        "dispatch": dispatch_to_json(dispatch),
-        "occurrence": None,
-        "until": None,
-        "scheduled_for": None,
-        "emitted_at": format_time(message.emitted_at),
-        "sequence": None,
-        "running_state_change_synced": None,
-        "missed_runs": None,
-    }
+    if dispatch_text is None:
+        dispatch_text = dispatch_json_text(dispatch)
+    # Built as text around the dispatch's JSON; the same bytes as dumping the
+    # whole dict compactly (the enum values and times need no escaping).
+    head = _BODY_HEADS[message.kind, message.event]
     if isinstance(message, RunningMessage):
-        body |= {
-            "reason": message.reason.value,
-            "occurrence": {
-                "start": format_time(message.occurrence.start),
-                "end": _format_optional_time(message.occurrence.end),
-            },
-            "until": _format_optional_time(message.until),
-            "scheduled_for": format_time(message.scheduled_for),
-            "sequence": message.sequence,
-            "running_state_change_synced": _format_optional_time(
-                message.running_state_change_synced
-            ),
-            "missed_runs": [format_time(start) for start in message.missed_runs],
-        }
+        rest = _dump_text(
+            {
+                "occurrence": {
+                    "start": format_time(message.occurrence.start),
+                    "end": _format_optional_time(message.occurrence.end),
+                },
+                "until": _format_optional_time(message.until),
+                "scheduled_for": format_time(message.scheduled_for),
+                "emitted_at": format_time(message.emitted_at),
+                "sequence": message.sequence,
+                "running_state_change_synced": _format_optional_time(
+                    message.running_state_change_synced
+                ),
+                "missed_runs": [format_time(start) for start in message.missed_runs],
+            }
+        )
+        text = (
+            f'{head}"reason":"{message.reason.value}","microgrid_id":{dispatch.microgrid_id:d},'
+            f'"dispatch":{dispatch_text},{rest[1:]}'
+        )
+    else:
+        text = (
+            f'{head}"reason":null,"microgrid_id":{dispatch.microgrid_id:d},'
+            f'"dispatch":{dispatch_text},"occurrence":null,"until":null,"scheduled_for":null,'
+            f'"emitted_at":"{format_time(message.emitted_at)}","sequence":null,'
+            '"running_state_change_synced":null,"missed_runs":null}'
+        )
     return Envelope(
         message_id=message_id(message),
         routing_key=routing_key(message),
-        body=_dump(body),
+        body=_utf8(text, "body"),
         headers={
             "microgrid_id": dispatch.microgrid_id,
             "dispatch_id": dispatch.id,
@@ -370,6 +394,11 @@ def dispatch_to_json(dispatch: Dispatch) -> dict[str, Any]:
         "update_time": format_time(dispatch.update_time),
         "end_time": _format_optional_time(dispatch.end_time),
     }
+
+
+def dispatch_json_text(dispatch: Dispatch) -> str:
+    """``dispatch_to_json`` as the compact JSON text that goes into a body."""
+    return _dump_text(dispatch_to_json(dispatch))
 
 
 def dispatch_from_json(obj: Any, microgrid_id: int) -> Dispatch:
@@ -682,17 +711,15 @@ def format_time(moment: datetime) -> str:
 
     A naive datetime is taken to be UTC, as the model does.
     """
-    moment = _as_utc(moment)
-    base = (
-        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
-        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
-    )
+    if moment.tzinfo is not UTC:
+        moment = _as_utc(moment)
+    # isoformat (C code) writes a four-digit year, 0 or 6 fraction digits and
+    # "+00:00"; only that suffix and the millisecond case need cutting.
+    text = moment.isoformat()[:-6]
     micros = moment.microsecond
-    if micros == 0:
-        return base + "Z"
-    if micros % 1000 == 0:
-        return f"{base}.{micros // 1000:03d}Z"
-    return f"{base}.{micros:06d}Z"
+    if micros and micros % 1000 == 0:
+        return text[:-3] + "Z"
+    return text + "Z"
 
 
 _RFC3339 = re.compile(
@@ -745,12 +772,18 @@ def _utf8(text: str, what: str) -> bytes:
         raise WireError(f"{what}: not encodable as UTF-8: {text!r}", key=what) from error
 
 
-def _dump(obj: dict[str, Any]) -> bytes:
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _dump_text(obj: dict[str, Any]) -> str:
     try:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(obj)
     except (TypeError, ValueError) as error:
         raise WireError(f"cannot encode as JSON: {error}") from error
-    return _utf8(text, "body")
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return _utf8(_dump_text(obj), "body")
 
 
 def _reject_constant(name: str) -> Any:
