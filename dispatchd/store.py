@@ -80,6 +80,9 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_CACHE_KIB = 64 * 1024
+"""Upper bound of SQLite's page cache; it only grows this far during big steps."""
+
 _EMPTY_RECORDS: Mapping[RecordKey, str | None] = {}
 
 
@@ -100,6 +103,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # A first sync writes tens of MB in one transaction; with the default
+            # 2 MB page cache SQLite spills and re-reads pages mid-transaction.
+            self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             self._migrate()
         except BaseException:
             self._db.close()
@@ -161,45 +167,53 @@ class Store:
         replaces the whole meta dict when given; ``envelopes`` are appended to
         the outbox in order.
         """
-        items: list[OutboxItem] = []
+        upserts = [(mg, did, data) for (mg, did), data in records.items() if data is not None]
+        deletes = [(mg, did) for (mg, did), data in records.items() if data is None]
         with self._transaction() as db:
-            for (microgrid_id, dispatch_id), data in records.items():
-                if data is None:
-                    db.execute(
-                        "DELETE FROM records WHERE microgrid_id = ? AND dispatch_id = ?",
-                        (microgrid_id, dispatch_id),
-                    )
-                else:
-                    db.execute(
-                        "INSERT INTO records (microgrid_id, dispatch_id, data) VALUES (?, ?, ?)"
-                        " ON CONFLICT (microgrid_id, dispatch_id)"
-                        " DO UPDATE SET data = excluded.data",
-                        (microgrid_id, dispatch_id, data),
-                    )
+            if deletes:
+                db.executemany(
+                    "DELETE FROM records WHERE microgrid_id = ? AND dispatch_id = ?", deletes
+                )
+            if upserts:
+                db.executemany(
+                    "INSERT INTO records (microgrid_id, dispatch_id, data) VALUES (?, ?, ?)"
+                    " ON CONFLICT (microgrid_id, dispatch_id)"
+                    " DO UPDATE SET data = excluded.data",
+                    upserts,
+                )
             if meta is not None:
                 db.execute(
                     "INSERT INTO meta (id, data) VALUES (1, ?)"
                     " ON CONFLICT (id) DO UPDATE SET data = excluded.data",
                     (json.dumps(dict(meta), sort_keys=True),),
                 )
-            for envelope in envelopes:
-                cursor = db.execute(
-                    "INSERT INTO outbox (message_id, routing_key, type, microgrid_id,"
-                    " dispatch_id, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            if not envelopes:
+                return []
+            # Explicit seqs so one executemany can insert them all: inside the
+            # transaction nobody else writes, and AUTOINCREMENT would have handed
+            # out exactly these (above every seq ever used, in order).
+            first = _next_outbox_seq(db)
+            db.executemany(
+                "INSERT INTO outbox (seq, message_id, routing_key, type, microgrid_id,"
+                " dispatch_id, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
                     (
+                        first + offset,
                         envelope.message_id,
                         envelope.routing_key,
                         envelope.type,
                         envelope.microgrid_id,
                         envelope.dispatch_id,
-                        json.dumps(envelope.headers, sort_keys=True),
+                        _HEADERS_ENCODER.encode(envelope.headers),
                         envelope.body,
-                    ),
-                )
-                seq = cursor.lastrowid
-                assert seq is not None
-                items.append(OutboxItem(seq=seq, envelope=envelope))
-        return items
+                    )
+                    for offset, envelope in enumerate(envelopes)
+                ],
+            )
+        return [
+            OutboxItem(seq=first + offset, envelope=envelope)
+            for offset, envelope in enumerate(envelopes)
+        ]
 
     def remove_from_outbox(self, seqs: Iterable[int]) -> None:
         """Forget messages the broker confirmed (or returned as unroutable)."""
@@ -246,6 +260,19 @@ class Store:
                 cursor
             )
         ]
+
+
+_HEADERS_ENCODER = json.JSONEncoder(sort_keys=True)
+"""What ``json.dumps(headers, sort_keys=True)`` does, without its per-call setup."""
+
+
+def _next_outbox_seq(db: sqlite3.Connection) -> int:
+    """The seq AUTOINCREMENT would give the next outbox row."""
+    row = db.execute(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+        " coalesce((SELECT max(seq) FROM outbox), 0))"
+    ).fetchone()
+    return int(row[0]) + 1
 
 
 class _Transaction:
