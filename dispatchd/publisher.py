@@ -42,6 +42,14 @@ log = structlog.get_logger(__name__)
 CLOSE_GRACE = 1.0
 """Seconds ``close`` waits for the broker to acknowledge closing the connection."""
 
+FLUSH_BATCH = 1000
+"""Confirmed seqs that trigger a removal from the store while publishes are still in flight.
+
+Below it the removal waits until nothing is in flight: a burst is then removed in one
+commit after its last confirm instead of a thread competing with the sends for the GIL
+and the store lock (the engine commits the next step under it).
+"""
+
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
 
@@ -125,6 +133,7 @@ class Publisher:
         # This instance's share of the process-wide outbox gauge (submitted, not removed).
         self._counted = 0
         self._flush_wake = asyncio.Event()
+        self._published_counters: dict[tuple[str, str], Any] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -373,13 +382,22 @@ class Publisher:
         self.rounds += 1
         self._round_failed = False
         self._round_confirmed = 0
+        assert self._channel is not None
+        try:
+            # Once per round, not per publish: a replaced channel (reconnect) closes this
+            # one, its publishes fail and the next round takes the new one.
+            channel = await self._channel.get_underlay_channel()
+        except Exception as exc:
+            self._fail_round(f"channel not open: {_describe(exc)}")
+            return
+        assert isinstance(channel, aiormq.Channel)
         while not self._round_failed:
             if len(self._in_flight) < self._max_in_flight:
                 item = self._next_to_send()
                 if item is not None:
                     key = _dispatch_key(item)
                     self._busy[key] = self._busy.get(key, 0) + 1
-                    task = asyncio.create_task(self._publish(item))
+                    task = asyncio.create_task(self._publish(item, channel))
                     self._in_flight.add(task)
                     self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
                     continue
@@ -419,7 +437,7 @@ class Publisher:
             if not held:
                 del self._held[key]
 
-    async def _publish(self, item: OutboxItem) -> None:
+    async def _publish(self, item: OutboxItem, channel: aiormq.Channel) -> None:
         envelope = item.envelope
         properties = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE,
@@ -432,23 +450,20 @@ class Publisher:
         )
         task = asyncio.current_task()
         try:
-            assert self._channel is not None
-            async with asyncio.timeout(self._publish_timeout):
-                channel = await self._channel.get_underlay_channel()
-                assert isinstance(channel, aiormq.Channel)
-                # wait=False: hand the frames to the connection's writer and wait only
-                # for the confirm; waiting for each socket drain under the channel lock
-                # (what Exchange.publish does) serialises publishes and lets a long
-                # queue of them run into the timeout before reaching the wire.
-                await channel.basic_publish(
-                    envelope.body,
-                    exchange=self._exchange_name,
-                    routing_key=envelope.routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    timeout=self._publish_timeout,
-                    wait=False,
-                )
+            # wait=False: hand the frames to the connection's writer and wait only for
+            # the confirm; waiting for each socket drain under the channel lock (what
+            # Exchange.publish does) serialises publishes and lets a long queue of them
+            # run into the timeout before reaching the wire. The timeout covers the
+            # channel lock, the hand-over and the confirm.
+            await channel.basic_publish(
+                envelope.body,
+                exchange=self._exchange_name,
+                routing_key=envelope.routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=self._publish_timeout,
+                wait=False,
+            )
         except PublishError:
             metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
             self._finish(item)
@@ -463,15 +478,24 @@ class Publisher:
         except Exception as exc:
             self._fail_round(f"publish failed: {_describe(exc)}")
         else:
-            metrics.MESSAGES_PUBLISHED.labels(
-                kind=_kind(envelope), event=str(envelope.headers.get("event", ""))
-            ).inc()
+            self._count_published(envelope)
             self._finish(item)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
             self._release(item)
             self._wake.set()
+            if self._done and (not self._in_flight or len(self._done) >= FLUSH_BATCH):
+                self._flush_wake.set()
+
+    def _count_published(self, envelope: Envelope) -> None:
+        """Labelled children cached: ``labels()`` takes a lock and builds a key per call."""
+        labels = (_kind(envelope), str(envelope.headers.get("event", "")))
+        counter = self._published_counters.get(labels)
+        if counter is None:
+            counter = metrics.MESSAGES_PUBLISHED.labels(kind=labels[0], event=labels[1])
+            self._published_counters[labels] = counter
+        counter.inc()
 
     def _finish(self, item: OutboxItem) -> None:
         if self._pending.pop(item.seq, None) is None:
@@ -479,7 +503,6 @@ class Publisher:
         self._round_confirmed += 1
         self._done.append(item.seq)
         self._done_set.add(item.seq)
-        self._flush_wake.set()
 
     def _fail_round(self, reason: str) -> None:
         if not self._round_failed:

@@ -197,6 +197,38 @@ async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
     assert store.outbox_size() == 0
 
 
+class RecordingStore(Store):
+    """Records each batch the publisher removes from the outbox."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.removed_batches: list[list[int]] = []
+
+    def remove_from_outbox(self, seqs: Iterable[int]) -> None:
+        batch = list(seqs)
+        self.removed_batches.append(batch)
+        super().remove_from_outbox(batch)
+
+
+async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
+    tmp_path: Path, consumer: Consumer, exchange_name: str
+) -> None:
+    store = RecordingStore(tmp_path / "state.sqlite3")
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    burst = [make_envelope(d, 0) for d in range(1000)]
+    items = commit(store, burst)
+    publisher.submit(items)
+    assert await publisher.wait_idle(60)
+    await consumer.wait_ids(e.message_id for e in burst)
+    await publisher.close(5)
+
+    assert publisher.rounds == 1
+    # No removal (a commit with an fsync, in a thread) competes with the sends mid-burst.
+    assert [sorted(batch) for batch in store.removed_batches] == [[i.seq for i in items]]
+    assert store.outbox_size() == 0
+
+
 async def test_in_flight_is_bounded_globally_and_per_dispatch(
     store: Store, consumer: Consumer, exchange_name: str
 ) -> None:
