@@ -257,13 +257,17 @@ class Daemon:
                 dispatch_id=dispatch_id,
                 reason=reason,
             )
+        texts = _DispatchTexts()
         records: dict[tuple[int, int], str | None] = {}
         for key in engine.take_dirty():
             record = engine.export_record(key)
-            records[key] = None if record is None else _record_to_text(record)
+            records[key] = None if record is None else _record_to_text(record, texts)
         if not records and not messages:
             return
-        envelopes = [wire.encode(message) for message in messages]
+        envelopes = [
+            wire.encode(message, dispatch_text=texts.body_text(message.dispatch))
+            for message in messages
+        ]
         assert self.store is not None and self.publisher is not None
         items = self.store.commit(records=records, meta=engine.export_meta(), envelopes=envelopes)
         self.publisher.submit(items)
@@ -329,8 +333,49 @@ def _dispatch_from(microgrid_id: int, obj: object) -> Dispatch:
     return wire.dispatch_from_json(obj, microgrid_id)
 
 
-def _record_to_text(record: DispatchRecord) -> str:
-    return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
+class _DispatchTexts:
+    """The JSON text of each dispatch of one step, computed once for record and body.
+
+    Keyed by identity: records and messages of a step share the engine's
+    ``Dispatch`` objects, which are kept alive here so no id is reused.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[Dispatch, str | None]] = {}
+
+    def body_text(self, dispatch: Dispatch) -> str:
+        text = self._get(dispatch)
+        return wire.dispatch_json_text(dispatch) if text is None else text
+
+    def record_text(self, dispatch: Dispatch) -> str | None:
+        """The body's text when it is also the record's (ASCII without DEL: both escape alike)."""
+        text = self._get(dispatch)
+        return text if text is not None and text.isascii() and "\x7f" not in text else None
+
+    def _get(self, dispatch: Dispatch) -> str | None:
+        cached = self._texts.get(id(dispatch))
+        if cached is not None:
+            return cached[1]
+        try:
+            text: str | None = wire.dispatch_json_text(dispatch)
+        except wire.WireError:
+            text = None  # not valid in a body; the record has its own, laxer encoding
+        self._texts[id(dispatch)] = (dispatch, text)
+        return text
+
+
+_RECORD_PREFIX = '{"dispatch":0,'
+
+
+def _record_to_text(record: DispatchRecord, texts: _DispatchTexts | None = None) -> str:
+    """The record as compact JSON; the dispatch part reused from ``texts`` when possible."""
+    dispatch_text = None if texts is None else texts.record_text(record.dispatch)
+    if dispatch_text is None:
+        return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
+    rest = json.dumps(record.to_json(lambda _: 0), separators=(",", ":"))
+    if not rest.startswith(_RECORD_PREFIX):
+        return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
+    return f'{{"dispatch":{dispatch_text},{rest[len(_RECORD_PREFIX) :]}'
 
 
 _BATCH_LOG_THRESHOLD = 20
