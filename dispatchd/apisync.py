@@ -25,8 +25,12 @@ from typing import Final
 
 import grpc
 import structlog
-from frequenz.api.dispatch.v1.dispatch_pb2 import StreamMicrogridDispatchesRequest
-from frequenz.client.common.microgrid import MicrogridId
+from frequenz.api.common.v1alpha8.pagination.pagination_params_pb2 import PaginationParams
+from frequenz.api.dispatch.v1.dispatch_pb2 import (
+    ListMicrogridDispatchesRequest,
+    ListMicrogridDispatchesResponse,
+    StreamMicrogridDispatchesRequest,
+)
 from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
@@ -202,10 +206,27 @@ class ApiSync:
     async def _list(self) -> Listed:
         started = time.perf_counter()
         dispatches: list[Dispatch] = []
-        async for page in self._client.list(
-            MicrogridId(self._microgrid_id), page_size=self._page_size
-        ):
-            dispatches.extend(Dispatch.from_client(d, self._microgrid_id) for d in page)
+        # Through the client's stub (its channel signs and authenticates) rather
+        # than client.list, so each protobuf becomes our Dispatch directly instead
+        # of via the client's Dispatch: half the conversion cost of a big sync.
+        request = ListMicrogridDispatchesRequest(
+            microgrid_id=self._microgrid_id,
+            pagination_params=PaginationParams(page_size=self._page_size),
+        )
+        while True:
+            response: ListMicrogridDispatchesResponse = (
+                await self._client.stub.ListMicrogridDispatches(
+                    request, timeout=self._client.call_timeout.total_seconds()
+                )
+            )
+            dispatches.extend(
+                Dispatch.from_protobuf(message, self._microgrid_id)
+                for message in response.dispatches
+            )
+            token = response.pagination_info.next_page_token
+            if not token:
+                break
+            request.pagination_params.CopyFrom(PaginationParams(page_token=token))
         initial = not self.synced.is_set()
         _log.info(
             "listed dispatches",

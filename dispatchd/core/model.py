@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from frequenz.api.dispatch.v1.dispatch_pb2 import Dispatch as PBDispatch
+from frequenz.api.dispatch.v1.dispatch_pb2 import RecurrenceRule as PBRecurrenceRule
+from frequenz.client.base.conversion import to_datetime
 from frequenz.client.dispatch.recurrence import EndCriteria, Frequency, RecurrenceRule, Weekday
 from frequenz.client.dispatch.types import Dispatch as ClientDispatch
 from frequenz.client.dispatch.types import (
@@ -21,7 +23,9 @@ from frequenz.client.dispatch.types import (
     TargetCategories,
     TargetComponents,
     TargetIds,
+    _target_components_from_protobuf,
 )
+from google.protobuf.json_format import MessageToDict
 
 __all__ = [
     "Dispatch",
@@ -146,8 +150,36 @@ class Dispatch:
 
     @classmethod
     def from_protobuf(cls, message: PBDispatch, microgrid_id: int) -> Dispatch:
-        """Convert the API's protobuf message (the microgrid id is not in it)."""
-        return cls.from_client(ClientDispatch.from_protobuf(message), microgrid_id)
+        """Convert the API's protobuf message (the microgrid id is not in it).
+
+        The same value as ``from_client(ClientDispatch.from_protobuf(message))``,
+        built with the client's own field conversions but without the
+        intermediate client object: a first sync converts every dispatch.
+        """
+        metadata = message.metadata
+        data = message.data
+        rule = data.recurrence
+        return cls(
+            id=metadata.dispatch_id,
+            microgrid_id=microgrid_id,
+            type=data.type,
+            start_time=_utc(to_datetime(data.start_time)),
+            duration=timedelta(seconds=data.duration) if data.HasField("duration") else None,
+            target=_target_components_from_protobuf(data.target),
+            active=data.is_active,
+            dry_run=data.is_dry_run,
+            payload=MessageToDict(data.payload),
+            recurrence=(
+                None
+                if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED
+                else Recurrence.from_client(RecurrenceRule.from_protobuf(rule))
+            ),
+            create_time=_utc(to_datetime(metadata.create_time)),
+            update_time=_utc(to_datetime(metadata.update_time)),
+            end_time=(
+                _utc(to_datetime(metadata.end_time)) if metadata.HasField("end_time") else None
+            ),
+        )
 
     def to_protobuf(self) -> PBDispatch:
         """The API's protobuf message."""
@@ -161,6 +193,8 @@ class Dispatch:
 
 def _utc(moment: datetime) -> datetime:
     """Normalise to an aware UTC datetime so comparisons never mix kinds."""
+    if moment.tzinfo is UTC:
+        return moment
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
