@@ -158,6 +158,7 @@ def _key_prefix(microgrid_word: str, kind: Kind, event_word: str) -> str:
     return f"microgrid.{microgrid_word}.{kind.value}.{event_word}."
 
 
+@lru_cache(maxsize=_TYPE_CACHE_SIZE)
 def _routing_key(microgrid_id: int, kind: Kind, event: Event, dispatch_type: str) -> str:
     prefix = _key_prefix(str(microgrid_id), kind, event.value)
     return prefix + _type_word(dispatch_type, MAX_ROUTING_KEY_BYTES - len(prefix))

@@ -37,6 +37,7 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
     UpdateMicrogridDispatchRequest,
     UpdateMicrogridDispatchResponse,
 )
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from dispatchd.localapi.broadcaster import Broadcaster, Overflowed
 from dispatchd.localapi.storage import MAX_SQL_INT, Storage, StoredDispatch
@@ -107,12 +108,13 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
                 request.pagination_params.page_size,
                 request.pagination_params.page_token,
             )
-            return ListMicrogridDispatchesResponse(
-                dispatches=[stored.to_protobuf() for stored in page.dispatches],
+            response = ListMicrogridDispatchesResponse(
                 pagination_info=PaginationInfo(
                     total_items=page.total_items, next_page_token=page.next_page_token
                 ),
             )
+            _fill_dispatches(response, page.dispatches)
+            return response
 
         return await self._guard(context, "ListMicrogridDispatches", run)
 
@@ -246,3 +248,29 @@ def _check_ids(microgrid_id: int, dispatch_id: int | None = None) -> None:
         raise InvalidRequest("microgrid_id", "out of range")
     if dispatch_id is not None and not 0 < dispatch_id <= MAX_SQL_INT:
         raise NotFound(microgrid_id, dispatch_id)
+
+
+def _fill_dispatches(
+    response: ListMicrogridDispatchesResponse, dispatches: list[StoredDispatch]
+) -> None:
+    """Write each dispatch into the response in place.
+
+    The same messages as ``StoredDispatch.to_protobuf``, without building each
+    one and then copying it into the response: a third of the cost of a page.
+    """
+    add = response.dispatches.add
+    for stored in dispatches:
+        message = add()
+        metadata = message.metadata
+        metadata.dispatch_id = stored.id
+        _set_micros(metadata.create_time, stored.create_micros)
+        _set_micros(metadata.update_time, stored.update_micros)
+        if stored.end_micros is not None:
+            _set_micros(metadata.end_time, stored.end_micros)
+        message.data.CopyFrom(stored.data)
+
+
+def _set_micros(timestamp: Timestamp, micros: int) -> None:
+    seconds, rest = divmod(micros, 1_000_000)
+    timestamp.seconds = seconds
+    timestamp.nanos = rest * 1000
