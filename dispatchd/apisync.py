@@ -16,9 +16,11 @@ tell when the server has accepted the stream, which the ordering above needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
@@ -73,6 +75,24 @@ def api_client(settings: Settings, local_port: int | None = None) -> DispatchApi
         call_timeout=timedelta(seconds=api.call_timeout),
         stream_timeout=timedelta(seconds=api.stream_timeout),
     )
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic GC while a listing's objects are built (and in the daemon's step).
+
+    A big listing allocates hundreds of thousands of objects that all survive;
+    the collector would traverse the growing heap again and again for nothing
+    (about a fifth of the daemon's step at 50k dispatches). It runs again
+    right after.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,10 +239,11 @@ class ApiSync:
                     request, timeout=self._client.call_timeout.total_seconds()
                 )
             )
-            dispatches.extend(
-                Dispatch.from_protobuf(message, self._microgrid_id)
-                for message in response.dispatches
-            )
+            with gc_paused():
+                dispatches.extend(
+                    Dispatch.from_protobuf(message, self._microgrid_id)
+                    for message in response.dispatches
+                )
             token = response.pagination_info.next_page_token
             if not token:
                 break

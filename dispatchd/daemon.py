@@ -33,7 +33,15 @@ from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import __version__, metrics
-from dispatchd.apisync import ApiSync, Listed, Streamed, SyncItem, api_client, api_url
+from dispatchd.apisync import (
+    ApiSync,
+    Listed,
+    Streamed,
+    SyncItem,
+    api_client,
+    api_url,
+    gc_paused,
+)
 from dispatchd.config import Settings
 from dispatchd.core import wire
 from dispatchd.core.engine import Change, Created, Deleted, DispatchRecord, Engine, Updated
@@ -227,7 +235,11 @@ class Daemon:
             case None:
                 messages = engine.advance(now)
             case Listed(microgrid_id, dispatches, initial):
-                messages = engine.relist(microgrid_id, dispatches, now, initial=initial)
+                with gc_paused():
+                    messages = engine.relist(microgrid_id, dispatches, now, initial=initial)
+                    self._commit(messages)
+                self._after_listed(item, now)
+                return
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
@@ -235,7 +247,11 @@ class Daemon:
                     return
                 messages = engine.apply(change(dispatch), now)
         self._commit(messages)
-        if isinstance(item, Listed) and item.microgrid_id not in self._synced:
+
+    def _after_listed(self, item: Listed, now: datetime) -> None:
+        """The first listing of a microgrid marks it synced; all synced is ready."""
+        engine = self._engine
+        if item.microgrid_id not in self._synced:
             self._synced.add(item.microgrid_id)
             counts = engine.counts(now).get(item.microgrid_id, {})
             _log.info(
