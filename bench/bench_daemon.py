@@ -348,6 +348,8 @@ async def bench_sync(amqp_url: str, size: int, updates: int) -> None:
 
 
 async def bench_updates(daemon: Daemon, consumer: Consumer, size: int, updates: int) -> None:
+    if updates < 1:
+        return
     client = daemon.client()
     latencies: list[float] = []
     for n in range(updates):
