@@ -146,6 +146,8 @@ class ApiSync:
         self._backoff = backoff
         self._page_size = page_size
         self._rng = random.Random()
+        self._attempt = 0
+        """Failed connection attempts since the last one that listed."""
         self._labels = {"microgrid_id": str(microgrid_id)}
         # Export the per-microgrid series from the start (0), not from the first failure.
         metrics.API_RECONNECTS.labels(**self._labels)
@@ -156,25 +158,23 @@ class ApiSync:
     async def run(self) -> None:
         """Sync forever; every failure is logged, counted and retried."""
         log = _log.bind(microgrid_id=self._microgrid_id)
-        attempt = 0
         while True:
             try:
                 await self._connect_once()
-                attempt = 0
                 log.info("api stream ended by the server, reconnecting")
             except grpc.aio.AioRpcError as error:
                 log.warning(
                     "api stream failed",
                     code=error.code().name,
                     details=error.details(),
-                    retry_attempt=attempt + 1,
+                    retry_attempt=self._attempt + 1,
                 )
             except (OSError, grpc.RpcError) as error:
-                log.warning("api stream failed", error=str(error), retry_attempt=attempt + 1)
+                log.warning("api stream failed", error=str(error), retry_attempt=self._attempt + 1)
             metrics.API_STREAM_UP.labels(**self._labels).set(0)
             metrics.API_RECONNECTS.labels(**self._labels).inc()
-            await asyncio.sleep(self._backoff.delay(attempt, self._rng))
-            attempt += 1
+            await asyncio.sleep(self._backoff.delay(self._attempt, self._rng))
+            self._attempt += 1
 
     async def _connect_once(self) -> None:
         """One stream lifetime: open, list, then forward events until it ends."""
@@ -187,6 +187,9 @@ class ApiSync:
         try:
             await self._wait_accepted(call)
             await self._deliver(await self._list())
+            # Connected: the backoff grows over failures in a row only, and every stream
+            # ends sooner or later (api.stream_timeout), so a lost one starts it over.
+            self._attempt = 0
             metrics.API_STREAM_UP.labels(**self._labels).set(1)
             metrics.API_LAST_SYNC_TIMESTAMP.labels(**self._labels).set(time.time())
             self.synced.set()
