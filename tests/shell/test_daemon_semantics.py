@@ -15,7 +15,8 @@ Not produced here, covered by the engine's unit tests
   apart (MINUTELY is the smallest frequency), too slow for this suite; the
   first occurrence of a MINUTELY rule and the inclusive ``until`` are checked.
 - 15 (type change) cannot be produced through the dispatch API: ``type`` is
-  immutable there (Update rejects it), as is ``dry_run`` in 9.
+  immutable there (Update rejects it), as is ``dry_run`` in 9. A scripted API
+  produces 15 end to end in test_daemon_scripted.py.
 """
 
 from __future__ import annotations
