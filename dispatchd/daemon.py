@@ -24,8 +24,8 @@ import functools
 import json
 import signal
 import time
-from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -44,7 +44,7 @@ from dispatchd.apisync import (
 )
 from dispatchd.config import Settings
 from dispatchd.core import wire
-from dispatchd.core.engine import Change, Created, Deleted, DispatchRecord, Engine, Updated
+from dispatchd.core.engine import Change, Created, Deleted, DispatchRecord, Engine, Key, Updated
 from dispatchd.core.messages import Message, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
 from dispatchd.http import HttpServer
@@ -57,6 +57,10 @@ from dispatchd.store import Store
 _log = structlog.get_logger(__name__)
 
 STATE_FILE = "dispatchd.sqlite3"
+FIRST_PART = 100
+"""Messages in the first part of a burst committed in parts (see ``_commit_in_parts``)."""
+PREPARE_LEAD = 0.5
+"""Seconds before a deadline at which its dispatches are readied (see ``Engine.prepare``)."""
 _SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
 """Running messages caused by a boundary of the schedule (their lateness is measured)."""
 
@@ -92,6 +96,9 @@ class Daemon:
         self._inbox: asyncio.Queue[SyncItem] = asyncio.Queue()
         self._engine = Engine()
         self._synced: set[int] = set()
+        self._prepared = _DispatchTexts()
+        """Texts of the dispatches due by ``_prepared_until``, encoded ahead."""
+        self._prepared_until = datetime.min.replace(tzinfo=UTC)
         self._syncs: list[ApiSync] = []
         self.ready = asyncio.Event()
         """Set when every microgrid has finished its first sync (for tests and /readyz)."""
@@ -129,7 +136,9 @@ class Daemon:
             await publisher.start()
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
-            self._commit(self._engine.resume(self._clock()))
+            resumed = self._engine.resume(self._clock())
+            self._commit(resumed)
+            _log_messages(resumed)
             client = api_client(self._settings, self.local_api_port)
             for microgrid_id in settings.microgrid_ids:
                 sync = ApiSync(client, microgrid_id, self._inbox.put)
@@ -215,38 +224,60 @@ class Daemon:
         """Wait for the next API item or the engine's next deadline, whichever first.
 
         One timer (the ``wait_for`` timeout) and no polling: between deadlines
-        and API events the daemon sleeps.
+        and API events the daemon sleeps. The timer goes off twice per
+        deadline: ``PREPARE_LEAD`` before it, to ready what is due (so a
+        burst of starts costs less at its instant), and at the deadline.
         """
         while True:
             deadline = self._engine.next_deadline()
             timeout = None
+            preparing = False
             if deadline is not None:
-                timeout = max(0.0, (deadline - self._clock()).total_seconds())
+                left = (deadline - self._clock()).total_seconds()
+                if deadline > self._prepared_until and left > PREPARE_LEAD:
+                    left -= PREPARE_LEAD
+                    preparing = True
+                elif deadline > self._prepared_until:
+                    self._prepare()
+                timeout = max(0.0, left)
             try:
                 item: SyncItem | None = await asyncio.wait_for(self._inbox.get(), timeout)
             except TimeoutError:
                 item = None
-            self._step(item)
+            if item is None and preparing:
+                self._prepare()
+            else:
+                await self._step(item)
 
-    def _step(self, item: SyncItem | None) -> None:
+    def _prepare(self) -> None:
+        """Build the schedules and encode the dispatches due within ``PREPARE_LEAD``."""
+        until = self._clock() + timedelta(seconds=PREPARE_LEAD)
+        self._prepared_until = until
+        for dispatch in self._engine.prepare(until):
+            self._prepared.body_text(dispatch)
+
+    async def _step(self, item: SyncItem | None) -> None:
         now = self._clock()
         engine = self._engine
         match item:
             case None:
                 messages = engine.advance(now)
+                await self._commit_in_parts(messages)
+                if self._prepared and now >= self._prepared_until:
+                    self._prepared = _DispatchTexts()  # its window has passed
             case Listed(microgrid_id, dispatches, initial):
                 with gc_paused():
                     messages = engine.relist(microgrid_id, dispatches, now, initial=initial)
                     self._commit(messages)
                 self._after_listed(item, now)
-                return
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
                     _log.warning("ignored stream event", event=str(event), dispatch_id=dispatch.id)
                     return
                 messages = engine.apply(change(dispatch), now)
-        self._commit(messages)
+                self._commit(messages)
+        _log_messages(messages)
 
     def _after_listed(self, item: Listed, now: datetime) -> None:
         """The first listing of a microgrid marks it synced; all synced is ready."""
@@ -263,8 +294,14 @@ class Daemon:
             if self._synced.issuperset(self._settings.microgrid_ids):
                 self.ready.set()
 
-    def _commit(self, messages: list[Message]) -> None:
-        """One transaction for the engine's changed records and the messages they caused."""
+    def _commit(
+        self, messages: list[Message], keys: Iterable[Key] | None = None, *, meta: bool = True
+    ) -> None:
+        """One transaction for changed records and the messages they caused, then publish.
+
+        ``keys``: the records to write (default: every one the engine changed);
+        ``meta``: whether the engine-wide state goes with them.
+        """
         engine = self._engine
         for (microgrid_id, dispatch_id), reason in engine.take_new_invalid():
             _log.warning(
@@ -273,9 +310,9 @@ class Daemon:
                 dispatch_id=dispatch_id,
                 reason=reason,
             )
-        texts = _DispatchTexts()
-        records: dict[tuple[int, int], str | None] = {}
-        for key in engine.take_dirty():
+        texts = _DispatchTexts(self._prepared)
+        records: dict[Key, str | None] = {}
+        for key in engine.take_dirty() if keys is None else keys:
             record = engine.export_record(key)
             records[key] = None if record is None else _record_to_text(record, texts)
         if not records and not messages:
@@ -285,9 +322,31 @@ class Daemon:
             for message in messages
         ]
         assert self.store is not None and self.publisher is not None
-        items = self.store.commit(records=records, meta=engine.export_meta(), envelopes=envelopes)
+        items = self.store.commit(
+            records=records, meta=engine.export_meta() if meta else None, envelopes=envelopes
+        )
         self.publisher.submit(items)
-        _log_messages(messages)
+
+    async def _commit_in_parts(self, messages: list[Message]) -> None:
+        """Commit a burst of due transitions in growing parts, publishing each at once.
+
+        Between parts the publisher runs, so the first messages of a burst
+        are on the wire while the rest are encoded and committed. A part holds
+        whole dispatches (all their messages of this step with their records),
+        so a crash between parts is like a crash before the step for the
+        dispatches of the later parts: the restart converges them.
+        """
+        dirty = self._engine.take_dirty()
+        parts = _parts(messages, FIRST_PART)
+        for index, part in enumerate(parts):
+            if index == len(parts) - 1:
+                self._commit(part, dirty)
+                return
+            keys = {_key(message) for message in part} & dirty
+            dirty -= keys
+            self._commit(part, keys, meta=False)
+            await asyncio.sleep(0)
+        self._commit([], dirty)
 
     # ----------------------------------------------------- health and metrics
 
@@ -345,6 +404,28 @@ def _restore(store: Store) -> Engine:
     return Engine.restore(records, loaded.meta)
 
 
+def _key(message: Message) -> Key:
+    return message.dispatch.microgrid_id, message.dispatch.id
+
+
+def _parts(messages: list[Message], first: int) -> list[list[Message]]:
+    """Consecutive runs of ``messages``, the first about ``first`` long, each next twice as long.
+
+    A cut is made only where no dispatch has messages on both sides of it.
+    """
+    last_of: dict[Key, int] = {_key(message): index for index, message in enumerate(messages)}
+    parts: list[list[Message]] = []
+    start, size, reach = 0, first, 0
+    for index, message in enumerate(messages):
+        reach = max(reach, last_of[_key(message)])
+        if reach == index and index + 1 - start >= size:
+            parts.append(messages[start : index + 1])
+            start, size = index + 1, size * 2
+    if start < len(messages):
+        parts.append(messages[start:])
+    return parts
+
+
 def _dispatch_from(microgrid_id: int, obj: object) -> Dispatch:
     return wire.dispatch_from_json(obj, microgrid_id)
 
@@ -356,8 +437,12 @@ class _DispatchTexts:
     ``Dispatch`` objects, which are kept alive here so no id is reused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ahead: _DispatchTexts | None = None) -> None:
         self._texts: dict[int, tuple[Dispatch, str | None]] = {}
+        self._ahead = ahead
+
+    def __len__(self) -> int:
+        return len(self._texts)
 
     def body_text(self, dispatch: Dispatch) -> str:
         text = self._get(dispatch)
@@ -370,6 +455,8 @@ class _DispatchTexts:
 
     def _get(self, dispatch: Dispatch) -> str | None:
         cached = self._texts.get(id(dispatch))
+        if cached is None and self._ahead is not None:
+            cached = self._ahead._texts.get(id(dispatch))
         if cached is not None:
             return cached[1]
         try:
@@ -380,18 +467,12 @@ class _DispatchTexts:
         return text
 
 
-_RECORD_PREFIX = '{"dispatch":0,'
-
-
 def _record_to_text(record: DispatchRecord, texts: _DispatchTexts | None = None) -> str:
     """The record as compact JSON; the dispatch part reused from ``texts`` when possible."""
     dispatch_text = None if texts is None else texts.record_text(record.dispatch)
     if dispatch_text is None:
         return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
-    rest = json.dumps(record.to_json(lambda _: 0), separators=(",", ":"))
-    if not rest.startswith(_RECORD_PREFIX):
-        return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
-    return f'{{"dispatch":{dispatch_text},{rest[len(_RECORD_PREFIX) :]}'
+    return record.to_json_text(dispatch_text)
 
 
 _BATCH_LOG_THRESHOLD = 20

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 from dispatchd.core.messages import (
@@ -146,6 +147,27 @@ class DispatchRecord:
             "last_pulse": _opt_time_to_json(self.last_pulse),
             "forgotten": self.forgotten,
         }
+
+    def to_json_text(self, dispatch_text: str) -> str:
+        """``json.dumps(self.to_json(...))``, compact, around the dispatch's JSON text.
+
+        The other values are numbers, booleans, null or ISO times, which need
+        no escaping; a large step writes thousands of records.
+        """
+        announced = self.announced
+        announced_text = (
+            "null"
+            if announced is None
+            else f'{{"start":"{_time_to_json(announced.start)}","end":{_time_text(announced.end)}}}'
+        )
+        missed = ",".join(f'"{_time_to_json(t)}"' for t in self.pending_missed)
+        return (
+            f'{{"dispatch":{dispatch_text},"announced":{announced_text},'
+            f'"sequence":{self.sequence:d},"last_emitted_at":{_time_text(self.last_emitted_at)},'
+            f'"tombstone":{_BOOL_TEXT[self.tombstone]},"pending_missed":[{missed}],'
+            f'"last_pulse":{_time_text(self.last_pulse)},'
+            f'"forgotten":{_BOOL_TEXT[self.forgotten]}}}'
+        )
 
     @classmethod
     def from_json(
@@ -322,6 +344,31 @@ class Engine:
                 return deadline
             heapq.heappop(heap)
         return None
+
+    def prepare(self, until: datetime) -> list[Dispatch]:
+        """Rebuild ahead the schedules of the dispatches with a boundary due by ``until``.
+
+        Idle records drop their schedules (see ``_reschedule``); doing the
+        rebuild shortly before a burst of boundaries, instead of at the
+        instant, takes it off the start lag. Returns the dispatches so the
+        shell can ready their encodings too. Changes no state the messages
+        depend on: the same schedule is built either way.
+        """
+        heap = self._heap
+        microgrids = self._microgrids
+        due: list[Dispatch] = []
+        pending = [0] if heap else []
+        while pending:  # the heap's tree, pruned below the first entry past ``until``
+            index = pending.pop()
+            deadline, microgrid_id, dispatch_id, version = heap[index]
+            if deadline > until:
+                continue
+            record = microgrids.get(microgrid_id, {}).get(dispatch_id)
+            if record is not None and record.version == version and record.deadline is not None:
+                _schedule_of(record)
+                due.append(record.dispatch)
+            pending.extend(child for child in (2 * index + 1, 2 * index + 2) if child < len(heap))
+        return due
 
     # ---------------------------------------------------------------- queries
 
@@ -827,12 +874,22 @@ def _state_of(record: _Record, now: datetime) -> str:
     return "scheduled"
 
 
+@lru_cache(maxsize=4096)
 def _time_to_json(moment: datetime) -> str:
+    """Cached: the records of one step share the same few instants."""
     return moment.astimezone(UTC).isoformat()
 
 
 def _opt_time_to_json(moment: datetime | None) -> str | None:
     return None if moment is None else _time_to_json(moment)
+
+
+def _time_text(moment: datetime | None) -> str:
+    """``_opt_time_to_json`` as JSON text."""
+    return "null" if moment is None else f'"{_time_to_json(moment)}"'
+
+
+_BOOL_TEXT = {False: "false", True: "true"}
 
 
 def _time_from_json(text: str) -> datetime:

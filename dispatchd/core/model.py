@@ -8,6 +8,7 @@ the recurrence is our own frozen copy of its mutable ``RecurrenceRule``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,7 @@ from frequenz.client.dispatch.types import (
     TargetIds,
     _target_components_from_protobuf,
 )
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct, Value
 
 __all__ = [
     "Dispatch",
@@ -168,7 +169,7 @@ class Dispatch:
             target=_target_components_from_protobuf(data.target),
             active=data.is_active,
             dry_run=data.is_dry_run,
-            payload=MessageToDict(data.payload),
+            payload=_struct_to_dict(data.payload),
             recurrence=(
                 None
                 if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED
@@ -189,6 +190,29 @@ class Dispatch:
     def is_recurring(self) -> bool:
         """Whether the recurrence rule applies (infinite dispatches ignore it)."""
         return self.recurrence is not None and self.duration is not None
+
+
+def _struct_to_dict(struct: Struct) -> dict[str, Any]:
+    """What ``MessageToDict`` gives for a ``Struct`` (the payload), without its descriptor walk."""
+    return {key: _value_to_python(value) for key, value in struct.fields.items()}
+
+
+def _value_to_python(value: Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            raise ValueError(f"payload: {number} is not a JSON number")
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value_to_python(item) for item in value.list_value.values]
+    return None
 
 
 def _utc(moment: datetime) -> datetime:

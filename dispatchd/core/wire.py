@@ -279,25 +279,21 @@ def encode(message: Message, *, dispatch_text: str | None = None) -> Envelope:
     # whole dict compactly (the enum values and times need no escaping).
     head = _BODY_HEADS[message.kind, message.event]
     if isinstance(message, RunningMessage):
-        rest = _dump_text(
-            {
-                "occurrence": {
-                    "start": format_time(message.occurrence.start),
-                    "end": _format_optional_time(message.occurrence.end),
-                },
-                "until": _format_optional_time(message.until),
-                "scheduled_for": format_time(message.scheduled_for),
-                "emitted_at": format_time(message.emitted_at),
-                "sequence": message.sequence,
-                "running_state_change_synced": _format_optional_time(
-                    message.running_state_change_synced
-                ),
-                "missed_runs": [format_time(start) for start in message.missed_runs],
-            }
-        )
+        # Every value below is a number, null, or a time (digits and ``-:.TZ``):
+        # nothing to escape, so the text is written directly.
+        occurrence = message.occurrence
+        missed = ",".join(f'"{format_time(start)}"' for start in message.missed_runs)
         text = (
             f'{head}"reason":"{message.reason.value}","microgrid_id":{dispatch.microgrid_id:d},'
-            f'"dispatch":{dispatch_text},{rest[1:]}'
+            f'"dispatch":{dispatch_text},'
+            f'"occurrence":{{"start":"{format_time(occurrence.start)}",'
+            f'"end":{_time_or_null(occurrence.end)}}},'
+            f'"until":{_time_or_null(message.until)},'
+            f'"scheduled_for":"{format_time(message.scheduled_for)}",'
+            f'"emitted_at":"{format_time(message.emitted_at)}",'
+            f'"sequence":{message.sequence:d},'
+            f'"running_state_change_synced":{_time_or_null(message.running_state_change_synced)},'
+            f'"missed_runs":[{missed}]}}'
         )
     else:
         text = (
@@ -398,8 +394,35 @@ def dispatch_to_json(dispatch: Dispatch) -> dict[str, Any]:
 
 
 def dispatch_json_text(dispatch: Dispatch) -> str:
-    """``dispatch_to_json`` as the compact JSON text that goes into a body."""
-    return _dump_text(dispatch_to_json(dispatch))
+    """``dispatch_to_json`` as the compact JSON text that goes into a body.
+
+    Written directly around the parts that need a JSON encoder (type,
+    payload, recurrence): a first sync encodes every dispatch once.
+    """
+    duration = _duration_to_json(dispatch.duration)
+    recurrence = dispatch.recurrence
+    return (
+        f'{{"id":{dispatch.id:d},"type":{_dump_text(dispatch.type)},'
+        f'"start_time":"{format_time(dispatch.start_time)}",'
+        f'"duration":{"null" if duration is None else _dump_text(duration)},'
+        f'"target":{_target_text(dispatch.target)},'
+        f'"active":{_BOOL_TEXT[dispatch.active]},"dry_run":{_BOOL_TEXT[dispatch.dry_run]},'
+        f'"payload":{_dump_text(dict(dispatch.payload))},'
+        f'"recurrence":'
+        f"{'null' if recurrence is None else _dump_text(_recurrence_to_json(recurrence))},"
+        f'"create_time":"{format_time(dispatch.create_time)}",'
+        f'"update_time":"{format_time(dispatch.update_time)}",'
+        f'"end_time":{_time_or_null(dispatch.end_time)}}}'
+    )
+
+
+_BOOL_TEXT = {False: "false", True: "true"}
+
+
+def _target_text(target: TargetComponents) -> str:
+    if isinstance(target, TargetIds):  # the common case: ints, nothing to escape
+        return f'{{"component_ids":[{",".join(str(int(i)) for i in sorted(target))}]}}'
+    return _dump_text(_target_to_json(target))
 
 
 def dispatch_from_json(obj: Any, microgrid_id: int) -> Dispatch:
@@ -707,11 +730,18 @@ def decode_snapshot_reply(body: bytes) -> SnapshotReply | ErrorReply:
 # ----------------------------------------------------------------------- times
 
 
+@lru_cache(maxsize=4096)
 def format_time(moment: datetime) -> str:
     """RFC 3339 UTC with ``Z`` and the shortest exact fraction (0, 3 or 6 digits).
 
-    A naive datetime is taken to be UTC, as the model does.
+    A naive datetime is taken to be UTC, as the model does. Cached: a burst of
+    messages repeats the same few instants (equal instants in other zones
+    share an entry, rightly: they have the same UTC text).
     """
+    return _format_time(moment)
+
+
+def _format_time(moment: datetime) -> str:
     if moment.tzinfo is not UTC:
         moment = _as_utc(moment)
     # isoformat (C code) writes a four-digit year, 0 or 6 fraction digits and
@@ -757,6 +787,11 @@ def _format_optional_time(moment: datetime | None) -> str | None:
     return None if moment is None else format_time(moment)
 
 
+def _time_or_null(moment: datetime | None) -> str:
+    """A time as a JSON string, or ``null``."""
+    return "null" if moment is None else f'"{format_time(moment)}"'
+
+
 def _as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
@@ -776,7 +811,7 @@ def _utf8(text: str, what: str) -> bytes:
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _dump_text(obj: dict[str, Any]) -> str:
+def _dump_text(obj: Any) -> str:
     try:
         return _ENCODER.encode(obj)
     except (TypeError, ValueError) as error:
