@@ -117,6 +117,15 @@ SyncItem = Listed | Streamed
 Deliver = Callable[[SyncItem], Awaitable[None]]
 
 
+STABLE_AFTER = 10.0
+"""Seconds a listed stream must stay up for its loss to restart the backoff.
+
+Every stream ends (``api.stream_timeout`` at the latest) and is then reopened
+at once; an API that accepts, lists and drops at once is backed off from
+instead of re-listed in a tight loop.
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Exponential backoff with full jitter, so many daemons don't retry in step."""
@@ -147,7 +156,8 @@ class ApiSync:
         self._page_size = page_size
         self._rng = random.Random()
         self._attempt = 0
-        """Failed connection attempts since the last one that listed."""
+        """Connection attempts since the last one that stayed up ``STABLE_AFTER`` seconds."""
+        self._up_since: float | None = None
         self._labels = {"microgrid_id": str(microgrid_id)}
         # Export the per-microgrid series from the start (0), not from the first failure.
         metrics.API_RECONNECTS.labels(**self._labels)
@@ -173,6 +183,9 @@ class ApiSync:
                 log.warning("api stream failed", error=str(error), retry_attempt=self._attempt + 1)
             metrics.API_STREAM_UP.labels(**self._labels).set(0)
             metrics.API_RECONNECTS.labels(**self._labels).inc()
+            up_since, self._up_since = self._up_since, None
+            if up_since is not None and time.monotonic() - up_since >= STABLE_AFTER:
+                self._attempt = 0
             await asyncio.sleep(self._backoff.delay(self._attempt, self._rng))
             self._attempt += 1
 
@@ -187,9 +200,7 @@ class ApiSync:
         try:
             await self._wait_accepted(call)
             await self._deliver(await self._list())
-            # Connected: the backoff grows over failures in a row only, and every stream
-            # ends sooner or later (api.stream_timeout), so a lost one starts it over.
-            self._attempt = 0
+            self._up_since = time.monotonic()
             metrics.API_STREAM_UP.labels(**self._labels).set(1)
             metrics.API_LAST_SYNC_TIMESTAMP.labels(**self._labels).set(time.time())
             self.synced.set()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatchd import apisync
 from tests.shell.daemon_harness import (
     MG,
     DaemonHandle,
@@ -347,10 +348,14 @@ async def test_change_while_the_stream_is_cut_arrives_once(site: Site) -> None:
     assert shorts(observer.received).count("1:lifecycle.updated/None") == 2
 
 
-async def test_every_lost_stream_that_had_worked_reconnects_promptly(site: Site) -> None:
-    """The backoff grows only over failed attempts: a stream that was up (listed)
-    and is then lost reconnects within the first backoff step (at most 0.5 s),
-    however often that happened before (``api.stream_timeout`` ends every stream)."""
+async def test_every_lost_stream_that_had_worked_reconnects_promptly(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that was up (listed) for ``STABLE_AFTER`` and is then lost
+    reconnects within the first backoff step (at most 0.5 s), however often
+    that happened before (``api.stream_timeout`` ends every stream). The
+    threshold is 0 here so the test need not keep each stream up 10 s."""
+    monkeypatch.setattr(apisync, "STABLE_AFTER", 0.0)
     observer, api, _ = site
     t0 = base_time()
     x = dispatch_pb(1, "X", soon(60), 5 * SECONDS, payload={"n": 0}, create_time=t0)
@@ -363,3 +368,17 @@ async def test_every_lost_stream_that_had_worked_reconnects_promptly(site: Site)
         await api.wait_streams(n + 1, RECONNECT)
         (updated,) = await expect(observer, "1:lifecycle.updated/None")
         assert dict(updated.message.dispatch.payload) == {"n": n}
+
+
+async def test_an_api_that_drops_every_stream_at_once_is_backed_off_from(site: Site) -> None:
+    """Lost before ``STABLE_AFTER``: each reconnect waits longer (full jitter up to
+    0.5 s, 1 s, 2 s, ...), rather than re-listing in a tight loop."""
+    _, api, handle = site
+    sync = handle.daemon._syncs[0]
+    assert sync._attempt == 0
+    bound = 0.5
+    for n in range(1, 4):
+        assert api.cut_streams() == 1
+        await api.wait_streams(n + 1, bound + RECONNECT)
+        assert sync._attempt == n
+        bound *= 2
