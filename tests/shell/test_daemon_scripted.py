@@ -382,3 +382,23 @@ async def test_an_api_that_drops_every_stream_at_once_is_backed_off_from(site: S
         await api.wait_streams(n + 1, bound + RECONNECT)
         assert sync._attempt == n
         bound *= 2
+
+
+async def test_9_dry_run_change_while_running_reconfigures(site: Site) -> None:
+    """Consequence 9 for ``dry_run``, which our local API keeps immutable: the
+    actor is told again, reason ``reconfigured``, with the new flag."""
+    observer, api, _ = site
+    t0 = base_time()
+    start = soon(1)
+    x = dispatch_pb(1, "X", start, 30 * SECONDS, payload={"p": 1}, create_time=t0)
+    api.put(x)
+    await api.push(CREATED, x)
+    _, started = await expect(observer, "1:lifecycle.created/None", "1:running.running/started")
+    assert started.message.dispatch.dry_run is False
+    dry = revised(x, t0 + SECONDS, is_dry_run=True)
+    api.put(dry)
+    await api.push(UPDATED, dry)
+    _, again = await expect(observer, "1:lifecycle.updated/None", "1:running.running/reconfigured")
+    assert again.message.dispatch.dry_run is True
+    assert again.running.occurrence == started.running.occurrence
+    assert again.running.sequence == started.running.sequence + 1

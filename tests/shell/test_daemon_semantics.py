@@ -14,9 +14,11 @@ Not produced here, covered by the engine's unit tests
 - 3 (beyond the first occurrence), 4 and 5 need occurrences at least a minute
   apart (MINUTELY is the smallest frequency), too slow for this suite; the
   first occurrence of a MINUTELY rule and the inclusive ``until`` are checked.
+  test_daemon_recurring.py produces all three end to end, in real time.
 - 15 (type change) cannot be produced through the dispatch API: ``type`` is
   immutable there (Update rejects it), as is ``dry_run`` in 9. A scripted API
-  produces 15 end to end in test_daemon_scripted.py.
+  produces 15 and the ``dry_run`` change of 9 end to end in
+  test_daemon_scripted.py.
 """
 
 from __future__ import annotations
