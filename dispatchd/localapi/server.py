@@ -19,6 +19,17 @@ from dispatchd.localapi.storage import Storage
 
 _log = structlog.get_logger(__name__)
 
+_SERVER_OPTIONS = [
+    # Without this, gRPC sets SO_REUSEPORT and a second server would share the port.
+    ("grpc.so_reuseport", 0),
+    # Accept the HTTP/2 keepalive pings of frequenz-client-base (every 60 s by default,
+    # also with no call open). gRPC's server default wants 5 min between pings without
+    # data, and answers the third early one with GOAWAY "too_many_pings": an idle
+    # stream (the daemon's) was dropped every 3 min and had to reconnect and re-list.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
 
 class LocalApiServer:
     """``MicrogridDispatchService`` on ``listen``, dispatches kept in ``database``.
@@ -61,8 +72,7 @@ class LocalApiServer:
             raise RuntimeError("LocalApiServer already started")
         storage = Storage(self._database)
         interceptors = [AuthInterceptor(self._authenticator)] if self._authenticator.enabled else []
-        # Without this, gRPC sets SO_REUSEPORT and a second server would share the port.
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
         dispatch_pb2_grpc.add_MicrogridDispatchServiceServicer_to_server(
             DispatchService(storage, self.broadcaster), server
         )
