@@ -59,6 +59,9 @@ _log = structlog.get_logger(__name__)
 STATE_FILE = "dispatchd.sqlite3"
 FIRST_PART = 100
 """Messages in the first part of a burst committed in parts (see ``_commit_in_parts``)."""
+HANDOFF_YIELDS = 3
+"""Loop turns given to the publisher after each part: its sender starts the
+publishes, they queue their frames, aiormq's writer puts them on the socket."""
 PREPARE_LEAD = 0.5
 """Seconds before a deadline at which its dispatches are readied (see ``Engine.prepare``)."""
 _SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
@@ -345,7 +348,8 @@ class Daemon:
             keys = {_key(message) for message in part} & dirty
             dirty -= keys
             self._commit(part, keys, meta=False)
-            await asyncio.sleep(0)
+            for _ in range(HANDOFF_YIELDS):
+                await asyncio.sleep(0)
         self._commit([], dirty)
 
     # ----------------------------------------------------- health and metrics
