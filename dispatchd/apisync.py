@@ -220,7 +220,10 @@ class ApiSync:
         so after a bound we list anyway (the window is then the server's).
         """
         try:
-            await asyncio.wait_for(asyncio.shield(call.initial_metadata()), _HEADERS_WAIT)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
+            # that arrives as the awaited result does, and the daemon's stop would hang.
+            async with asyncio.timeout(_HEADERS_WAIT):
+                await asyncio.shield(call.initial_metadata())
         except TimeoutError:
             _log.debug("no stream headers yet, listing anyway", microgrid_id=self._microgrid_id)
 

@@ -20,6 +20,7 @@ HTTP handlers only read it between steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import signal
@@ -182,7 +183,11 @@ class Daemon:
         _log.info("stopping", shutdown_timeout=budget)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=max(left(), _TASK_STOP_GRACE))
+            if stuck:
+                names = sorted(task.get_name() for task in stuck)
+                _log.warning("tasks did not stop when cancelled", tasks=names)
         # A broker that stopped answering never sends Close-Ok: bound every close;
         # the outbox is durable, so giving up on one only risks a duplicate later.
         await _within(
@@ -243,10 +248,13 @@ class Daemon:
                 elif deadline > self._prepared_until:
                     self._prepare()
                 timeout = max(0.0, left)
-            try:
-                item: SyncItem | None = await asyncio.wait_for(self._inbox.get(), timeout)
-            except TimeoutError:
-                item = None
+            item: SyncItem | None = None
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a
+            # cancellation that arrives with an item, and a stop would then hang.
+            # A get cancelled by the timeout leaves its item in the queue.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    item = await self._inbox.get()
             if item is None and preparing:
                 self._prepare()
             else:
@@ -373,6 +381,8 @@ class Daemon:
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
 
 
+_TASK_STOP_GRACE = 0.5
+"""Seconds cancelled tasks get to finish even when the shutdown budget is spent."""
 _RPC_CLOSE_GRACE = 0.5
 """Seconds to wait for the broker to acknowledge closing the snapshot RPC channel."""
 
@@ -380,7 +390,8 @@ _RPC_CLOSE_GRACE = 0.5
 async def _within(closing: Coroutine[Any, Any, None], seconds: float, what: str) -> None:
     """Await a close step for at most ``seconds``; a late one is abandoned and logged."""
     try:
-        await asyncio.wait_for(closing, seconds)
+        async with asyncio.timeout(seconds):
+            await closing
     except TimeoutError:
         _log.warning("gave up waiting during shutdown", step=what, seconds=round(seconds, 3))
 
