@@ -70,7 +70,8 @@ async def request_snapshot(
                 f"is dispatchd running with exchange {exchange!r}? ({error})"
             ) from error
         try:
-            body = await asyncio.wait_for(reply, reply_timeout)
+            async with asyncio.timeout(reply_timeout):  # not wait_for: it can lose a stop
+                body = await reply
         except TimeoutError as error:
             raise SnapshotError(
                 f"no snapshot reply on {routing_key!r} within {reply_timeout} s: "
