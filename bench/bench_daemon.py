@@ -151,8 +151,10 @@ def daemon_env(amqp_url: str, exchange: str, state_dir: Path) -> dict[str, str]:
 class Daemon:
     """``python -m dispatchd run`` on a state dir; its JSON log is parsed."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], command: str = "run") -> None:
         self.env = env
+        self.command = command
+        self.listening = asyncio.Event()
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[dict[str, Any]] = []
         self.synced = asyncio.Event()
@@ -167,7 +169,7 @@ class Daemon:
             sys.executable,
             "-m",
             "dispatchd",
-            "run",
+            self.command,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
@@ -175,7 +177,8 @@ class Daemon:
             limit=1 << 20,
         )
         self._reader = asyncio.create_task(self._read())
-        await asyncio.wait_for(self.synced.wait(), within)
+        ready = self.synced if self.command == "run" else self.listening
+        await asyncio.wait_for(ready.wait(), within)
         return time.perf_counter() - started
 
     async def _read(self) -> None:
@@ -189,6 +192,7 @@ class Daemon:
             event = line.get("event")
             if event == "local dispatch API listening":
                 self.api_port = int(line["port"])
+                self.listening.set()
             elif event == "http listening":
                 self.http_port = int(line["address"].rpartition(":")[2])
             elif event == "first sync done":
@@ -343,6 +347,39 @@ async def bench_sync(amqp_url: str, size: int, updates: int) -> None:
             show(f"sync {size}: restart: messages published", f"{len(consumer.messages) - before}")
         finally:
             await restarted.stop()
+
+
+async def bench_sync_separate_api(amqp_url: str, size: int) -> None:
+    """Initial sync from ``dispatchd api`` in its own process, as from a remote API:
+    the daemon's process then does only the daemon's share of the work."""
+    far = datetime.now(UTC) + timedelta(days=1)
+    starts = [far + timedelta(seconds=i) for i in range(size)]
+    exchange = f"bench-daemon-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as api_tmp, tempfile.TemporaryDirectory() as tmp:
+        seed(Path(api_tmp), starts)
+        api = Daemon(daemon_env(amqp_url, exchange, Path(api_tmp)), command="api")
+        await api.start()
+        try:
+            async with bound_queue(amqp_url, exchange) as consumer:
+                env = daemon_env(amqp_url, exchange, Path(tmp))
+                env["DISPATCHD_API__URL"] = f"grpc://127.0.0.1:{api.api_port}?ssl=false"
+                daemon = Daemon(env)
+                try:
+                    seconds = await daemon.start()
+                    show(
+                        f"sync {size}, API in its own process: spawn -> ready",
+                        f"{seconds:.2f} s",
+                        "50k within 5 s",
+                    )
+                    show(
+                        f"sync {size}, API in its own process: first log line -> ready",
+                        f"{daemon.internal_ready_seconds():.2f} s",
+                    )
+                    await consumer.wait_count(lambda: len(consumer.messages) >= size, 600)
+                finally:
+                    await daemon.stop()
+        finally:
+            await api.stop()
 
 
 async def bench_updates(daemon: Daemon, consumer: Consumer, size: int, updates: int) -> None:
@@ -583,6 +620,7 @@ async def main() -> None:
     parser.add_argument("--sync-sizes", type=int, nargs="*", default=[1000, 10000, 50000])
     parser.add_argument("--updates", type=int, default=50)
     parser.add_argument("--lag-sizes", type=int, nargs="*", default=[1, 100, 1000, 5000])
+    parser.add_argument("--separate-api-sizes", type=int, nargs="*", default=[50000])
     parser.add_argument("--bursts", type=int, default=5, help="rounds of 1,000 vs bare")
     parser.add_argument("--burst-gap", type=float, default=6.0)
     parser.add_argument("--idle-dispatches", type=int, default=10000)
@@ -591,6 +629,8 @@ async def main() -> None:
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()}", flush=True)
     for size in args.sync_sizes:
         await bench_sync(args.amqp_url, size, args.updates)
+    for size in args.separate_api_sizes:
+        await bench_sync_separate_api(args.amqp_url, size)
     for size in args.lag_sizes:
         running = await bench_lag(args.amqp_url, size)
         if size == 1000 and running is not None:
