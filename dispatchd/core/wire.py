@@ -237,8 +237,15 @@ def message_id(message: Message) -> str:
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _epoch_micros(moment: datetime) -> int:
-    return (_as_utc(moment) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    """Exact (integer) microseconds since the epoch; a naive time is UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 # -------------------------------------------------------------------- envelope
@@ -404,7 +411,7 @@ def dispatch_json_text(dispatch: Dispatch) -> str:
     return (
         f'{{"id":{dispatch.id:d},"type":{_dump_text(dispatch.type)},'
         f'"start_time":"{format_time(dispatch.start_time)}",'
-        f'"duration":{"null" if duration is None else _dump_text(duration)},'
+        f'"duration":{_number_text(duration)},'
         f'"target":{_target_text(dispatch.target)},'
         f'"active":{_BOOL_TEXT[dispatch.active]},"dry_run":{_BOOL_TEXT[dispatch.dry_run]},'
         f'"payload":{_dump_text(dict(dispatch.payload))},'
@@ -419,10 +426,23 @@ def dispatch_json_text(dispatch: Dispatch) -> str:
 _BOOL_TEXT = {False: "false", True: "true"}
 
 
+@lru_cache(maxsize=1024, typed=True)
 def _target_text(target: TargetComponents) -> str:
+    """Cached: many dispatches share a target (targets are frozensets, hashable).
+
+    ``typed``: an empty ``TargetIds`` equals an empty ``TargetCategories``.
+    """
     if isinstance(target, TargetIds):  # the common case: ints, nothing to escape
         return f'{{"component_ids":[{",".join(str(int(i)) for i in sorted(target))}]}}'
     return _dump_text(_target_to_json(target))
+
+
+def _number_text(value: int | float | None) -> str:
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)  # what the JSON encoder writes for an int
+    return _dump_text(value)
 
 
 def dispatch_from_json(obj: Any, microgrid_id: int) -> Dispatch:

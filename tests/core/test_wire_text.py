@@ -132,3 +132,11 @@ def test_non_json_payload_is_still_a_wire_error() -> None:
         wire.dispatch_json_text(dispatch)
     with pytest.raises(wire.WireError):
         wire.encode(replace(spec_message(), dispatch=dispatch))
+
+
+@FEW
+@given(st.one_of(any_times, zoned_times, st.datetimes()))
+def test_epoch_micros_is_exact(moment: datetime) -> None:
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    expected = (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert wire._epoch_micros(moment) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -11,9 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dispatchd.core.wire import Envelope
-from dispatchd.store import SCHEMA_VERSION, Store, StoreError
+from dispatchd.store import SCHEMA_VERSION, Store, StoreError, _headers_text
 
 
 def envelope(n: int, *, microgrid_id: int = 7, dispatch_id: int = 1) -> Envelope:
@@ -204,3 +207,23 @@ def test_kill_9_mid_commit_leaves_the_last_complete_commit(tmp_path: Path) -> No
     ]
     assert [item.seq for item in loaded.outbox] == sorted(item.seq for item in loaded.outbox)
     store.close()
+
+
+@given(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.text(),
+    st.sampled_from(["created", "updated", "deleted", "running", "stopped"]),
+)
+def test_outbox_headers_text_reads_back_as_the_headers(
+    microgrid_id: int, dispatch_id: int, dispatch_type: str, event: str
+) -> None:
+    headers: dict[str, int | str] = {
+        "microgrid_id": microgrid_id,
+        "dispatch_id": dispatch_id,
+        "dispatch_type": dispatch_type,
+        "event": event,
+        "schema": "dispatchd/v1",
+    }
+    for variant in (headers, {**headers, "extra": 1}, {**headers, "dispatch_id": "7"}):
+        assert json.loads(_headers_text(variant)) == variant
