@@ -33,7 +33,7 @@ Like plain ``rrule``, a recurring rule drops the microseconds of
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice, takewhile
@@ -584,6 +584,13 @@ def _build_recurring(rule: Recurrence, start: datetime, duration: timedelta) -> 
     try:
         base = parts.rrule(dtstart, until)
         probe = parts.rrule(dtstart, horizon if until is None else min(until, horizon))
+        if _off_the_grid(parts, dtstart):
+            # dateutil checks ``until`` only on matches: such a rule would be walked
+            # to the year 9999 (17 s for some MINUTELY rules) to find it empty.
+            return Invalid(
+                "the interval never lands on the allowed weekdays, hours and minutes "
+                "(counted from start_time)"
+            )
         first: datetime | None = next(iter(probe), None)
     except (ValueError, OverflowError) as error:
         return Invalid(f"rule cannot be evaluated: {error}")
@@ -608,6 +615,52 @@ def _build_recurring(rule: Recurrence, start: datetime, duration: timedelta) -> 
     # Anchors built while pinning ``_last`` down ignore it: drop them.
     schedule._anchor = None
     return schedule
+
+
+_GRID: Final[dict[Frequency, tuple[int, int, int]]] = {
+    # frequency: (steps per day, steps per hour position, steps per week)
+    Frequency.MINUTELY: (1440, 60, 10080),
+    Frequency.HOURLY: (24, 1, 168),
+    Frequency.DAILY: (1, 1, 7),
+}
+
+
+def _off_the_grid(parts: _Parts, dtstart: datetime) -> bool:
+    """True when the interval's grid never lands on an allowed weekday, hour and minute.
+
+    From dtstart, a rule steps ``interval`` minutes (hours, days); modulo one
+    week it visits exactly the positions congruent to dtstart's modulo
+    ``gcd(interval, week)``. If none of those is an allowed (weekday, hour,
+    minute), there is no occurrence ever. Month and month-day limits are not
+    considered: True is certain, False is not a promise of a match.
+    """
+    grid = _GRID.get(parts.freq)
+    if grid is None:
+        return False
+    per_day, per_hour, per_week = grid
+    step = gcd(parts.interval, per_week)
+    if step == 1:
+        return False
+    days = parts.byweekday if parts.byweekday is not None else range(7)
+    if parts.freq == Frequency.DAILY:
+        hours: Sequence[int] = (0,)
+    else:
+        hours = parts.byhour if parts.byhour is not None else range(24)
+    if parts.freq == Frequency.MINUTELY:
+        minutes: Sequence[int] = parts.byminute if parts.byminute is not None else range(60)
+    else:
+        minutes = (0,)  # hourly: minutes expand within the hour; daily: ignored here
+    own = (
+        dtstart.weekday() * per_day
+        + (dtstart.hour * per_hour if per_day > 1 else 0)
+        + (dtstart.minute if parts.freq == Frequency.MINUTELY else 0)
+    ) % step
+    return not any(
+        (day * per_day + hour * per_hour + minute) % step == own
+        for day in days
+        for hour in hours
+        for minute in minutes
+    )
 
 
 def _probe_horizon(dtstart: datetime) -> datetime:
