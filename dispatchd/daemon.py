@@ -231,8 +231,8 @@ class Daemon:
     async def _loop(self) -> None:
         """Wait for the next API item or the engine's next deadline, whichever first.
 
-        One timer (the ``wait_for`` timeout) and no polling: between deadlines
-        and API events the daemon sleeps. The timer goes off twice per
+        One timer (the ``asyncio.timeout`` around the inbox) and no polling:
+        between deadlines and API events the daemon sleeps. The timer goes off twice per
         deadline: ``PREPARE_LEAD`` before it, to ready what is due (so a
         burst of starts costs less at its instant), and at the deadline.
         """
@@ -242,11 +242,12 @@ class Daemon:
             preparing = False
             if deadline is not None:
                 left = (deadline - self._clock()).total_seconds()
-                if deadline > self._prepared_until and left > PREPARE_LEAD:
-                    left -= PREPARE_LEAD
-                    preparing = True
-                elif deadline > self._prepared_until:
-                    self._prepare()
+                if deadline > self._prepared_until:
+                    if left > PREPARE_LEAD:
+                        left -= PREPARE_LEAD  # wake first to prepare
+                        preparing = True
+                    else:
+                        self._prepare()
                 timeout = max(0.0, left)
             item: SyncItem | None = None
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a

@@ -200,11 +200,7 @@ class Storage:
 
     def get(self, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
         """The dispatch, or ``None`` if unknown or of another microgrid."""
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM dispatches WHERE id = ? AND microgrid_id = ?",
-            (dispatch_id, microgrid_id),
-        ).fetchone()
-        return _from_row(row) if row else None
+        return _select(self._db, microgrid_id, dispatch_id)
 
     def update(
         self,
@@ -215,13 +211,9 @@ class Storage:
     ) -> StoredDispatch | None:
         """Read, change (may raise to abort) and write back in one transaction."""
         with self._transaction() as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM dispatches WHERE id = ? AND microgrid_id = ?",
-                (dispatch_id, microgrid_id),
-            ).fetchone()
-            if row is None:
+            old = _select(db, microgrid_id, dispatch_id)
+            if old is None:
                 return None
-            old = _from_row(row)
             prepared = change(old.data)
             data, end_time = prepared.data, prepared.end_time
             db.execute(
@@ -248,14 +240,10 @@ class Storage:
     def delete(self, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
         """Remove and return the dispatch, or ``None`` if there was none."""
         with self._transaction() as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM dispatches WHERE id = ? AND microgrid_id = ?",
-                (dispatch_id, microgrid_id),
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute("DELETE FROM dispatches WHERE id = ?", (dispatch_id,))
-        return _from_row(row)
+            deleted = _select(db, microgrid_id, dispatch_id)
+            if deleted is not None:
+                db.execute("DELETE FROM dispatches WHERE id = ?", (dispatch_id,))
+        return deleted
 
     def list(
         self,
@@ -307,6 +295,15 @@ class Storage:
 
 def _is_recurring(data: DispatchData) -> bool:
     return data.recurrence.freq != RecurrenceRule.FREQUENCY_UNSPECIFIED
+
+
+def _select(db: sqlite3.Connection, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
+    """The dispatch with this id in this microgrid, or ``None``."""
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM dispatches WHERE id = ? AND microgrid_id = ?",
+        (dispatch_id, microgrid_id),
+    ).fetchone()
+    return _from_row(row) if row else None
 
 
 def _from_row(row: Sequence[Any]) -> StoredDispatch:

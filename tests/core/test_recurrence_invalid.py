@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds, Weekday
+from dispatchd.core.model import Dispatch, Frequency, Recurrence, Weekday
 from dispatchd.core.recurrence import Invalid, Schedule
+from tests.core.test_recurrence import dispatch as recurrence_dispatch
 
 START = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -19,17 +20,7 @@ def dispatch(
     duration: timedelta | None = timedelta(minutes=5),
     start: datetime = START,
 ) -> Dispatch:
-    return Dispatch(
-        id=7,
-        microgrid_id=1,
-        type="T",
-        start_time=start,
-        duration=duration,
-        target=TargetIds(1),
-        recurrence=recurrence,
-        create_time=START,
-        update_time=START,
-    )
+    return recurrence_dispatch(start, duration, recurrence)
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,13 @@ async def until(moment: datetime) -> None:
         await asyncio.sleep(remaining + 0.01)
 
 
+async def poll(predicate: Callable[[], bool], within: float = 15.0) -> None:
+    """Wait for state that signals no event (outbox size, metrics); bounded."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 (observing state that has no event)
+            await asyncio.sleep(0.01)
+
+
 # ------------------------------------------------------------------ messages
 
 

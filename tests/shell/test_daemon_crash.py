@@ -39,6 +39,8 @@ from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.recurrence import Frequency, RecurrenceRule
 from frequenz.client.dispatch.types import TargetIds
 
+from tests.shell.daemon_harness import until
+
 MICROGRID = 7
 START_TIMEOUT = 60.0
 """Generous: importing grpc and friends takes seconds on a loaded 2-core machine."""
@@ -281,13 +283,6 @@ def _at(seconds: float, *, whole: bool = False) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-async def _until(moment: datetime) -> None:
-    """Let wall-clock time pass up to ``moment`` (the scenario's down time, not a sync)."""
-    delay = (moment - datetime.now(UTC)).total_seconds()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 async def _create(
     client: DispatchApiClient,
     start: datetime,
@@ -408,7 +403,7 @@ async def test_kill_while_running(harness: tuple[DaemonProcess, Observer]) -> No
     kill_time = await asyncio.wait_for(killed, 10)
     assert kill_time < (base + timedelta(seconds=1)).timestamp(), "too slow to kill in time"
     await daemon.wait_dead()
-    await _until(base + timedelta(seconds=2.5))
+    await until(base + timedelta(seconds=2.5))
     await daemon.start()
     await observer.wait_until(
         "everything stopped",
@@ -447,7 +442,7 @@ async def test_kill_at_a_boundary(harness: tuple[DaemonProcess, Observer], offse
     await observer.wait_until(
         "enders running", lambda: all(len(observer.running(i)) == 1 for i in enders), 10
     )
-    await _until(boundary + timedelta(seconds=offset))
+    await until(boundary + timedelta(seconds=offset))
     daemon.kill()
     await daemon.restart_after_kill()
     await observer.wait_until(
@@ -536,7 +531,7 @@ async def test_missed_run_of_a_recurring_dispatch(harness: tuple[DaemonProcess, 
     await observer.wait_until("created", lambda: bool(observer.of(recurring)), 10)
     daemon.kill()
     await daemon.wait_dead()
-    await _until(first + timedelta(seconds=21))
+    await until(first + timedelta(seconds=21))
     await daemon.start()
     second = first + timedelta(seconds=60)
     assert observer.running(recurring) == []

@@ -28,6 +28,7 @@ from tests.shell.daemon_harness import (
     http_get,
     metric,
     mg,
+    poll,
     proxied_amqp_url,
     running_daemon,
     soon,
@@ -36,13 +37,6 @@ from tests.shell.daemon_harness import (
 from tests.tcpproxy import TcpProxy
 
 WAIT = 15.0
-
-
-async def poll(predicate: Callable[[], bool], within: float = WAIT) -> None:
-    """Wait for daemon state that signals no event (outbox size, metrics); bounded."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def readyz_until(port: int, status: int, within: float = WAIT) -> dict[str, object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ from dispatchd import metrics
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.store import OutboxItem, Store
+from tests.shell.daemon_harness import poll
 from tests.tcpproxy import TcpProxy
 
 BROKER_HOST = "127.0.0.1"
@@ -57,13 +58,6 @@ def interleaved(dispatches: int, per_dispatch: int) -> list[Envelope]:
 
 def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    """Poll state or metrics (never used for ordering) until ``predicate`` holds."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 (observing state that has no event)
-            await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -311,11 +305,11 @@ async def test_broker_cut_while_publishing_loses_nothing_and_keeps_order(
         half = len(batches) // 2
         for batch in batches[:half]:
             publisher.submit(commit(store, batch))
-        await wait_for(lambda: store.outbox_size() < 900)
+        await poll(lambda: store.outbox_size() < 900)
         await proxy.refuse()
         for batch in batches[half:]:
             publisher.submit(commit(store, batch))
-        await wait_for(lambda: not publisher.connected)
+        await poll(lambda: not publisher.connected)
         assert publisher.last_error is not None
         assert sample("dispatchd_broker_up") == 0
         assert store.outbox_size() > 0
@@ -408,7 +402,7 @@ async def test_close_with_the_broker_gone_keeps_the_outbox(
         )
         await publisher.start()
         await proxy.refuse()
-        await wait_for(lambda: not publisher.connected)
+        await poll(lambda: not publisher.connected)
         publisher.submit(commit(store, [make_envelope(1, n) for n in range(4)]))
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -434,7 +428,7 @@ async def test_a_broker_that_stops_confirming_times_out_and_gets_everything_repu
         assert await publisher.wait_idle(10)
         proxy.pause()  # publishes reach the broker, its confirms do not come back
         publisher.submit(commit(store, [make_envelope(0, n) for n in range(5, 10)]))
-        await wait_for(lambda: publisher.rounds >= 3)
+        await poll(lambda: publisher.rounds >= 3)
         assert publisher.last_error is not None
         assert "no confirm" in publisher.last_error
         assert store.outbox_size() == 5
@@ -470,7 +464,7 @@ async def test_nacked_messages_are_republished_in_order(
     await publisher.start()
     envelopes = [make_envelope(0, n) for n in range(25)]
     publisher.submit(commit(store, envelopes))
-    await wait_for(lambda: publisher.rounds >= 2)
+    await poll(lambda: publisher.rounds >= 2)
     assert publisher.last_error is not None
     assert "refused" in publisher.last_error
     assert store.outbox_size() == 15
@@ -507,7 +501,7 @@ async def test_repeated_cuts_lose_nothing(
             def progressed(waiting: int = waiting) -> bool:
                 return publisher.unconfirmed < waiting - 50
 
-            await wait_for(progressed)
+            await poll(progressed)
             await proxy.cut()
         assert await publisher.wait_idle(60)
         await consumer.wait_ids(e.message_id for e in envelopes)
