@@ -158,7 +158,7 @@ class ActorDispatcher:
         self._actors: dict[Hashable, _Running] = {}
         self._failed: dict[Hashable, _Failed] = {}
         self._task: asyncio.Task[None] | None = None
-        self._idle = False
+        self._waiting: set[asyncio.Future[Any]] | None = None
 
     # --- the BackgroundService-like surface ---------------------------------------
 
@@ -221,13 +221,16 @@ class ActorDispatcher:
     @property
     def settled(self) -> bool:
         """Waiting for news with nothing pending (for the testing fake)."""
-        receiver = self._receiver
-        pending = isinstance(receiver, _BufferedReceiver) and not receiver.settled
-        return (
-            (self._idle or not self.is_running)
-            and not pending
-            and all(running.updates.settled for running in self._actors.values())
-        )
+        if self.is_running:
+            waiting = self._waiting
+            if waiting is None or any(future.done() for future in waiting):
+                return False
+            if any(failed.retry_at <= self._timer.now() for failed in self._failed.values()):
+                return False
+            receiver = self._receiver
+            if isinstance(receiver, _BufferedReceiver) and not receiver.settled:
+                return False
+        return all(running.updates.settled for running in self._actors.values())
 
     # --- the loop -----------------------------------------------------------------
 
@@ -246,11 +249,11 @@ class ActorDispatcher:
                 )
                 if sleeping is not None:
                     waits.add(sleeping)
-                self._idle = True
+                self._waiting = waits
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    self._idle = False
+                    self._waiting = None
                     if sleeping is not None and not sleeping.done():
                         sleeping.cancel()
                 if receiving.done():

@@ -140,7 +140,6 @@ class _BufferedReceiver(Receiver[T]):
         self._wakeup = asyncio.Event()
         self._closed = False
         self._waiting = 0
-        self._ever_waited = False
 
     def push(self, item: T) -> None:
         if self._closed:
@@ -154,12 +153,11 @@ class _BufferedReceiver(Receiver[T]):
 
     @property
     def settled(self) -> bool:
-        """Nothing pending for a consumer: empty, or never read from at all."""
-        return not self._pending or not self._ever_waited or self._closed
+        """No consumer is about to wake for a message (for the testing fake)."""
+        return not (self._pending and self._waiting)
 
     async def ready(self) -> bool:
         """Wait for a message; ``False`` once closed and drained."""
-        self._ever_waited = True
         while not self._pending:
             if self._closed:
                 return False

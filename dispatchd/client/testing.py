@@ -56,6 +56,7 @@ DEFAULT_START: Final = datetime(2026, 1, 1, tzinfo=UTC)
 """Where a fake clock starts unless told otherwise (a fixed instant: tests repeat)."""
 
 _SETTLE_ROUNDS: Final = 10_000
+_QUIET_ROUNDS: Final = 5
 
 
 class FakeClock:
@@ -294,16 +295,17 @@ class FakeDispatcher(Managing):
     async def settle(self) -> None:
         """Wait until the receivers and managed actors took everything delivered.
 
-        A receiver that nobody ever read from is not waited for. Raises
-        ``RuntimeError`` when something keeps a receiver from being read.
+        Waits for the consumers that are waiting on a receiver (a task's
+        ``async for``, a managed actor's update loop) to take what arrived and
+        finish that step; messages for a receiver the test reads itself stay
+        there. Raises ``RuntimeError`` when consumers never catch up.
         """
+        quiet = 0
         for _ in range(_SETTLE_ROUNDS):
             await asyncio.sleep(0)
-            if self._settled():
-                for _ in range(3):  # let the last consumers finish their step
-                    await asyncio.sleep(0)
-                if self._settled():
-                    return
+            quiet = quiet + 1 if self._settled() else 0
+            if quiet >= _QUIET_ROUNDS:  # consumers also finished the step they took
+                return
         raise RuntimeError("FakeDispatcher.settle: receivers or actors never caught up")
 
     # --- internals ----------------------------------------------------------------------

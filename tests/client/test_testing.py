@@ -164,3 +164,25 @@ async def test_feeding_errors_are_clear() -> None:
         await dispatcher.new_running_state_event_receiver("T")
     with pytest.raises(KeyError, match="no dispatch 9"):
         await dispatcher.update(9, active=False)
+
+
+async def test_settle_waits_for_consumer_tasks_not_for_receivers_the_test_reads() -> None:
+    async with FakeDispatcher() as dispatcher:
+        direct = dispatcher.running_status_change.new_receiver()
+        background = dispatcher.running_status_change.new_receiver()
+        seen: list[tuple[int, bool]] = []
+
+        async def consume() -> None:
+            async for dispatch in background:
+                await asyncio.sleep(0)  # an actor that awaits while handling
+                seen.append((dispatch.id, dispatch.started))
+
+        task = asyncio.create_task(consume())
+        await dispatcher.create("T", duration=MINUTE)
+        assert seen == [(1, True)]
+        assert (await direct.receive()).id == 1
+        await dispatcher.create("T", start_in=2 * MINUTE, duration=MINUTE)
+        await dispatcher.advance(4 * MINUTE)  # nobody reads `direct` meanwhile: fine
+        assert seen == [(1, True), (1, False), (2, True), (2, False)]
+        assert [(await direct.receive()).id for _ in range(3)] == [1, 2, 2]
+        task.cancel()
