@@ -148,7 +148,7 @@ async def test_type_change_stops_old_type_actors(
     amqp_url: str, exchange: str, daemon: DaemonHandle
 ) -> None:
     # The API client cannot change a type, so the daemon's two messages for
-    # one (semantics.md consequence 15) are encoded here and published as is.
+    # one (docs/scheduling.md: a type change while running) are encoded here and published as is.
     before = core(900, type="OLD", start=0, duration=3600, microgrid_id=MG)
     after = replace(before, type="NEW", update_time=before.update_time + timedelta(seconds=1))
     messages = [
