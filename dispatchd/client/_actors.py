@@ -30,7 +30,7 @@ from typing import Any, Protocol, Self
 from frequenz.channels import Receiver, ReceiverStoppedError
 
 from dispatchd.client._dispatch import Dispatch, system_now
-from dispatchd.client._fanout import DeliveryCounts, _BufferedReceiver, _Pending
+from dispatchd.client._fanout import _BufferedReceiver, _Pending
 from dispatchd.client._merge import MergeStrategy
 from dispatchd.core.model import TargetComponents
 
@@ -288,7 +288,7 @@ class ActorDispatcher:
             running.updates.push(info)
             return
         updates = _BufferedReceiver(
-            _Pending(f"dispatch updates of {identity}", 1, _same, DeliveryCounts())
+            _Pending(f"dispatch updates of {identity}", 1, _same, None)
         )
         try:
             actor = await self._factory(info, updates)

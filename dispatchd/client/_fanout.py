@@ -70,7 +70,10 @@ class ReceiverFetcher(Generic[T]):
 class _Pending(Generic[T]):
     """A FIFO bounded by ``limit``: drops the oldest, or coalesces by ``key``."""
 
-    def __init__(self, name: str, limit: int, key: Key[T] | None, counts: DeliveryCounts) -> None:
+    def __init__(
+        self, name: str, limit: int, key: Key[T] | None, counts: DeliveryCounts | None
+    ) -> None:
+        """``counts=None``: losses are not a receiver's (a hold), logged at DEBUG only."""
         self.name = name
         self._limit = max(1, limit)
         self._key = key
@@ -111,10 +114,13 @@ class _Pending(Generic[T]):
 
     def _make_room(self, incoming: T) -> None:
         key = self._key
+        counts = self._counts
+        level = logging.WARNING if counts is not None else logging.DEBUG
         if key is None:
             lost = self._items.popleft()
-            self._counts.dropped += 1
-            _log.warning("%s: buffer full, dropped the oldest message %r", self.name, lost)
+            if counts is not None:
+                counts.dropped += 1
+            _log.log(level, "%s: buffer full, dropped the oldest message %r", self.name, lost)
             return
         incoming_key = key(incoming)
         for index, item in enumerate(self._items):
@@ -122,8 +128,10 @@ class _Pending(Generic[T]):
             if item_key == incoming_key or self._per_key[item_key] > 1:
                 del self._items[index]
                 self._forget(item_key)
-                self._counts.coalesced += 1
-                _log.warning(
+                if counts is not None:
+                    counts.coalesced += 1
+                _log.log(
+                    level,
                     "%s: buffer full, coalesced %r into a newer message of the same dispatch",
                     self.name,
                     item,
@@ -224,7 +232,7 @@ class FanOut(Generic[T]):
         self._counts = counts if counts is not None else DeliveryCounts()
         self._outlets: list[_Outlet[T]] = []
         self._held: _Pending[T] | None = (
-            _Pending(f"{name} (held)", hold, key, self._counts) if hold > 0 else None
+            _Pending(f"{name} (held)", hold, key, None) if hold > 0 else None
         )
         self._closed = False
 
