@@ -287,9 +287,7 @@ class ActorDispatcher:
             _log.info("updating actor %s with dispatch %s", identity, dispatch.id)
             running.updates.push(info)
             return
-        updates = _BufferedReceiver(
-            _Pending(f"dispatch updates of {identity}", 1, _same, None)
-        )
+        updates = _BufferedReceiver(_Pending(f"dispatch updates of {identity}", 1, _same, None))
         try:
             actor = await self._factory(info, updates)
             actor.start()

@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -92,7 +92,10 @@ class _Subscription:
         return self._queue_name
 
     async def open(self, connection: AbstractRobustConnection) -> None:
-        """Bind, then snapshot and deliver, then consume (see the module doc)."""
+        """Declare (counting a durable queue's backlog), bind, snapshot, consume.
+
+        See the module doc; the snapshot is delivered after the backlog.
+        """
         owner = self._owner
         channel = self._channel = await connection.channel()
         await channel.set_qos(prefetch_count=_PREFETCH)
@@ -116,6 +119,24 @@ class _Subscription:
         self._queue = queue
         await self.feed.expect_backlog(backlog or 0, await self._snapshot(connection))
         await queue.consume(self._on_message)
+        if self.feed.backlog_left:
+            self._owner._run_in_background(self._watch_backlog())
+
+    async def _watch_backlog(self) -> None:
+        """Apply the snapshot anyway when the backlog stops coming before its end."""
+        left = self.feed.backlog_left
+        while left:
+            await asyncio.sleep(self._owner.snapshot_timeout)
+            if self.feed.backlog_left == left:
+                _log.warning(
+                    "queue %s: %d messages of its backlog never came (another consumer "
+                    "took them, or they expired); delivering the snapshot now",
+                    self._queue_name,
+                    left,
+                )
+                await self.feed.end_backlog()
+                return
+            left = self.feed.backlog_left
 
     async def resnapshot(self, connection: AbstractRobustConnection) -> None:
         """Ask the snapshot and deliver what this subscription has not delivered yet."""
@@ -379,9 +400,13 @@ class Dispatcher(Managing):
         """Private queues lost what was published meanwhile: re-ask the snapshot."""
         private = [s for s in self._subscriptions() if not s.durable]
         if private and not self._stopped:
-            task = asyncio.create_task(self._resnapshot(private))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._run_in_background(self._resnapshot(private))
+
+    def _run_in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """A task that ``stop()`` cancels."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _subscriptions(self) -> Iterable[_Subscription]:
         return [self._main, *self._typed.values()]

@@ -89,14 +89,26 @@ class Feed:
                 await self.running.send(dispatch)
         await self.skipped()
 
+    @property
+    def backlog_left(self) -> int:
+        """Backlog messages not consumed yet (0 once the snapshot was applied)."""
+        return self._backlog
+
+    async def end_backlog(self) -> None:
+        """Apply the held snapshot now: the rest of the backlog will not come
+        (another consumer of the queue took it, or it expired)."""
+        self._backlog = 0
+        if self._after_backlog is not None:
+            snapshot, self._after_backlog = self._after_backlog, None
+            await self.apply_snapshot(snapshot)
+
     async def skipped(self) -> None:
         """A message was consumed without delivery (rejected): it still counts as backlog."""
         if self._backlog <= 0:
             return
         self._backlog -= 1
-        if self._backlog == 0 and self._after_backlog is not None:
-            snapshot, self._after_backlog = self._after_backlog, None
-            await self.apply_snapshot(snapshot)
+        if self._backlog == 0:
+            await self.end_backlog()
 
     async def close(self) -> None:
         """End the running receivers."""
