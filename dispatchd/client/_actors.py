@@ -173,7 +173,7 @@ class ActorDispatcher:
         return self._task is not None and not self._task.done()
 
     def cancel(self, msg: str | None = None) -> None:
-        """Stop following the receiver; the task stops every actor as it ends."""
+        """Stop following the receiver (``stop()`` also stops the actors)."""
         if self._task is not None:
             self._task.cancel(msg)
 

@@ -10,10 +10,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
-from frequenz.channels import Receiver
+from frequenz.channels import Broadcast, Receiver
 from frequenz.client.dispatch.types import TargetIds
 
-from dispatchd.client import Dispatcher, DispatchInfo, MergeByTypeTarget
+from dispatchd.client import (
+    ActorDispatcher,
+    Dispatch,
+    Dispatcher,
+    DispatchInfo,
+    MergeByTypeTarget,
+)
+from dispatchd.client.testing import FakeClock
+from tests.client.helpers import T0, announced, core
 from tests.client.support import create
 from tests.shell.daemon_harness import MG, DaemonHandle, mg, soon
 
@@ -38,9 +46,11 @@ class Actors:
         self.failures = failures
         self.calls: list[float] = []
         self.built = 0
+        self.called = asyncio.Event()
 
     async def factory(self, info: DispatchInfo, updates: Receiver[DispatchInfo]) -> RecordingActor:
         self.calls.append(time.monotonic())
+        self.called.set()
         if len(self.calls) <= self.failures:
             raise ConnectionError("battery inverter unreachable")
         self.built += 1
@@ -210,3 +220,34 @@ async def test_stop_managing_stops_the_actors_of_that_type_only(
         assert not dispatcher.is_managed("A") and dispatcher.is_managed("B")
         await create(daemon.client, "B", start_in=0.2, duration=30)
         assert (await actors.next()).what == "started"
+
+
+async def test_actor_dispatcher_alone_on_a_plain_channel_and_a_fake_clock() -> None:
+    """Built by hand over any ``frequenz.channels`` receiver, as in frequenz.dispatch."""
+    channel: Broadcast[Dispatch] = Broadcast(name="running")
+    sender = channel.new_sender()
+    clock = FakeClock(T0)
+    actors = Actors(failures=1)
+    manager = ActorDispatcher(
+        actors.factory,
+        channel.new_receiver(),
+        dispatch_identity=lambda dispatch: dispatch.type,
+        retry_interval=timedelta(seconds=10),
+        timer=clock,
+    )
+    async with manager:
+        await sender.send(announced(core(1, type="A"), running=True))
+        async with asyncio.timeout(WAIT):
+            await actors.called.wait()  # the failure is recorded in the same step
+        assert manager.failed_starts == {"A": 1} and actors.events.empty()
+        clock.set(T0 + timedelta(seconds=10))
+        assert (await actors.next()).what == "started"
+        assert list(manager.actors) == ["A"] and manager.failed_starts == {}
+        await sender.send(announced(core(2, type="A"), running=True))
+        assert (await actors.next()).what == "updated"
+        await sender.send(announced(core(2, type="A"), running=False))
+        assert (await actors.next()).what == "stopped"
+        await sender.send(announced(core(3, type="B"), running=True))
+        assert (await actors.next()).what == "started"
+    assert (await actors.next()).what == "stopped"  # leaving stops the rest
+    assert not manager.is_running
