@@ -25,9 +25,11 @@ from dispatchd.core.recurrence import Invalid, Schedule
 __all__ = ["Announcement", "Dispatch", "MissedRuns", "RunningState"]
 
 Clock = Callable[[], datetime]
+"""What "now" is for a dispatch's time questions (the testing fake passes its own)."""
 
 
-def _now() -> datetime:
+def system_now() -> datetime:
+    """The wall clock, in UTC."""
     return datetime.now(UTC)
 
 
@@ -111,7 +113,7 @@ class Dispatch:
         announced: Announcement | None = None,
         running_state_change_synced: datetime | None = None,
         missed_runs: tuple[datetime, ...] = (),
-        clock: Clock = _now,
+        clock: Clock = system_now,
     ) -> None:
         """Wrap a core dispatch; ``clock`` is for tests that need a fixed now."""
         self.core = core
@@ -217,11 +219,21 @@ class Dispatch:
 
     @property
     def started(self) -> bool:
-        """Whether the schedule says the dispatch runs now (active, not deleted)."""
+        """Whether an actor should run for this dispatch now (``frequenz.dispatch``'s test).
+
+        With an announcement (running messages and the snapshot) the
+        announcement decides, exactly as ``running(type)`` does: a
+        ``running`` message reads started even when it arrives late or the
+        occurrence lasts 0 s. Without one (lifecycle events) the schedule at
+        now decides.
+        """
+        announced = self._announced
+        if announced is not None:
+            return announced.running and not self._deleted
         return self._scheduled_running_at(self._clock())
 
     def started_at(self, now: datetime) -> bool:
-        """Whether the schedule says the dispatch runs at ``now``."""
+        """Whether the schedule says the dispatch runs at ``now`` (active, not deleted)."""
         return self._scheduled_running_at(now)
 
     @property
@@ -266,12 +278,7 @@ class Dispatch:
         """
         if self.core.type != type:
             return RunningState.DIFFERENT_TYPE
-        announced = self._announced
-        if announced is not None:
-            running = announced.running and not self._deleted
-        else:
-            running = self._scheduled_running_at(self._clock())
-        return RunningState.RUNNING if running else RunningState.STOPPED
+        return RunningState.RUNNING if self.started else RunningState.STOPPED
 
     # --- conversions ----------------------------------------------------------
 

@@ -4,11 +4,14 @@ Start-up order, chosen so that nothing is lost between the state an actor
 starts from and the first live message:
 
 1. declare and bind the actor's queue (from now on the broker keeps every
-   message for it);
-2. ask the snapshot RPC for the current state and deliver the dispatches
-   running now;
-3. consume the queue. A live message the snapshot already covers has a
-   sequence at or below the snapshot's and is dropped.
+   message for it); the declaration says how many messages a durable queue
+   kept while the actor was down (its backlog);
+2. ask the snapshot RPC for the current state;
+3. without a backlog, deliver the dispatches running now, then consume; a
+   live message the snapshot already covers has a sequence at or below the
+   snapshot's and is dropped. With a backlog, consume and deliver the
+   backlog first, in order, then apply the snapshot for the dispatches the
+   backlog said nothing newer about (see ``_feed``).
 
 After the robust connection recovers, aio-pika redeclares the queue, its
 bindings and the consumer; a private queue lost whatever was published
@@ -22,7 +25,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -36,14 +39,15 @@ from aio_pika.abc import (
 from frequenz.channels import Receiver
 from frequenz.client.dispatch import DispatchApiClient
 
+from dispatchd.client._actors import ActorDispatcher, Managing
 from dispatchd.client._dispatch import Dispatch
 from dispatchd.client._events import DispatchEvent
-from dispatchd.client._fanout import FanOut, ReceiverFetcher
+from dispatchd.client._fanout import DeliveryCounts, FanOut, ReceiverFetcher
+from dispatchd.client._feed import Feed
 from dispatchd.client._merge import MergeStrategy, RunningMerger
 from dispatchd.client._snapshot import request_snapshot
-from dispatchd.client._state import LifecycleFilter, RunningTracker
 from dispatchd.core import wire
-from dispatchd.core.messages import Kind, LifecycleMessage
+from dispatchd.core.messages import Kind
 
 __all__ = ["Dispatcher"]
 
@@ -73,12 +77,13 @@ class _Subscription:
         self._queue_name = queue_name or f"dispatchd.client.{uuid.uuid4().hex}"
         self._binding_keys = binding_keys
         self._snapshot_type = snapshot_type
-        self.tracker = RunningTracker()
-        self.running: FanOut[Dispatch] = FanOut(
-            f"running:{snapshot_type or '*'}", prime=self.tracker.running_now
+        self.feed = Feed(
+            f"running:{snapshot_type or '*'}",
+            lifecycle=lifecycle,
+            hold_running=self.durable,
+            counts=owner.delivery_counts,
         )
-        self._lifecycle = lifecycle
-        self._lifecycle_filter = LifecycleFilter()
+        self.running: FanOut[Dispatch] = self.feed.running
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
 
@@ -87,7 +92,10 @@ class _Subscription:
         return self._queue_name
 
     async def open(self, connection: AbstractRobustConnection) -> None:
-        """Bind, then snapshot and deliver, then consume (see the module doc)."""
+        """Declare (counting a durable queue's backlog), bind, snapshot, consume.
+
+        See the module doc; the snapshot is delivered after the backlog.
+        """
         owner = self._owner
         channel = self._channel = await connection.channel()
         await channel.set_qos(prefetch_count=_PREFETCH)
@@ -105,14 +113,36 @@ class _Subscription:
                 auto_delete=True,
                 arguments=dict(owner.queue_arguments),
             )
+        backlog = queue.declaration_result.message_count if self.durable else 0
         for key in self._binding_keys:
             await queue.bind(exchange, routing_key=key)
         self._queue = queue
-        await self.resnapshot(connection)
+        await self.feed.expect_backlog(backlog or 0, await self._snapshot(connection))
         await queue.consume(self._on_message)
+        if self.feed.backlog_left:
+            self._owner._run_in_background(self._watch_backlog())
+
+    async def _watch_backlog(self) -> None:
+        """Apply the snapshot anyway when the backlog stops coming before its end."""
+        left = self.feed.backlog_left
+        while left:
+            await asyncio.sleep(self._owner.snapshot_timeout)
+            if self.feed.backlog_left == left:
+                _log.warning(
+                    "queue %s: %d messages of its backlog never came (another consumer "
+                    "took them, or they expired); delivering the snapshot now",
+                    self._queue_name,
+                    left,
+                )
+                await self.feed.end_backlog()
+                return
+            left = self.feed.backlog_left
 
     async def resnapshot(self, connection: AbstractRobustConnection) -> None:
         """Ask the snapshot and deliver what this subscription has not delivered yet."""
+        await self.feed.apply_snapshot(await self._snapshot(connection))
+
+    async def _snapshot(self, connection: AbstractRobustConnection) -> wire.SnapshotReply:
         owner = self._owner
         reply = await request_snapshot(
             connection,
@@ -127,14 +157,13 @@ class _Subscription:
                 "the snapshot may be incomplete",
                 owner.microgrid_id,
             )
-        for dispatch in self.tracker.apply_snapshot(reply):
-            await self.running.send(dispatch)
+        return reply
 
     async def close(self) -> None:
         channel = self._channel
         if channel is not None and not channel.is_closed:
             await channel.close()
-        await self.running.close()
+        await self.feed.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         """Deliver one message; a malformed one is rejected (dead-lettered), not requeued."""
@@ -148,22 +177,14 @@ class _Subscription:
                 message.routing_key,
                 error,
             )
+            await self.feed.skipped()
             await message.reject(requeue=False)
             return
-        if isinstance(decoded, LifecycleMessage):
-            if self._lifecycle is not None:
-                message_id = message.message_id or wire.message_id(decoded)
-                event = self._lifecycle_filter.accept(decoded, message_id)
-                if event is not None:
-                    await self._lifecycle.send(event)
-        else:
-            dispatch = self.tracker.accept(decoded)
-            if dispatch is not None:
-                await self.running.send(dispatch)
+        await self.feed.deliver(decoded, message.message_id)
         await message.ack()
 
 
-class Dispatcher:
+class Dispatcher(Managing):
     """Lifecycle events and running-state changes of one microgrid, from dispatchd.
 
     ``queue=None`` declares a private queue (exclusive, auto-delete) that
@@ -201,7 +222,12 @@ class Dispatcher:
         self._sign_secret = sign_secret
         self._client: DispatchApiClient | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._lifecycle: FanOut[DispatchEvent] = FanOut("lifecycle", hold=_LIFECYCLE_HOLD)
+        self.delivery_counts = DeliveryCounts()
+        """What slow receivers lost: running messages coalesced, lifecycle events dropped."""
+        self._lifecycle: FanOut[DispatchEvent] = FanOut(
+            "lifecycle", hold=_LIFECYCLE_HOLD, counts=self.delivery_counts
+        )
+        self._managed: dict[str, ActorDispatcher] = {}
         self._main = _Subscription(
             owner=self,
             queue_name=queue,
@@ -236,10 +262,14 @@ class Dispatcher:
         connection.reconnect_callbacks.add(self._on_reconnect)
 
     async def stop(self) -> None:
-        """Close the connection and end every receiver; private queues vanish."""
+        """Stop every managed actor, close the connection and end every receiver.
+
+        Private queues vanish; durable ones keep collecting messages.
+        """
         if self._stopped:
             return
         self._stopped = True
+        await self._stop_managing_all()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -370,9 +400,13 @@ class Dispatcher:
         """Private queues lost what was published meanwhile: re-ask the snapshot."""
         private = [s for s in self._subscriptions() if not s.durable]
         if private and not self._stopped:
-            task = asyncio.create_task(self._resnapshot(private))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._run_in_background(self._resnapshot(private))
+
+    def _run_in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """A task that ``stop()`` cancels."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _subscriptions(self) -> Iterable[_Subscription]:
         return [self._main, *self._typed.values()]

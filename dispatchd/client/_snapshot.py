@@ -1,4 +1,4 @@
-"""The snapshot RPC from the actor's side (wire-v1 § 6)."""
+"""The snapshot RPC from the actor's side (docs/messages.md)."""
 
 from __future__ import annotations
 

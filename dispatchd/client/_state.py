@@ -2,9 +2,12 @@
 
 Running messages are deduplicated by ``(dispatch id, sequence)``: the daemon
 numbers every running message of a dispatch, so anything at or below the
-last sequence seen (a republished message, a live message the snapshot
-already covered, a snapshot older than a live message) is dropped. Lifecycle
-messages are deduplicated by ``message_id`` in a bounded LRU.
+last sequence delivered (a republished message, a live message the snapshot
+already covered, a snapshot older than a live message) is dropped. A
+snapshot entry that is not delivered (a stopped dispatch the actor never saw
+running) is not remembered either, so the messages of a run that happened
+while the snapshot was being taken still arrive. Lifecycle messages are
+deduplicated by ``message_id`` in a bounded LRU.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
-from dispatchd.client._dispatch import Announcement, Dispatch
+from dispatchd.client._dispatch import Announcement, Clock, Dispatch, system_now
 from dispatchd.client._events import Created, Deleted, DispatchEvent, Updated
 from dispatchd.core.messages import Event, LifecycleMessage, Reason, RunningMessage
 from dispatchd.core.wire import SnapshotReply
@@ -24,7 +27,7 @@ DEFAULT_LIFECYCLE_MEMORY = 10_000
 than this many other lifecycle messages is delivered again."""
 
 
-def dispatch_of(message: RunningMessage) -> Dispatch:
+def dispatch_of(message: RunningMessage, clock: Clock = system_now) -> Dispatch:
     """The actor's view of a running message."""
     return Dispatch(
         message.dispatch,
@@ -39,14 +42,16 @@ def dispatch_of(message: RunningMessage) -> Dispatch:
         ),
         running_state_change_synced=message.running_state_change_synced,
         missed_runs=message.missed_runs,
+        clock=clock,
     )
 
 
 class RunningTracker:
     """Drops running duplicates and remembers which dispatches run (for new receivers)."""
 
-    def __init__(self) -> None:
-        """Nothing seen yet."""
+    def __init__(self, clock: Clock = system_now) -> None:
+        """Nothing seen yet; ``clock`` is what the dispatches' time questions read."""
+        self._clock = clock
         self._sequences: dict[int, int] = {}
         self._running: dict[int, Dispatch] = {}
 
@@ -57,7 +62,7 @@ class RunningTracker:
         if last is not None and message.sequence <= last:
             return None
         self._sequences[dispatch_id] = message.sequence
-        dispatch = dispatch_of(message)
+        dispatch = dispatch_of(message, self._clock)
         self._remember(dispatch)
         return dispatch
 
@@ -78,9 +83,9 @@ class RunningTracker:
             last = self._sequences.get(dispatch_id)
             if last is not None and entry.sequence <= last:
                 continue
-            self._sequences[dispatch_id] = entry.sequence
             if not entry.running and dispatch_id not in self._running:
                 continue
+            self._sequences[dispatch_id] = entry.sequence
             dispatch = Dispatch(
                 entry.dispatch,
                 announced=Announcement(
@@ -91,6 +96,7 @@ class RunningTracker:
                     until=entry.until,
                     from_snapshot=True,
                 ),
+                clock=self._clock,
             )
             self._remember(dispatch)
             delivered.append(dispatch)
@@ -109,6 +115,7 @@ class RunningTracker:
                         until=None,
                         from_snapshot=True,
                     ),
+                    clock=self._clock,
                 )
             )
         return delivered
@@ -135,9 +142,10 @@ _EVENTS: dict[Event, Callable[[Dispatch], DispatchEvent]] = {
 class LifecycleFilter:
     """Drops lifecycle duplicates by message id, remembering a bounded number."""
 
-    def __init__(self, memory: int = DEFAULT_LIFECYCLE_MEMORY) -> None:
+    def __init__(self, memory: int = DEFAULT_LIFECYCLE_MEMORY, clock: Clock = system_now) -> None:
         """``memory``: how many recent keys to remember."""
         self._memory = memory
+        self._clock = clock
         self._seen: OrderedDict[Hashable, None] = OrderedDict()
 
     def accept(self, message: LifecycleMessage, message_id: str) -> DispatchEvent | None:
@@ -151,7 +159,9 @@ class LifecycleFilter:
         version = (dispatch.id, message.event, dispatch.update_time)
         if self._seen_before(message_id) | self._seen_before(version):
             return None
-        return _EVENTS[message.event](Dispatch(dispatch, deleted=message.event is Event.DELETED))
+        return _EVENTS[message.event](
+            Dispatch(dispatch, deleted=message.event is Event.DELETED, clock=self._clock)
+        )
 
     def _seen_before(self, key: Hashable) -> bool:
         seen = self._seen

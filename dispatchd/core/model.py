@@ -58,8 +58,13 @@ class Recurrence:
 
     @classmethod
     def from_client(cls, rule: RecurrenceRule) -> Recurrence | None:
-        """Freeze the client's rule; an UNSPECIFIED frequency means one-off."""
-        if rule.frequency == Frequency.UNSPECIFIED:
+        """Freeze the client's rule; an UNSPECIFIED frequency without by-rules means one-off.
+
+        With by-rules (e.g. ``byhours=[8]``) it is a malformed rule, kept as
+        is so that the schedule rejects it (it never runs), in the daemon and
+        in every actor alike.
+        """
+        if rule.frequency == Frequency.UNSPECIFIED and not _has_by_rules(rule):
             return None
         end = rule.end_criteria
         return cls(
@@ -172,7 +177,7 @@ class Dispatch:
             payload=_struct_to_dict(data.payload),
             recurrence=(
                 None
-                if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED
+                if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED and not _has_by_rules(rule)
                 else Recurrence.from_client(RecurrenceRule.from_protobuf(rule))
             ),
             create_time=_utc(to_datetime(metadata.create_time)),
@@ -190,6 +195,13 @@ class Dispatch:
     def is_recurring(self) -> bool:
         """Whether the recurrence rule applies (infinite dispatches ignore it)."""
         return self.recurrence is not None and self.duration is not None
+
+
+def _has_by_rules(rule: RecurrenceRule | PBRecurrenceRule) -> bool:
+    """Whether any by-rule is set (the client's and the protobuf rule name them alike)."""
+    return bool(
+        rule.byminutes or rule.byhours or rule.byweekdays or rule.bymonthdays or rule.bymonths
+    )
 
 
 def _struct_to_dict(struct: Struct) -> dict[str, Any]:

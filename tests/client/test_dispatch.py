@@ -17,11 +17,15 @@ from tests.client.helpers import announced, at, core
 def test_running_uses_the_announcement_even_when_the_schedule_says_otherwise() -> None:
     # Duration 0: the running message's occurrence is over the instant it is
     # read, yet it must read RUNNING so a one-shot actor triggers.
+    # ``started`` (the newest frequenz.dispatch's test) agrees with running();
+    # ``started_at`` asks the schedule.
     zero = core(duration=0)
     dispatch = announced(zero, running=True, clock_at=10)
-    assert not dispatch.started
+    assert dispatch.started
+    assert not dispatch.started_at(at(10))
     assert dispatch.running("T") is RunningState.RUNNING
-    assert announced(zero, running=False, clock_at=10).running("T") is RunningState.STOPPED
+    stopped = announced(zero, running=False, clock_at=10)
+    assert stopped.running("T") is RunningState.STOPPED and not stopped.started
 
 
 def test_running_of_another_type_is_different_type() -> None:
@@ -47,6 +51,24 @@ def test_deleted_reads_stopped_even_with_a_running_announcement() -> None:
     assert base.announced is not None
     deleted = Dispatch(base.core, deleted=True, announced=base.announced)
     assert deleted.running("T") is RunningState.STOPPED
+    assert not deleted.started
+
+
+def test_started_follows_a_late_announcement_not_the_clock() -> None:
+    # A running message read after its occurrence ended (or on a clock that
+    # lags the daemon's) still says: run. The stopped message follows.
+    late = announced(core(start=10, duration=30), running=True, clock_at=45)
+    assert late.started and not late.started_at(at(45)) and late.started_at(at(20))
+
+
+def test_a_by_rule_without_frequency_never_runs_in_the_sdk_either() -> None:
+    malformed = core(
+        start=10, duration=30, recurrence=Recurrence(frequency=Frequency.UNSPECIFIED, byhours=(8,))
+    )
+    dispatch = Dispatch(malformed, clock=lambda: at(15))
+    assert not dispatch.started and not dispatch.started_at(at(10))
+    assert dispatch.next_run is None and dispatch.until is None
+    assert dispatch.running("T") is RunningState.STOPPED
 
 
 def test_until_next_run_and_started_use_the_daemons_recurrence() -> None:

@@ -6,9 +6,11 @@ import asyncio
 import logging
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import aio_pika
 import pytest
+from frequenz.api.dispatch.v1.dispatch_pb2 import RecurrenceRule as PBRecurrenceRule
 from frequenz.channels import ReceiverStoppedError
 from frequenz.client.dispatch.types import TargetIds
 
@@ -27,7 +29,8 @@ from dispatchd.core import wire
 from dispatchd.core.messages import Event, Reason
 from tests.client.helpers import core, running_message
 from tests.client.support import create, expect_quiet, states, take, take_until
-from tests.shell.daemon_harness import MG, DaemonHandle, QueueObserver, mg, soon
+from tests.shell.daemon_harness import MG, DaemonHandle, QueueObserver, mg, running_daemon, soon
+from tests.shell.scripted_api import CREATED, ScriptedApi, dispatch_pb
 
 
 async def test_late_joiner_gets_running_dispatches_from_the_snapshot_then_transitions(
@@ -64,7 +67,8 @@ async def test_duration_zero_reads_running_then_stopped(
         one_shot = await create(daemon.client, start_in=0.3, duration=0.0)
         got = await take(running, 2)
         assert states(got) == [(int(one_shot.id), "RUNNING"), (int(one_shot.id), "STOPPED")]
-        assert not got[0].started  # the schedule alone would have said STOPPED
+        assert got[0].started  # as running() reads it: the announcement decides
+        assert not got[0].started_at(got[0].start_time)  # the schedule alone says no
 
 
 async def test_lifecycle_events_reach_every_receiver(
@@ -144,7 +148,7 @@ async def test_type_change_stops_old_type_actors(
     amqp_url: str, exchange: str, daemon: DaemonHandle
 ) -> None:
     # The API client cannot change a type, so the daemon's two messages for
-    # one (semantics.md consequence 15) are encoded here and published as is.
+    # one (docs/scheduling.md: a type change while running) are encoded here and published as is.
     before = core(900, type="OLD", start=0, duration=3600, microgrid_id=MG)
     after = replace(before, type="NEW", update_time=before.update_time + timedelta(seconds=1))
     messages = [
@@ -349,9 +353,10 @@ async def test_a_receiver_created_later_starts_with_what_runs_now(
         assert isinstance(from_snapshot, Dispatch)
 
 
-async def test_a_slow_receiver_loses_its_oldest_messages_alone(
-    amqp_url: str, exchange: str, daemon: DaemonHandle
+async def test_a_slow_running_receiver_coalesces_and_never_loses_a_stop(
+    amqp_url: str, exchange: str, daemon: DaemonHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="dispatchd.client")
     async with Dispatcher(MG, amqp_url, exchange=exchange) as dispatcher:
         slow = dispatcher.running_status_change.new_receiver(name="slow", limit=2)
         fast = dispatcher.running_status_change.new_receiver(name="fast")
@@ -364,6 +369,38 @@ async def test_a_slow_receiver_loses_its_oldest_messages_alone(
             (int(second.id), "RUNNING"),
             (int(second.id), "STOPPED"),
         ]
-        # Sends to both happen together: the slow one kept only the newest two.
-        assert await take(slow, 2) == everything[2:]
+        # The slow one kept the newest message of each dispatch, in order of
+        # arrival: both stops (dropping the oldest would have lost the first).
+        kept = await take(slow, 2)
+        assert kept == [d for d in everything if d.running("T") is RunningState.STOPPED]
         await expect_quiet(slow, 0.1)
+        assert dispatcher.delivery_counts.coalesced == 2
+        coalesced = [r for r in caplog.records if "coalesced" in r.getMessage()]
+        assert len(coalesced) == 2 and all("slow" in r.getMessage() for r in coalesced)
+
+
+async def test_a_by_rule_without_frequency_never_runs_in_daemon_or_sdk(
+    amqp_url: str, exchange: str, observer: QueueObserver, tmp_path: Path
+) -> None:
+    # The local API refuses such a rule, a real API may not: script one.
+    malformed_rule = PBRecurrenceRule(freq=PBRecurrenceRule.FREQUENCY_UNSPECIFIED, byhours=[8])
+    second = timedelta(seconds=1)
+    async with (
+        ScriptedApi() as api,
+        running_daemon(tmp_path, amqp_url, exchange, api_url=api.url),
+        Dispatcher(MG, amqp_url, exchange=exchange) as dispatcher,
+    ):
+        running = dispatcher.running_status_change.new_receiver()
+        lifecycle = dispatcher.lifecycle_events.new_receiver()
+        malformed = dispatch_pb(1, "T", soon(0.5), second, recurrence=malformed_rule)
+        control = dispatch_pb(2, "T", soon(1.0), second)
+        for created in (malformed, control):
+            api.put(created)
+            await api.push(CREATED, created)
+        [first, _] = await take(lifecycle, 2)
+        assert first.dispatch.id == 1 and first.dispatch.recurrence.byhours == [8]
+        assert not first.dispatch.started_at(first.dispatch.start_time)
+        # Only the control dispatch runs: the malformed one is no one-off.
+        assert states(await take(running, 2)) == [(2, "RUNNING"), (2, "STOPPED")]
+        await expect_quiet(running, 0.3)
+    assert [r.event for r in observer.of(1)] == ["created"]

@@ -89,3 +89,46 @@ async def test_example_times_out_with_status_1(
     process = await start_example("lifecycle_printer.py", amqp_url, exchange, "--timeout", "0.5")
     async with asyncio.timeout(20):
         assert await process.wait() == 1
+
+
+async def test_managed_actor(amqp_url: str, exchange: str, daemon: DaemonHandle) -> None:
+    process = await start_example(
+        "managed_actor.py", amqp_url, exchange, "--type", "PEAK", "--count", "3"
+    )
+    peak = await daemon.client.create(
+        mg(), "PEAK", soon(0.3), None, TargetIds(4), payload={"mode": "hard"}
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(10):
+        first = (await process.stdout.readline()).decode()
+    assert first.startswith(f"started target={TargetIds(4)} ")
+    assert "options={'mode': 'hard'}" in first and "until=None" in first
+    await daemon.client.update(
+        microgrid_id=mg(), dispatch_id=peak.id, new_fields={"payload": {"mode": "soft"}}
+    )
+    async with asyncio.timeout(10):
+        second = (await process.stdout.readline()).decode()
+    assert second.startswith("reconfigured ") and "options={'mode': 'soft'}" in second
+    await daemon.client.delete(microgrid_id=mg(), dispatch_id=peak.id)
+    assert await output_of(process) == [f"stopped target={TargetIds(4)}"]
+
+
+async def test_the_example_unit_tests_pass_with_the_fake_dispatcher() -> None:
+    """``examples/test_*.py`` run as the docs say (``pytest examples/...``), no broker needed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *sorted(str(path) for path in (ROOT / "examples").glob("test_*.py")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    async with asyncio.timeout(60):
+        out, _ = await process.communicate()
+    assert process.returncode == 0, out.decode()
+    assert b" passed" in out and b"failed" not in out, out.decode()

@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 
 from dispatchd.client import Created, Dispatch, Dispatcher
-from tests.client.support import create, states, take, take_until
+from tests.client.support import create, expect_quiet, states, take, take_until
 from tests.shell.daemon_harness import MG, DaemonHandle, QueueObserver, mg
 from tests.tcpproxy import TcpProxy
 
@@ -150,3 +150,75 @@ async def delete_queue(amqp_url: str, queue: str) -> None:
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
         await channel.queue_delete(queue)
+
+
+async def test_durable_backlog_is_delivered_in_order_then_the_snapshot_fills_in(
+    amqp_url: str, exchange: str, daemon: DaemonHandle, observer: QueueObserver
+) -> None:
+    """A one-shot (duration 0) that ran entirely while the actor was down still reaches it."""
+    queue = f"{exchange}.actor"
+    typed_queue = f"{queue}.running.T"
+    try:
+        # Already running when the actor first starts: only the snapshot knows it.
+        before = await create(daemon.client, start_in=0.1, duration=60)
+        await observer.wait_for(lambda r: r.is_(int(before.id), "running"), 5)
+        async with Dispatcher(MG, amqp_url, exchange=exchange, queue=queue) as dispatcher:
+            typed = await dispatcher.new_running_state_event_receiver("T")
+            assert states(await take(typed, 1)) == [(int(before.id), "RUNNING")]
+        # The actor is down: a one-shot runs and a long one starts.
+        one_shot = await create(daemon.client, start_in=0.2, duration=0)
+        long = await create(daemon.client, start_in=0.4, duration=60)
+        await observer.wait_for(lambda r: r.is_(int(long.id), "running"), 5)
+        assert await queue_depth(amqp_url, typed_queue) == 3
+        async with Dispatcher(MG, amqp_url, exchange=exchange, queue=queue) as dispatcher:
+            typed = await dispatcher.new_running_state_event_receiver("T")
+            got = await take(typed, 4)
+            assert states(got) == [
+                (int(one_shot.id), "RUNNING"),
+                (int(one_shot.id), "STOPPED"),
+                (int(long.id), "RUNNING"),
+                (int(before.id), "RUNNING"),  # the snapshot fills in what the backlog lacks
+            ]
+            assert [d.announced.scheduled_for for d in got[:3] if d.announced] == [
+                one_shot.start_time,
+                one_shot.start_time,
+                long.start_time,
+            ]
+            assert got[3].announced is not None and got[3].announced.from_snapshot
+            await expect_quiet(typed, 0.3)  # the snapshot's copy of the long one is dropped
+            # Live messages follow, deduplicated as before.
+            await daemon.client.delete(microgrid_id=mg(), dispatch_id=long.id)
+            assert states(await take(typed, 1)) == [(int(long.id), "STOPPED")]
+    finally:
+        await delete_queue(amqp_url, queue)
+        await delete_queue(amqp_url, typed_queue)
+
+
+async def test_durable_backlog_reaches_the_main_running_receiver_too(
+    amqp_url: str, exchange: str, daemon: DaemonHandle, observer: QueueObserver
+) -> None:
+    queue = f"{exchange}.actor"
+    try:
+        async with Dispatcher(MG, amqp_url, exchange=exchange, queue=queue):
+            pass
+        one_shot = await create(daemon.client, start_in=0.2, duration=0)
+        await observer.wait_for(lambda r: r.is_(int(one_shot.id), "stopped"), 5)
+        async with Dispatcher(MG, amqp_url, exchange=exchange, queue=queue) as dispatcher:
+            running = dispatcher.running_status_change.new_receiver()
+            assert states(await take(running, 2)) == [
+                (int(one_shot.id), "RUNNING"),
+                (int(one_shot.id), "STOPPED"),
+            ]
+            [created] = await take(dispatcher.lifecycle_events.new_receiver(), 1)
+            assert isinstance(created, Created) and created.dispatch.id == int(one_shot.id)
+            await expect_quiet(running, 0.2)
+    finally:
+        await delete_queue(amqp_url, queue)
+
+
+async def queue_depth(amqp_url: str, queue: str) -> int:
+    """How many messages the queue holds (what ``rabbitmqctl list_queues`` shows)."""
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0

@@ -46,6 +46,20 @@ def test_start_up_snapshot_delivers_the_running_ones_then_live_duplicates_drop()
     assert [d.id for d in tracker.running_now()] == [2]
 
 
+def test_a_stopped_entry_sets_no_floor_so_a_run_during_the_snapshot_arrives() -> None:
+    # A duration-0 dispatch ran while the snapshot was taken: the snapshot
+    # says stopped (sequence 2), the queue still holds running 1, stopped 2.
+    tracker = RunningTracker()
+    assert tracker.apply_snapshot(snapshot((1, False, 2))) == []
+    ran = tracker.accept(running_message(core(1, duration=0), 1))
+    stopped = tracker.accept(
+        running_message(core(1, duration=0), 2, event=Event.STOPPED, reason=Reason.ENDED)
+    )
+    assert ran is not None and ran.running("T").name == "RUNNING"
+    assert stopped is not None and stopped.running("T").name == "STOPPED"
+    assert tracker.accept(running_message(core(1, duration=0), 2)) is None
+
+
 def test_a_snapshot_older_than_live_messages_changes_nothing() -> None:
     tracker = RunningTracker()
     assert tracker.accept(running_message(core(1), 5)) is not None
@@ -80,9 +94,11 @@ def test_each_sequence_is_delivered_at_most_once_and_in_increasing_order(
     arrivals: list[int], snapshot_sequence: int
 ) -> None:
     # Any arrival order with duplicates (republished, redelivered) and a
-    # snapshot: what is delivered is strictly increasing, above the snapshot.
+    # snapshot: what is delivered is strictly increasing, above what the
+    # snapshot delivered (a stopped entry delivers nothing, so it sets no floor).
     tracker = RunningTracker()
     tracker.apply_snapshot(snapshot((1, snapshot_sequence % 2 == 1, snapshot_sequence)))
+    floor = snapshot_sequence if snapshot_sequence % 2 == 1 else 0
     delivered = []
     for sequence in arrivals:
         event = Event.RUNNING if sequence % 2 else Event.STOPPED
@@ -91,11 +107,11 @@ def test_each_sequence_is_delivered_at_most_once_and_in_increasing_order(
             assert dispatch.announced is not None
             delivered.append(dispatch.announced.sequence)
     assert delivered == sorted(set(delivered))
-    assert all(sequence > snapshot_sequence for sequence in delivered)
-    expected_max = max([s for s in arrivals if s > snapshot_sequence], default=None)
+    assert all(sequence > floor for sequence in delivered)
+    expected_max = max([s for s in arrivals if s > floor], default=None)
     assert (delivered[-1] if delivered else None) == expected_max
     running = [d.id for d in tracker.running_now()]
-    last = max([snapshot_sequence, *arrivals])
+    last = max([floor, *arrivals])
     assert running == ([1] if last % 2 == 1 else [])
 
 

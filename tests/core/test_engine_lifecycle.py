@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from dispatchd.core.engine import Created, Deleted, Engine, Updated
 from dispatchd.core.messages import Message, RunningMessage
+from dispatchd.core.model import Dispatch, Frequency, Recurrence
 from tests.core.test_engine_support import (
     MG,
     at,
@@ -191,6 +193,22 @@ def test_invalid_dispatch_never_runs_and_is_reported_once() -> None:
         ("L", 1, "updated", "PEAK")
     ]
     assert engine.take_new_invalid() == []
+    assert run_until(engine, 1000) == []
+    assert engine.counts(at(20))[MG]["invalid"] == 1
+
+
+def test_by_rules_without_a_frequency_never_run_like_interval_0() -> None:
+    """As the API sends it (protobuf, frequency UNSPECIFIED, byhours=[8]): invalid, not one-off."""
+    malformed = replace(
+        make(start=10, duration=20),
+        recurrence=Recurrence(frequency=Frequency.UNSPECIFIED, byhours=(8,)),
+    )
+    received = Dispatch.from_protobuf(malformed.to_protobuf(), MG)
+    engine, created = engine_with(received)
+    assert summaries(created) == [("L", 1, "created", "PEAK")]
+    reason = engine.invalid_reason((MG, 1))
+    assert reason is not None and "frequency" in reason
+    assert engine.take_new_invalid() == [((MG, 1), reason)]
     assert run_until(engine, 1000) == []
     assert engine.counts(at(20))[MG]["invalid"] == 1
 

@@ -10,6 +10,7 @@ from frequenz.client.dispatch.types import Dispatch as ClientDispatch
 from hypothesis import assume, given
 
 from dispatchd.core.model import Dispatch, Frequency, Recurrence
+from dispatchd.core.recurrence import Invalid, Schedule
 from tests.core.test_wire import FEW, dispatches, spec_dispatch
 
 
@@ -53,3 +54,22 @@ def test_times_come_back_as_utc() -> None:
     converted = Dispatch.from_protobuf(dispatch.to_protobuf(), dispatch.microgrid_id)
     assert converted.start_time.utcoffset() == timedelta(0)
     assert converted.start_time == dispatch.start_time
+
+
+def test_by_rules_without_a_frequency_stay_a_rule_and_are_invalid() -> None:
+    """``byhours=[8]`` with frequency UNSPECIFIED is a malformed rule, not a one-off."""
+    base = replace(spec_dispatch(), end_time=None)
+    malformed = Recurrence(frequency=Frequency.UNSPECIFIED, byhours=(8,))
+    dispatch = replace(base, recurrence=malformed)
+    for converted in (
+        Dispatch.from_protobuf(dispatch.to_protobuf(), dispatch.microgrid_id),
+        _via_client(dispatch),
+    ):
+        assert converted.recurrence is not None
+        assert converted.recurrence.byhours == (8,)
+        built = Schedule.build(converted)
+        assert isinstance(built, Invalid) and "frequency" in built.reason
+    # Without by-rules an UNSPECIFIED frequency still means one-off.
+    plain = replace(base, recurrence=None)
+    assert Dispatch.from_protobuf(plain.to_protobuf(), plain.microgrid_id).recurrence is None
+    assert _via_client(plain).recurrence is None

@@ -91,15 +91,14 @@ def test_a_rule_that_ends_before_its_first_match_is_valid_and_empty() -> None:
     assert schedule.last_end() is None
 
 
-def test_unspecified_frequency_cannot_reach_the_schedule_through_the_model() -> None:
-    """The model maps UNSPECIFIED to one-off; the schedule then is one-off."""
+def test_unspecified_frequency_with_by_rules_reaches_the_schedule_as_invalid() -> None:
+    """The model keeps a by-rule without a frequency; the schedule rejects it."""
     client = dispatch(None).to_client()
     client.recurrence.byhours = [3]
     converted = Dispatch.from_client(client, microgrid_id=1)
-    assert converted.recurrence is None
+    assert converted.recurrence is not None
     schedule = Schedule.build(converted)
-    assert isinstance(schedule, Schedule)
-    assert schedule.next_start_after(START - timedelta(1)) == START
+    assert isinstance(schedule, Invalid) and "frequency" in schedule.reason
 
 
 # --- no query raises, whatever was built ------------------------------------------
