@@ -31,8 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dispatchd import __version__
-from dispatchd.config import ConfigError, Settings, effective_config, load_config
-from dispatchd.logs import configure_from_settings, get_logger
+from dispatchd.config import (
+    MASK,
+    ConfigError,
+    Settings,
+    effective_config,
+    load_config,
+    local_problems,
+    redact_urls,
+)
+from dispatchd.logs import MIN_SECRET_LENGTH, configure_from_settings, get_logger, quiet_grpc_core
 
 if TYPE_CHECKING:
     from dispatchd.localapi.server import LocalApiServer
@@ -168,8 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse's own errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     name: str = args.command
+    quiet_grpc_core()
+    settings: Settings | None = None
     try:
         settings = load_config(args.config)
+        if name in _PREFLIGHT_COMMANDS and (problems := local_problems(settings)):
+            raise ConfigError(problems)
         if name == "check-config":
             return _check_config(settings, as_json=args.json, out=sys.stdout)
         # Before the command's module is imported, so import-time library
@@ -178,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[name](settings, args)
     except ConfigError as exc:
         for key, message in exc.problems:
-            print(f"{key}: {message}", file=sys.stderr)
+            print(_redacted(f"{key}: {message}", settings), file=sys.stderr)
         return EXIT_USAGE
     except _UsageError as exc:
         print(f"dispatchd {name}: error: {exc}", file=sys.stderr)
@@ -186,8 +198,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:  # one clear line instead of a traceback (operations.md)
-        print(f"dispatchd {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        line = f"dispatchd {name}: {type(exc).__name__}: {exc}"
+        print(_redacted(line, settings), file=sys.stderr)
         return EXIT_FAILURE
+
+
+_PREFLIGHT_COMMANDS = frozenset({"check-config", "run"})
+"""Commands that refuse what :func:`local_problems` finds (``run`` would fail on it)."""
+
+
+def _redacted(line: str, settings: Settings | None) -> str:
+    """An error line with URL passwords and every configured secret masked."""
+    line = redact_urls(line)
+    secrets = settings.secret_values() if settings is not None else []
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SECRET_LENGTH:
+            line = line.replace(secret, MASK)
+    return line
 
 
 def _check_config(settings: Settings, *, as_json: bool, out: TextIO) -> int:

@@ -129,6 +129,7 @@ def test_check_config_output_loads_back_to_the_same_configuration(
     source = tmp_path / "in.toml"
     source.write_text(
         'microgrid_ids = [3, 9]\nshutdown_timeout = 2.5\n[api]\nurl = "grpc://h:50051"\n'
+        'auth_key = "k"\n'
         '[amqp]\nexchange = "x"\n[log]\nlevel = "error"\nformat = "console"\n'
     )
     assert cli.main(["check-config", "--config", str(source)]) == 0
@@ -367,3 +368,83 @@ def test_api_command_with_a_taken_port_fails_with_one_line(
     assert "Traceback" not in done.stderr
     # gRPC's C core may print its own line first; ours is the last and names the command.
     assert done.stderr.splitlines()[-1].startswith("dispatchd api: ")
+
+
+def test_check_config_and_run_refuse_what_would_fail_at_start_with_the_same_lines(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    state_file = tmp_path / "state"
+    state_file.write_text("")
+    env = {
+        **clean_env,
+        "DISPATCHD_AMQP__EXCHANGE": "amq.topic",
+        "DISPATCHD_HTTP__LISTEN": "127.0.0.1:50051",  # the embedded API's default address
+        "DISPATCHD_STATE__DIR": str(state_file),
+    }
+    checked = dispatchd_process("check-config", env=env)
+    assert checked.returncode == 2 and checked.stdout == ""
+    keys = [line.split(":", 1)[0] for line in checked.stderr.splitlines()]
+    assert keys == ["amqp.exchange", "http.listen", "state.dir"]
+    as_json = dispatchd_process("check-config", "--json", env=env)
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (2, "", checked.stderr)
+    ran = dispatchd_process("run", env=env)
+    assert (ran.returncode, ran.stderr) == (2, checked.stderr)
+
+    remote = {
+        **clean_env,
+        "DISPATCHD_API__URL": "grpc://api:443",
+        "DISPATCHD_STATE__DIR": str(tmp_path),
+    }
+    ran = dispatchd_process("run", env=remote)
+    assert ran.returncode == 2
+    assert ran.stderr.startswith("api.auth_key: required when api.url is set")
+    assert len(ran.stderr.splitlines()) == 1
+
+
+AMBIGUOUS_URLS = [
+    pytest.param(f"amqp://user:{password}@127.0.0.1:5672/", id=password)
+    for password in ("5672/Pw9xQz7Lm", "5672#Pw9xQz7Lm", "5672?Pw9xQz7Lm", "Pw9xQz7Lm/x")
+]
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS_URLS)
+@pytest.mark.parametrize(
+    "command", [["check-config"], ["check-config", "--json"], ["run"], ["tail"]]
+)
+def test_a_password_that_breaks_the_url_is_refused_and_never_shown(
+    url: str, command: list[str], tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    env = {**clean_env, "DISPATCHD_AMQP__URL": url, "DISPATCHD_STATE__DIR": str(tmp_path)}
+    done = dispatchd_process(*command, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Pw9xQz7Lm" not in done.stdout + done.stderr
+    assert done.stderr.startswith("amqp.url: ") and "percent-encode" in done.stderr
+    assert "amqp://user:***@127.0.0.1:5672/" in done.stderr
+
+
+@pytest.mark.parametrize("encoded", ["Pw9xQz7Lm%2Fx", "Pw9xQz7Lm%23x", "Pw9xQz7Lm%3Fx"])
+def test_tail_names_an_unreachable_broker_without_its_password(
+    encoded: str, clean_env: dict[str, str]
+) -> None:
+    port = free_port()  # nothing listens there
+    env = {**clean_env, "DISPATCHD_AMQP__URL": f"amqp://user:{encoded}@127.0.0.1:{port}/"}
+    done = dispatchd_process("tail", env=env)
+    assert done.returncode == 1
+    assert "Pw9xQz7Lm" not in done.stdout + done.stderr
+    assert f"amqp://user:***@127.0.0.1:{port}/" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unexpected_failure_line_masks_configured_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    monkeypatch.setenv("DISPATCHD_AMQP__URL", "amqp://user:Pw9xQz7Lm%2Fx@broker/")
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("login Pw9xQz7Lm/x refused at amqp://user:Pw9xQz7Lm/x@broker/")
+
+    monkeypatch.setattr(cli, "_command_function", lambda module: broken)
+    assert cli.main(["tail"]) == 1
+    err = capsys.readouterr().err
+    assert "Pw9xQz7Lm" not in err
+    assert err == "dispatchd tail: RuntimeError: login *** refused at amqp://user:***@broker/\n"

@@ -18,6 +18,7 @@ from dispatchd.logs import (
     configure_from_settings,
     configure_logging,
     get_logger,
+    quiet_grpc_core,
     reset_logging,
 )
 
@@ -207,3 +208,26 @@ def test_no_configured_secret_survives_in_any_field(secrets: list[str], filler: 
     for secret in secrets:
         assert secret not in masked
     assert json.loads(masked)["count"] == 3
+
+
+@pytest.mark.parametrize("char", ["/", "#", "?"])
+def test_passwords_that_break_the_url_parse_are_masked_in_log_lines(char: str) -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    url = f"amqp://user:Pw9xQz7Lm{char}x@broker:5672/"
+    get_logger("dispatchd.test").warning(f"cannot connect to {url}", url=url, detail=[url])
+    logging.getLogger("aiormq.connection").error("Connection to %s failed", url)
+    text = out.getvalue()
+    assert "Pw9xQz7Lm" not in text
+    lines = json_lines(out)
+    assert lines[0]["url"] == "amqp://user:***@broker:5672/"
+    assert lines[1]["event"] == "Connection to amqp://user:***@broker:5672/ failed"
+
+
+def test_quiet_grpc_core_keeps_what_the_operator_set() -> None:
+    environ: dict[str, str] = {}
+    quiet_grpc_core(environ)
+    assert environ == {"GRPC_VERBOSITY": "NONE"}
+    chosen = {"GRPC_VERBOSITY": "debug"}
+    quiet_grpc_core(chosen)
+    assert chosen == {"GRPC_VERBOSITY": "debug"}
