@@ -5,7 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -231,3 +237,107 @@ def test_quiet_grpc_core_keeps_what_the_operator_set() -> None:
     chosen = {"GRPC_VERBOSITY": "debug"}
     quiet_grpc_core(chosen)
     assert chosen == {"GRPC_VERBOSITY": "debug"}
+
+
+# ------------------------------------------- gRPC core's own lines stay out of the stream
+
+
+def dispatchd_popen(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dispatchd", *args],
+        env={**env, "DISPATCHD_LOG__FORMAT": "json"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_until(process: subprocess.Popen[str], wanted: Callable[[str], bool]) -> list[str]:
+    """stderr lines up to the first one ``wanted`` accepts (fails if the process ends first)."""
+    assert process.stderr is not None
+    seen: list[str] = []
+    while not seen or not wanted(seen[-1]):
+        line = process.stderr.readline()
+        assert line, f"exited before the expected line: {seen}"
+        seen.append(line.rstrip("\n"))
+    return seen
+
+
+def stop(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM, then the rest of stdout and stderr."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return out, err
+
+
+def assert_json_lines(lines: list[str]) -> None:
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+
+
+def test_a_taken_port_for_the_embedded_api_gives_json_lines_and_one_error_line(
+    tmp_path: Path, clean_env: dict[str, str], amqp_url: str, unique_name: Callable[[str], str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **clean_env,
+            "DISPATCHD_API__LOCAL__LISTEN": f"127.0.0.1:{taken.getsockname()[1]}",
+            "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+            "DISPATCHD_STATE__DIR": str(tmp_path),
+            "DISPATCHD_AMQP__URL": amqp_url,
+            "DISPATCHD_AMQP__EXCHANGE": unique_name("grpc-quiet"),
+        }
+        process = dispatchd_popen("run", env=env)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    lines = (out + err).splitlines()
+    # Before: "E1130 … add_port.cc:83] Failed to add port to server: …" from gRPC's core.
+    assert not any("add_port" in line for line in lines), lines
+    assert lines[-1].startswith("dispatchd run: ") and "Address already in use" in lines[-1]
+    assert_json_lines(lines[:-1])
+
+
+def test_tls_against_a_plaintext_api_gives_only_json_lines(
+    tmp_path: Path, clean_env: dict[str, str], amqp_url: str, unique_name: Callable[[str], str]
+) -> None:
+    api = dispatchd_popen(
+        "api",
+        env={
+            **clean_env,
+            "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0",
+            "DISPATCHD_STATE__DIR": str(tmp_path / "api"),
+        },
+    )
+    try:
+        listening = read_until(api, lambda line: "listening" in line)
+        port = json.loads(listening[-1])["port"]
+        daemon = dispatchd_popen(
+            "run",
+            env={
+                **clean_env,
+                # TLS (the client's default for grpc://) against the plaintext local API
+                "DISPATCHD_API__URL": f"grpc://127.0.0.1:{port}",
+                "DISPATCHD_API__AUTH_KEY": "any",
+                "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+                "DISPATCHD_STATE__DIR": str(tmp_path / "daemon"),
+                "DISPATCHD_AMQP__URL": amqp_url,
+                "DISPATCHD_AMQP__EXCHANGE": unique_name("grpc-quiet"),
+            },
+        )
+        try:
+            # Before: "I1130 … ssl_transport_security.cc:2563] Handshake failed …" lines.
+            seen = read_until(daemon, lambda line: re.search("ssl|tls", line, re.I) is not None)
+        finally:
+            out, err = stop(daemon)
+        assert_json_lines([*seen, *err.splitlines()])
+        assert out == ""
+    finally:
+        _, api_err = stop(api)
+    assert_json_lines([*listening, *api_err.splitlines()])
