@@ -8,8 +8,8 @@ stays thin and works while they are being built:
 
 - ``run``: ``dispatchd.daemon.main(settings: Settings) -> int``
 - ``schedule``: ``dispatchd.schedule.main(settings, *, microgrid_id, start, end,
-  dispatch_type) -> int`` (``start``/``end`` aware UTC datetimes,
-  ``dispatch_type`` ``str | None``)
+  dispatch_type, limit) -> int`` (``start``/``end`` aware UTC datetimes,
+  ``dispatch_type`` ``str | None``, ``limit`` the most rows to print)
 - ``tail``: ``dispatchd.tail.main(settings, *, bindings: list[str], raw_json: bool) -> int``
 - ``api``: ``dispatchd.localapi.server.LocalApiServer``, driven from here
 
@@ -50,6 +50,8 @@ __all__ = ["build_parser", "main", "render_toml"]
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+SCHEDULE_LIMIT = 1000
+"""``schedule`` rows unless ``--limit`` says otherwise (a minutely rule fills a day with 1440)."""
 
 _CONFIG_HELP = (
     "TOML configuration file (default: $DISPATCHD_CONFIG, else built-in defaults); "
@@ -125,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schedule.add_argument(
         "--type", dest="dispatch_type", metavar="T", help="only dispatches of this type"
+    )
+    schedule.add_argument(
+        "--limit",
+        metavar="N",
+        type=_positive_int,
+        default=SCHEDULE_LIMIT,
+        help=f"print at most N occurrences and say when more were cut (default: {SCHEDULE_LIMIT})",
     )
     tail = command(
         "tail",
@@ -299,6 +308,7 @@ def _schedule(settings: Settings, args: argparse.Namespace) -> int:
         start=start,
         end=end,
         dispatch_type=args.dispatch_type,
+        limit=args.limit,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -14,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import aiormq.exceptions
 import pytest
 
 import dispatchd
@@ -99,6 +102,7 @@ def test_no_command_unknown_command_and_unknown_flag_exit_2_naming_them(
         (["schedule", "--microgrid", "0"], "--microgrid"),
         (["schedule", "--microgrid", "7", "--from", "yesterday"], "--from"),
         (["schedule", "--microgrid", "7", "--to", "2026-13-01"], "--to"),
+        (["schedule", "--microgrid", "7", "--limit", "0"], "--limit"),
         (
             ["schedule", "--microgrid", "7", "--from", "2026-05-02", "--to", "2026-05-01"],
             "--to",
@@ -252,6 +256,8 @@ def test_commands_are_handed_the_settings_and_parsed_arguments(
                 "2026-05-02T00:00",
                 "--type",
                 "EV_CHARGING",
+                "--limit",
+                "50",
             ]
         )
         == 3
@@ -266,6 +272,7 @@ def test_commands_are_handed_the_settings_and_parsed_arguments(
         "start": datetime(2026, 5, 1, 10, tzinfo=UTC),
         "end": datetime(2026, 5, 2, tzinfo=UTC),
         "dispatch_type": "EV_CHARGING",
+        "limit": 50,
     }
 
 
@@ -281,6 +288,7 @@ def test_schedule_window_defaults_to_the_next_day(
     assert before <= kwargs["start"] <= after
     assert kwargs["end"] - kwargs["start"] == timedelta(days=1)
     assert kwargs["dispatch_type"] is None
+    assert kwargs["limit"] == cli.SCHEDULE_LIMIT
 
 
 def test_an_unexpected_failure_is_one_line_and_exit_1(
@@ -450,3 +458,29 @@ def test_an_unexpected_failure_line_masks_configured_secrets(
     err = capsys.readouterr().err
     assert "Pw9xQz7Lm" not in err
     assert err == "dispatchd tail: RuntimeError: login *** refused at amqp://user:***@broker/\n"
+
+
+def test_tail_on_a_missing_exchange_says_so_and_does_not_create_it(
+    amqp_url: str, unique_name: Callable[[str], str], clean_env: dict[str, str]
+) -> None:
+    exchange = unique_name("absent")
+    env = {**clean_env, "DISPATCHD_AMQP__URL": amqp_url, "DISPATCHD_AMQP__EXCHANGE": exchange}
+    done = dispatchd_process("tail", env=env)  # before: created it, then waited forever
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"dispatchd tail: exchange '{exchange}' does not exist")
+    assert "dispatchd run declares it" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert not exchange_exists(amqp_url, exchange)
+
+
+def exchange_exists(amqp_url: str, name: str) -> bool:
+    async def check() -> bool:
+        async with await aio_pika.connect(amqp_url) as connection:
+            channel = await connection.channel()
+            try:
+                await channel.get_exchange(name, ensure=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+
+    return asyncio.run(check())
