@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -484,3 +485,14 @@ def exchange_exists(amqp_url: str, name: str) -> bool:
             return True
 
     return asyncio.run(check())
+
+
+def test_the_readme_dispatch_cli_duration_means_exactly_what_it_says() -> None:
+    from frequenz.client.dispatch._cli_types import FuzzyTimeDelta
+
+    readme = (REPO / "README.md").read_text()
+    create = next(line for line in readme.splitlines() if line.strip().startswith("create "))
+    duration = shlex.split(create.partition("#")[0])[-1]
+    # dispatch-cli's own parser; a number like 1800 would become "until 18:00".
+    assert FuzzyTimeDelta().convert(duration, None, None) == timedelta(hours=1)
+    assert "one hour" in create.partition("#")[2]
