@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,13 +256,21 @@ def dispatchd_popen(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def read_until(process: subprocess.Popen[str], wanted: Callable[[str], bool]) -> list[str]:
-    """stderr lines up to the first one ``wanted`` accepts (fails if the process ends first)."""
+    """stderr lines up to the first one ``wanted`` accepts.
+
+    Fails if the process ends first; it is killed if that takes over a minute.
+    """
     assert process.stderr is not None
     seen: list[str] = []
-    while not seen or not wanted(seen[-1]):
-        line = process.stderr.readline()
-        assert line, f"exited before the expected line: {seen}"
-        seen.append(line.rstrip("\n"))
+    deadline = threading.Timer(60, process.kill)
+    deadline.start()
+    try:
+        while not seen or not wanted(seen[-1]):
+            line = process.stderr.readline()
+            assert line, f"exited (or was killed after 60 s) before the expected line: {seen}"
+            seen.append(line.rstrip("\n"))
+    finally:
+        deadline.cancel()
     return seen
 
 
@@ -341,3 +352,60 @@ def test_tls_against_a_plaintext_api_gives_only_json_lines(
     finally:
         _, api_err = stop(api)
     assert_json_lines([*listening, *api_err.splitlines()])
+
+
+@pytest.mark.parametrize("encoded", ["Pw9xQz7Lm%2Fx", "Pw9xQz7Lm%23x", "Pw9xQz7Lm%3Fx"])
+def test_run_never_logs_the_amqp_password(
+    encoded: str, tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # closed again: nothing listens there
+    daemon = dispatchd_popen(
+        "run",
+        env={
+            **clean_env,
+            "DISPATCHD_AMQP__URL": f"amqp://user:{encoded}@127.0.0.1:{port}/",
+            "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0",
+            "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+            "DISPATCHD_STATE__DIR": str(tmp_path),
+            "DISPATCHD_LOG__LEVEL": "DEBUG",
+        },
+    )
+    try:
+        # the broker's URL, as the AMQP client logs its reconnects
+        seen = read_until(daemon, lambda line: f"127.0.0.1:{port}/" in line)
+    finally:
+        out, err = stop(daemon)
+    lines = [*seen, *err.splitlines(), *out.splitlines()]
+    assert not any("Pw9xQz7Lm" in line for line in lines), [
+        line for line in lines if "Pw9xQz7Lm" in line
+    ]
+    assert any(f"user:***@127.0.0.1:{port}/" in line for line in lines)
+    assert_json_lines(lines)
+
+
+async def test_what_grpc_python_logs_comes_out_as_json_lines() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+
+    def broken(request: bytes, context: grpc.ServicerContext) -> bytes:
+        raise RuntimeError("servicer bug")
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Broken", {"Call": grpc.unary_unary_rpc_method_handler(broken)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await channel.unary_unary("/test.Broken/Call")(b"", timeout=10)
+    finally:
+        await server.stop(None)
+    lines = json_lines(out)
+    reported = [line for line in lines if line["logger"].startswith("grpc")]
+    assert reported, lines
+    assert "servicer bug" in json.dumps(reported)
