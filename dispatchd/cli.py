@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         "validate the configuration and print it",
         "Load and validate the configuration and print the effective values with "
-        "secrets masked (exit 0), or print every problem as 'key: message' (exit 2).",
+        "secrets masked (exit 0), or print every problem as 'key: message' (exit 2). "
+        "That includes what would make 'run' fail at start and can be known without a "
+        "network: an amq.* exchange, http.listen on the embedded API's address, a "
+        "state.dir that is a file or not writable, api.url without an auth key.",
     )
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     command(
