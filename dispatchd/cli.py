@@ -8,8 +8,8 @@ stays thin and works while they are being built:
 
 - ``run``: ``dispatchd.daemon.main(settings: Settings) -> int``
 - ``schedule``: ``dispatchd.schedule.main(settings, *, microgrid_id, start, end,
-  dispatch_type) -> int`` (``start``/``end`` aware UTC datetimes,
-  ``dispatch_type`` ``str | None``)
+  dispatch_type, limit) -> int`` (``start``/``end`` aware UTC datetimes,
+  ``dispatch_type`` ``str | None``, ``limit`` the most rows to print)
 - ``tail``: ``dispatchd.tail.main(settings, *, bindings: list[str], raw_json: bool) -> int``
 - ``api``: ``dispatchd.localapi.server.LocalApiServer``, driven from here
 
@@ -31,8 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dispatchd import __version__
-from dispatchd.config import ConfigError, Settings, effective_config, load_config
-from dispatchd.logs import configure_from_settings, get_logger
+from dispatchd.config import (
+    MASK,
+    ConfigError,
+    Settings,
+    effective_config,
+    load_config,
+    local_problems,
+    redact_urls,
+)
+from dispatchd.logs import MIN_SECRET_LENGTH, configure_from_settings, get_logger, quiet_grpc_core
 
 if TYPE_CHECKING:
     from dispatchd.localapi.server import LocalApiServer
@@ -42,6 +50,8 @@ __all__ = ["build_parser", "main", "render_toml"]
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+SCHEDULE_LIMIT = 1000
+"""``schedule`` rows unless ``--limit`` says otherwise (a minutely rule fills a day with 1440)."""
 
 _CONFIG_HELP = (
     "TOML configuration file (default: $DISPATCHD_CONFIG, else built-in defaults); "
@@ -83,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         "validate the configuration and print it",
         "Load and validate the configuration and print the effective values with "
-        "secrets masked (exit 0), or print every problem as 'key: message' (exit 2).",
+        "secrets masked (exit 0), or print every problem as 'key: message' (exit 2). "
+        "That includes what would make 'run' fail at start and can be known without a "
+        "network: an amq.* exchange, http.listen on the embedded API's address, a "
+        "state.dir that is a file or not writable, api.url without an auth key.",
     )
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     command(
@@ -117,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schedule.add_argument(
         "--type", dest="dispatch_type", metavar="T", help="only dispatches of this type"
+    )
+    schedule.add_argument(
+        "--limit",
+        metavar="N",
+        type=_positive_int,
+        default=SCHEDULE_LIMIT,
+        help=f"print at most N occurrences and say when more were cut (default: {SCHEDULE_LIMIT})",
     )
     tail = command(
         "tail",
@@ -168,8 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse's own errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     name: str = args.command
+    quiet_grpc_core()
+    settings: Settings | None = None
     try:
         settings = load_config(args.config)
+        if name in _PREFLIGHT_COMMANDS and (problems := local_problems(settings)):
+            raise ConfigError(problems)
         if name == "check-config":
             return _check_config(settings, as_json=args.json, out=sys.stdout)
         # Before the command's module is imported, so import-time library
@@ -178,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[name](settings, args)
     except ConfigError as exc:
         for key, message in exc.problems:
-            print(f"{key}: {message}", file=sys.stderr)
+            print(_redacted(f"{key}: {message}", settings), file=sys.stderr)
         return EXIT_USAGE
     except _UsageError as exc:
         print(f"dispatchd {name}: error: {exc}", file=sys.stderr)
@@ -186,8 +210,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:  # one clear line instead of a traceback (operations.md)
-        print(f"dispatchd {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        line = f"dispatchd {name}: {type(exc).__name__}: {exc}"
+        print(_redacted(line, settings), file=sys.stderr)
         return EXIT_FAILURE
+
+
+_PREFLIGHT_COMMANDS = frozenset({"check-config", "run"})
+"""Commands that refuse what :func:`local_problems` finds (``run`` would fail on it)."""
+
+
+def _redacted(line: str, settings: Settings | None) -> str:
+    """An error line with URL passwords and every configured secret masked."""
+    line = redact_urls(line)
+    secrets = settings.secret_values() if settings is not None else []
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SECRET_LENGTH:
+            line = line.replace(secret, MASK)
+    return line
 
 
 def _check_config(settings: Settings, *, as_json: bool, out: TextIO) -> int:
@@ -272,6 +311,7 @@ def _schedule(settings: Settings, args: argparse.Namespace) -> int:
         start=start,
         end=end,
         dispatch_type=args.dispatch_type,
+        limit=args.limit,
     )
 
 

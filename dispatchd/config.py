@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -46,7 +47,9 @@ __all__ = [
     "StateConfig",
     "effective_config",
     "load_config",
+    "local_problems",
     "mask_url",
+    "redact_urls",
     "split_host_port",
 ]
 
@@ -75,17 +78,37 @@ class ConfigError(Exception):
         super().__init__("; ".join(f"{key}: {message}" for key, message in self.problems))
 
 
+_URL_WITH_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(\S*)@")
+_AMBIGUOUS_IN_USER = frozenset("/?#")
+
+
+def _shown_userinfo(userinfo: str) -> str:
+    """What may be shown of ``user:password``: the user name alone, never the rest."""
+    user, colon, _ = userinfo.partition(":")
+    if _AMBIGUOUS_IN_USER.intersection(user):
+        return MASK  # not even the user name is certain: show nothing of it
+    return f"{user}:{MASK}" if colon else userinfo
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe to print or log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    if parts.password is None:
-        return url
-    userinfo = f"{parts.username or ''}:{MASK}@"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=userinfo + host))
+    """The URL with its password replaced by ``***``, safe to print or log.
+
+    Everything between ``://`` and the last ``@`` is user information, even
+    when an unencoded ``/``, ``?`` or ``#`` in a password makes a URL parser
+    end the host part early: a text-level rule cannot be fooled by the parse.
+    """
+    return redact_urls(url)
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    A URL runs to the next whitespace; within it the last ``@`` ends the
+    user information, so more may be hidden than needed but never less.
+    """
+    return _URL_WITH_USERINFO.sub(
+        lambda match: f"{match.group(1)}{_shown_userinfo(match.group(2))}@", text
+    )
 
 
 class SecretUrl(SecretStr):
@@ -125,6 +148,21 @@ def _check_url(url: str, schemes: tuple[str, ...]) -> SplitResult:
     except ValueError as exc:
         raise ValueError(f"bad port: {exc}") from None
     return parts
+
+
+def _unambiguous_userinfo(url: str) -> None:
+    """Refuse an ``@`` after the host part: an unencoded ``/``, ``?`` or ``#`` in the password.
+
+    Such a URL parses as a different host (``user``) and a path holding the
+    rest of the password, so it fails far away from its cause, or worse, works
+    against the wrong host.
+    """
+    parts = urlsplit(url)
+    if "@" in url.partition("://")[2].removeprefix(parts.netloc):
+        raise ValueError(
+            "the user name or password contains '/', '?' or '#': "
+            "percent-encode them (%2F, %3F, %23)"
+        )
 
 
 def _blank_to_none(value: Any) -> Any:
@@ -205,6 +243,7 @@ class AmqpConfig(_Section):
     @classmethod
     def _amqp_url(cls, url: SecretUrl) -> SecretUrl:
         try:
+            _unambiguous_userinfo(url.get_secret_value())
             _check_url(url.get_secret_value(), ("amqp", "amqps"))
         except ValueError as exc:
             raise ValueError(f"{exc} (in {url})") from None
@@ -337,7 +376,8 @@ class Settings(BaseSettings):
                 values.append(secret.get_secret_value())
         password = urlsplit(self.amqp.url.get_secret_value()).password
         if password:
-            values.append(password)
+            # aio-pika logs and reports the decoded form (``%2F`` as ``/``).
+            values.extend({password, unquote(password)})
         return values
 
     @property
@@ -372,6 +412,87 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Sett
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def local_problems(settings: Settings) -> list[tuple[str, str]]:
+    """What would make ``run`` fail and can be known without a network, as (key, message).
+
+    ``check-config`` and ``run`` both refuse these. They are kept out of
+    :func:`load_config` because some look at the file system, and because
+    settings for other uses (tests, ``tail``, ``schedule``) need not pass them.
+    """
+    problems: list[tuple[str, str]] = []
+    if settings.amqp.exchange.startswith("amq."):
+        problems.append(
+            (
+                "amqp.exchange",
+                "names starting with 'amq.' are reserved by the broker, which refuses "
+                "to let dispatchd declare them; choose another name, e.g. 'dispatch'",
+            )
+        )
+    if settings.api.url is not None and settings.api.auth_key is None:
+        problems.append(
+            (
+                "api.auth_key",
+                "required when api.url is set: the dispatch API refuses calls without "
+                "a key (set api.auth_key or api.auth_key_file)",
+            )
+        )
+    if settings.embedded_api and _same_listen_address(
+        settings.http.listen, settings.api.local.listen
+    ):
+        problems.append(
+            (
+                "http.listen",
+                f"{settings.http.listen} is also where the embedded local API listens "
+                f"(api.local.listen = {settings.api.local.listen}); choose another port",
+            )
+        )
+    state_problem = _unusable_directory(settings.state.dir)
+    if state_problem is not None:
+        problems.append(("state.dir", state_problem))
+    return problems
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+_LOOPBACK_NAMES = {"localhost": frozenset({"127.0.0.1", "::1"})}
+
+
+def _same_listen_address(first: str, second: str) -> bool:
+    """Whether two listeners would fight over one port (a wildcard takes every address)."""
+    host_a, port_a = split_host_port(first)
+    host_b, port_b = split_host_port(second)
+    if port_a != port_b or port_a == 0:
+        return False
+    host_a, host_b = host_a.lower(), host_b.lower()
+    if host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS:
+        return True
+    return host_b in _LOOPBACK_NAMES.get(host_a, ()) or host_a in _LOOPBACK_NAMES.get(host_b, ())
+
+
+def _unusable_directory(directory: Path) -> str | None:
+    """Why the daemon could not keep its files in ``directory`` (made on start), or None."""
+    try:
+        return _directory_problem(directory)
+    except OSError as exc:
+        return f"cannot inspect {directory}: {exc.strerror or exc}"
+
+
+def _directory_problem(directory: Path) -> str | None:
+    if directory.exists():
+        if not directory.is_dir():
+            return f"{directory} exists and is not a directory"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"{directory} is not writable by this user"
+        return None
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {directory}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {directory}: {parent} is not writable by this user"
+    return None
 
 
 def _read_toml(path: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:

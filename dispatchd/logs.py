@@ -7,27 +7,34 @@ rendered by the same ``ProcessorFormatter``, so every line has one format. A
 masking step runs last before rendering, so no secret reaches a log line: keys
 that name secrets are replaced, passwords inside URLs are replaced, and the
 configured secret values themselves are replaced wherever they occur.
+
+gRPC's C core writes its own lines (``E1130 … add_port.cc:83] …``) straight
+to stderr, around Python's logging; :func:`quiet_grpc_core` silences it
+before grpc is imported. What it would have said reaches us anyway, in the
+status details of the failed call or the exception, which our code logs.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from dispatchd.config import MASK, Settings
+from dispatchd.config import MASK, Settings, redact_urls
 
 __all__ = [
+    "MIN_SECRET_LENGTH",
     "LogFormat",
     "SecretMasker",
     "configure_from_settings",
     "configure_logging",
     "get_logger",
+    "quiet_grpc_core",
     "reset_logging",
 ]
 
@@ -43,8 +50,8 @@ _SECRET_KEY_PARTS = (
     "api_key",
     "credential",
 )
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]*(?=@)")
-_MIN_SECRET_LENGTH = 4
+MIN_SECRET_LENGTH = 4
+"""Shorter configured secrets are not searched for in free text (they would garble it)."""
 _HANDLER_NAME = "dispatchd"
 
 
@@ -62,7 +69,7 @@ class SecretMasker:
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        known = {secret for secret in secrets if len(secret) >= _MIN_SECRET_LENGTH}
+        known = {secret for secret in secrets if len(secret) >= MIN_SECRET_LENGTH}
         # Longest first, so a secret that contains another is masked whole.
         self._secrets = sorted(known, key=len, reverse=True)
 
@@ -89,7 +96,7 @@ class SecretMasker:
         return self._masked_text(str(value))
 
     def _masked_text(self, text: str) -> str:
-        text = _URL_PASSWORD.sub(lambda match: match.group("head") + MASK, text)
+        text = redact_urls(text)
         for secret in self._secrets:
             text = text.replace(secret, MASK)
         return text
@@ -199,6 +206,21 @@ def configure_from_settings(settings: Settings, *, stream: TextIO | None = None)
         stream=stream,
         secrets=settings.secret_values(),
     )
+
+
+GRPC_CORE_QUIET = {"GRPC_VERBOSITY": "NONE"}
+"""gRPC core's own logging off, unless the operator sets these variables themselves."""
+
+
+def quiet_grpc_core(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Keep gRPC's C core from writing non-JSON lines to stderr.
+
+    grpcio reads ``GRPC_VERBOSITY`` once, when ``grpc`` is first imported, so
+    this must run before that (the CLI calls it first thing). An operator who
+    sets ``GRPC_VERBOSITY`` (e.g. ``debug``, with ``GRPC_TRACE``) keeps it.
+    """
+    for name, value in GRPC_CORE_QUIET.items():
+        environ.setdefault(name, value)
 
 
 def get_logger(name: str | None = None, **initial: Any) -> structlog.stdlib.BoundLogger:

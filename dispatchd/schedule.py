@@ -8,6 +8,7 @@ address when ``api.url`` is unset) and expands them with the daemon's own
 from __future__ import annotations
 
 import asyncio
+import heapq
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -22,6 +23,8 @@ from dispatchd.core import wire
 from dispatchd.core.model import Dispatch
 from dispatchd.core.recurrence import Invalid, Schedule
 
+EXIT_USAGE = 2
+
 
 def main(
     settings: Settings,
@@ -30,11 +33,27 @@ def main(
     start: datetime,
     end: datetime,
     dispatch_type: str | None,
+    limit: int,
 ) -> int:
     """Entry point of ``dispatchd schedule``."""
+    if microgrid_id not in settings.microgrid_ids:
+        configured = ", ".join(str(mid) for mid in settings.microgrid_ids)
+        print(
+            f"dispatchd schedule: microgrid {microgrid_id} is not one the daemon syncs "
+            f"(microgrid_ids: {configured}); it would run nothing for it",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         dispatches = asyncio.run(_list(settings, microgrid_id))
     except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            print(
+                f"dispatchd schedule: the dispatch API does not know microgrid {microgrid_id}: "
+                f"{error.details()}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         print(
             f"dispatchd schedule: the dispatch API failed: {error.code().name}: {error.details()}",
             file=sys.stderr,
@@ -42,43 +61,61 @@ def main(
         return 1
     if dispatch_type is not None:
         dispatches = [d for d in dispatches if d.type == dispatch_type]
-    print_schedule(dispatches, start, end, sys.stdout, sys.stderr)
+    print_schedule(dispatches, start, end, sys.stdout, sys.stderr, limit=limit)
     return 0
 
 
 def print_schedule(
-    dispatches: Iterable[Dispatch], start: datetime, end: datetime, out: TextIO, err: TextIO
-) -> None:
-    """One line per occurrence, by start then dispatch id; invalid ones to ``err``."""
+    dispatches: Iterable[Dispatch],
+    start: datetime,
+    end: datetime,
+    out: TextIO,
+    err: TextIO,
+    *,
+    limit: int | None = None,
+) -> bool:
+    """One line per occurrence, by start then dispatch id, at most ``limit`` (None: all).
+
+    Invalid dispatches are reported to ``err``, and so is a cut. Occurrences
+    are generated lazily and merged in order, so a long window of a minutely
+    rule costs ``limit`` rows, not all of them. Returns whether rows were cut.
+    """
     out.write("# start                     end                       dispatch  type\n")
-    for occurrence_start, occurrence_end, dispatch in sorted(
-        _occurrences(dispatches, start, end, err), key=lambda row: (row[0], row[2].id)
-    ):
+    rows = heapq.merge(
+        *(_occurrences(dispatch, start, end, err) for dispatch in dispatches),
+        key=lambda row: (row[0], row[2].id),
+    )
+    for shown, (occurrence_start, occurrence_end, dispatch) in enumerate(rows):
+        if shown == limit:
+            err.write(
+                f"# cut after {limit} occurrences (at {wire.format_time(occurrence_start)}): "
+                "narrow the window with --from/--to or --type, or raise --limit\n"
+            )
+            return True
         end_text = wire.format_time(occurrence_end) if occurrence_end else "never"
         out.write(
             f"{wire.format_time(occurrence_start):<26}  {end_text:<24}  "
             f"{dispatch.id:>8}  {dispatch.type}"
             f"{'' if dispatch.active else '  (inactive: will not run)'}\n"
         )
+    return False
 
 
 def _occurrences(
-    dispatches: Iterable[Dispatch], start: datetime, end: datetime, err: TextIO
+    dispatch: Dispatch, start: datetime, end: datetime, err: TextIO
 ) -> Iterator[tuple[datetime, datetime | None, Dispatch]]:
-    """Occurrences overlapping ``[start, end)``, including one already running at start."""
-    for dispatch in dispatches:
-        schedule = Schedule.build(dispatch)
-        if isinstance(schedule, Invalid):
-            err.write(
-                f"dispatch {dispatch.id} ({dispatch.type}): invalid, never runs: "
-                f"{schedule.reason}\n"
-            )
-            continue
-        running = schedule.occurrence_at(start)
-        if running is not None and running.start < start:
-            yield running.start, running.end, dispatch
-        for occurrence in schedule.occurrences_between(start, end):
-            yield occurrence.start, occurrence.end, dispatch
+    """Its occurrences overlapping ``[start, end)`` in order, including one running at start."""
+    schedule = Schedule.build(dispatch)
+    if isinstance(schedule, Invalid):
+        err.write(
+            f"dispatch {dispatch.id} ({dispatch.type}): invalid, never runs: {schedule.reason}\n"
+        )
+        return
+    running = schedule.occurrence_at(start)
+    if running is not None and running.start < start:
+        yield running.start, running.end, dispatch
+    for occurrence in schedule.occurrences_between(start, end):
+        yield occurrence.start, occurrence.end, dispatch
 
 
 async def _list(settings: Settings, microgrid_id: int) -> list[Dispatch]:

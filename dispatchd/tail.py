@@ -15,21 +15,36 @@ from typing import TextIO
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 
-from dispatchd.config import Settings, mask_url
+from dispatchd.config import Settings, mask_url, redact_urls
 from dispatchd.core import wire
 from dispatchd.core.messages import RunningMessage
+
+
+class ExchangeMissing(Exception):
+    """The exchange to tail does not exist (``tail`` never creates it)."""
 
 
 def main(settings: Settings, *, bindings: list[str], raw_json: bool) -> int:
     """Entry point of ``dispatchd tail``; runs until SIGINT/SIGTERM."""
     url = settings.amqp.url.get_secret_value()
+    exchange = settings.amqp.exchange
     try:
-        asyncio.run(tail(url, settings.amqp.exchange, bindings, raw_json=raw_json))
+        asyncio.run(tail(url, exchange, bindings, raw_json=raw_json))
+    except ExchangeMissing:
+        print(
+            f"dispatchd tail: exchange {exchange!r} does not exist on the broker at "
+            f"{mask_url(url)}; dispatchd run declares it when it starts: start it, or set "
+            "amqp.exchange to the exchange it uses",
+            file=sys.stderr,
+        )
+        return 1
     except (AMQPConnectionError, OSError) as error:
         print(
-            f"dispatchd tail: cannot reach the broker at {mask_url(url)}: {error}", file=sys.stderr
+            f"dispatchd tail: cannot reach the broker at {mask_url(url)}: "
+            f"{redact_urls(str(error))}",
+            file=sys.stderr,
         )
         return 1
     return 0
@@ -54,9 +69,11 @@ async def tail(
     connection = await aio_pika.connect_robust(url)
     async with connection:
         channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        try:
+            # Passive: a misspelt name must not create an exchange nobody publishes to.
+            exchange = await channel.get_exchange(exchange_name, ensure=True)
+        except ChannelNotFoundEntity:
+            raise ExchangeMissing(exchange_name) from None
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         for key in bindings:
             await queue.bind(exchange, routing_key=key)

@@ -23,6 +23,8 @@ _log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_SKEW_SECONDS = 300.0
 MAX_NONCE_LENGTH = 128
+REJECTION_LOG_INTERVAL_SECONDS = 10.0
+"""At most one "call rejected" line per this many seconds; the others are counted."""
 
 
 class AuthError(Exception):
@@ -122,11 +124,36 @@ def _metadata_dict(metadata: Sequence[tuple[str, str | bytes]]) -> dict[str, str
     return values
 
 
+class RateLimit:
+    """Lets one event through per ``interval`` seconds and counts the ones held back.
+
+    A client retrying with a wrong key, or a scan, must not flood the log;
+    the count on the next line still says how much happened.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next_allowed: float | None = None
+        self._held_back = 0
+
+    def allow(self) -> int | None:
+        """``None`` to stay quiet; else how many events were held back since the last one."""
+        now = self._clock()
+        if self._next_allowed is not None and now < self._next_allowed:
+            self._held_back += 1
+            return None
+        held_back, self._held_back = self._held_back, 0
+        self._next_allowed = now + self.interval
+        return held_back
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects unauthenticated calls with UNAUTHENTICATED before any handler runs."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, rate_limit: RateLimit | None = None) -> None:
         self._authenticator = authenticator
+        self._rate_limit = rate_limit or RateLimit(REJECTION_LOG_INTERVAL_SECONDS)
 
     async def intercept_service(
         self,
@@ -140,7 +167,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             self._authenticator.check(method, tuple(handler_call_details.invocation_metadata))
         except AuthError as error:
-            _log.warning("call rejected", method=method, reason=str(error))
+            held_back = self._rate_limit.allow()
+            if held_back is not None:
+                _log.warning(
+                    "call rejected",
+                    method=method,
+                    reason=str(error),
+                    suppressed=held_back,
+                    log_interval_seconds=self._rate_limit.interval,
+                )
             return _denial(handler, str(error))
         return handler
 

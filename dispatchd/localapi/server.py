@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import pathlib
+import socket
 from collections.abc import Sequence
 
 import grpc
@@ -11,13 +13,46 @@ import grpc.aio
 import structlog
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 
-from dispatchd.config import LocalApiConfig
+from dispatchd.config import LocalApiConfig, split_host_port
 from dispatchd.localapi.auth import Authenticator, AuthInterceptor
 from dispatchd.localapi.broadcaster import Broadcaster
 from dispatchd.localapi.service import DispatchService
 from dispatchd.localapi.storage import Storage
 
 _log = structlog.get_logger(__name__)
+
+
+def _is_loopback(listen: str) -> bool:
+    """Whether only this host can reach ``listen`` (a wildcard or a name may be any host)."""
+    host, _ = split_host_port(listen)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_failure(listen: str) -> str:
+    """Why gRPC could not bind, found by trying it with a plain socket.
+
+    gRPC says only "Failed to bind" (its core logs the cause, but core logging
+    is off so the log stays JSON), so ask the operating system the same question.
+    """
+    try:
+        host, port = split_host_port(listen)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError) as error:
+        return f"cannot resolve the address: {error}"
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as error:
+            return error.strerror or str(error)
+    return "gRPC refused the address"
+
 
 _SERVER_OPTIONS = [
     # Without this, gRPC sets SO_REUSEPORT and a second server would share the port.
@@ -78,19 +113,22 @@ class LocalApiServer:
         )
         try:
             port = server.add_insecure_port(self._listen)
-        except RuntimeError as error:
+        except RuntimeError:
             port = 0
-            reason = str(error)
-        else:
-            reason = "address in use or invalid"
         if port == 0:
             storage.close()
-            raise OSError(f"cannot listen on {self._listen}: {reason}")
+            raise OSError(f"cannot listen on {self._listen}: {_bind_failure(self._listen)}")
         await server.start()
         self._server = server
         self._storage = storage
         self._stopped.clear()
         _log.info("local dispatch API listening", listen=self._listen, port=port)
+        if not self._authenticator.enabled and not _is_loopback(self._listen):
+            _log.warning(
+                "local dispatch API accepts calls from other hosts without a key: "
+                "set api.local.auth_keys, or listen on 127.0.0.1",
+                listen=self._listen,
+            )
         return port
 
     async def stop(self, grace: float | None = None) -> None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+import structlog.testing
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 from frequenz.api.dispatch.v1.dispatch_pb2 import ListMicrogridDispatchesRequest
 from frequenz.client.common.microgrid import MicrogridId
@@ -19,7 +20,12 @@ from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import Event, TargetIds
 
 from dispatchd.localapi import LocalApiServer
-from dispatchd.localapi.auth import Authenticator, AuthError
+from dispatchd.localapi.auth import (
+    REJECTION_LOG_INTERVAL_SECONDS,
+    Authenticator,
+    AuthError,
+    RateLimit,
+)
 from tests.localapi.helpers import AUTH_KEY, SIGN_SECRET, assert_rpc_error, soon
 
 MG = MicrogridId(3)
@@ -194,3 +200,32 @@ def test_nonces_are_forgotten_after_the_window() -> None:
     )
     authenticator.check(LIST_METHOD, fresh)
     assert authenticator.remembered_nonces == 1
+
+
+def test_rate_limit_lets_one_through_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    limit = RateLimit(10.0, clock=lambda: now[0])
+    assert limit.allow() == 0
+    held = [limit.allow() for _ in range(5)]
+    assert held == [None] * 5
+    now[0] += 9.9
+    assert limit.allow() is None
+    now[0] += 0.1
+    assert limit.allow() == 6
+    assert limit.allow() is None
+
+
+async def test_repeated_rejections_are_logged_at_a_bounded_rate(keyed_server: int) -> None:
+    calls = 20
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(calls):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await raw_list(keyed_server, (("key", "wrong-key"),))
+    elapsed = time.monotonic() - started
+    rejected = [entry for entry in logs if entry["event"] == "call rejected"]
+    assert rejected[0]["reason"] == "key not accepted" and rejected[0]["suppressed"] == 0
+    assert rejected[0]["log_level"] == "warning"
+    # One line per REJECTION_LOG_INTERVAL_SECONDS (10 s), however slow the machine is.
+    assert len(rejected) <= 1 + elapsed // REJECTION_LOG_INTERVAL_SECONDS
+    assert len(rejected) + sum(entry["suppressed"] for entry in rejected) <= calls

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import socket
 
 import grpc
 import pytest
+import structlog.testing
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 from frequenz.api.dispatch.v1.dispatch_pb2 import StreamMicrogridDispatchesRequest
 
@@ -51,3 +53,41 @@ async def test_invalid_stream_request(tmp_path: pathlib.Path) -> None:
             assert "microgrid_id" in (error.value.details() or "")
     finally:
         await api.stop(0)
+
+
+async def test_a_taken_port_says_why_in_the_words_of_the_operating_system(
+    tmp_path: pathlib.Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LocalApiServer(listen=f"127.0.0.1:{port}", database=tmp_path / "a.sqlite3")
+        with pytest.raises(OSError, match="Address already in use") as error:
+            await server.start()
+    assert "GRPC_VERBOSITY" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "auth_keys", "warned"),
+    [
+        ("0.0.0.0:0", [], True),
+        ("[::]:0", [], True),
+        ("0.0.0.0:0", ["k"], False),
+        ("127.0.0.1:0", [], False),
+        ("localhost:0", [], False),
+        ("[::1]:0", [], False),
+    ],
+)
+async def test_open_to_other_hosts_without_a_key_is_a_warning(
+    tmp_path: pathlib.Path, listen: str, auth_keys: list[str], warned: bool
+) -> None:
+    server = LocalApiServer(listen=listen, database=tmp_path / "w.sqlite3", auth_keys=auth_keys)
+    with structlog.testing.capture_logs() as logs:
+        await server.start()
+    await server.stop(0)
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert bool(warnings) == warned, logs
+    if warned:
+        assert "api.local.auth_keys" in warnings[0]["event"]
+        assert warnings[0]["listen"] == listen

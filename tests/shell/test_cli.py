@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import aiormq.exceptions
 import pytest
 
 import dispatchd
@@ -99,6 +103,7 @@ def test_no_command_unknown_command_and_unknown_flag_exit_2_naming_them(
         (["schedule", "--microgrid", "0"], "--microgrid"),
         (["schedule", "--microgrid", "7", "--from", "yesterday"], "--from"),
         (["schedule", "--microgrid", "7", "--to", "2026-13-01"], "--to"),
+        (["schedule", "--microgrid", "7", "--limit", "0"], "--limit"),
         (
             ["schedule", "--microgrid", "7", "--from", "2026-05-02", "--to", "2026-05-01"],
             "--to",
@@ -129,6 +134,7 @@ def test_check_config_output_loads_back_to_the_same_configuration(
     source = tmp_path / "in.toml"
     source.write_text(
         'microgrid_ids = [3, 9]\nshutdown_timeout = 2.5\n[api]\nurl = "grpc://h:50051"\n'
+        'auth_key = "k"\n'
         '[amqp]\nexchange = "x"\n[log]\nlevel = "error"\nformat = "console"\n'
     )
     assert cli.main(["check-config", "--config", str(source)]) == 0
@@ -251,6 +257,8 @@ def test_commands_are_handed_the_settings_and_parsed_arguments(
                 "2026-05-02T00:00",
                 "--type",
                 "EV_CHARGING",
+                "--limit",
+                "50",
             ]
         )
         == 3
@@ -265,6 +273,7 @@ def test_commands_are_handed_the_settings_and_parsed_arguments(
         "start": datetime(2026, 5, 1, 10, tzinfo=UTC),
         "end": datetime(2026, 5, 2, tzinfo=UTC),
         "dispatch_type": "EV_CHARGING",
+        "limit": 50,
     }
 
 
@@ -280,6 +289,7 @@ def test_schedule_window_defaults_to_the_next_day(
     assert before <= kwargs["start"] <= after
     assert kwargs["end"] - kwargs["start"] == timedelta(days=1)
     assert kwargs["dispatch_type"] is None
+    assert kwargs["limit"] == cli.SCHEDULE_LIMIT
 
 
 def test_an_unexpected_failure_is_one_line_and_exit_1(
@@ -365,5 +375,124 @@ def test_api_command_with_a_taken_port_fails_with_one_line(
         done = dispatchd_process("api", env=env)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    # gRPC's C core may print its own line first; ours is the last and names the command.
-    assert done.stderr.splitlines()[-1].startswith("dispatchd api: ")
+    # gRPC's C core is quiet: no "E… add_port.cc" line, only ours, with the OS's reason.
+    assert done.stderr == (
+        f"dispatchd api: OSError: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+def test_check_config_and_run_refuse_what_would_fail_at_start_with_the_same_lines(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    state_file = tmp_path / "state"
+    state_file.write_text("")
+    env = {
+        **clean_env,
+        "DISPATCHD_AMQP__EXCHANGE": "amq.topic",
+        "DISPATCHD_HTTP__LISTEN": "127.0.0.1:50051",  # the embedded API's default address
+        "DISPATCHD_STATE__DIR": str(state_file),
+    }
+    checked = dispatchd_process("check-config", env=env)
+    assert checked.returncode == 2 and checked.stdout == ""
+    keys = [line.split(":", 1)[0] for line in checked.stderr.splitlines()]
+    assert keys == ["amqp.exchange", "http.listen", "state.dir"]
+    as_json = dispatchd_process("check-config", "--json", env=env)
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (2, "", checked.stderr)
+    ran = dispatchd_process("run", env=env)
+    assert (ran.returncode, ran.stderr) == (2, checked.stderr)
+
+    remote = {
+        **clean_env,
+        "DISPATCHD_API__URL": "grpc://api:443",
+        "DISPATCHD_STATE__DIR": str(tmp_path),
+    }
+    ran = dispatchd_process("run", env=remote)
+    assert ran.returncode == 2
+    assert ran.stderr.startswith("api.auth_key: required when api.url is set")
+    assert len(ran.stderr.splitlines()) == 1
+
+
+AMBIGUOUS_URLS = [
+    pytest.param(f"amqp://user:{password}@127.0.0.1:5672/", id=password)
+    for password in ("5672/Pw9xQz7Lm", "5672#Pw9xQz7Lm", "5672?Pw9xQz7Lm", "Pw9xQz7Lm/x")
+]
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS_URLS)
+@pytest.mark.parametrize(
+    "command", [["check-config"], ["check-config", "--json"], ["run"], ["tail"]]
+)
+def test_a_password_that_breaks_the_url_is_refused_and_never_shown(
+    url: str, command: list[str], tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    env = {**clean_env, "DISPATCHD_AMQP__URL": url, "DISPATCHD_STATE__DIR": str(tmp_path)}
+    done = dispatchd_process(*command, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Pw9xQz7Lm" not in done.stdout + done.stderr
+    assert done.stderr.startswith("amqp.url: ") and "percent-encode" in done.stderr
+    assert "amqp://user:***@127.0.0.1:5672/" in done.stderr
+
+
+@pytest.mark.parametrize("encoded", ["Pw9xQz7Lm%2Fx", "Pw9xQz7Lm%23x", "Pw9xQz7Lm%3Fx"])
+def test_tail_names_an_unreachable_broker_without_its_password(
+    encoded: str, clean_env: dict[str, str]
+) -> None:
+    port = free_port()  # nothing listens there
+    env = {**clean_env, "DISPATCHD_AMQP__URL": f"amqp://user:{encoded}@127.0.0.1:{port}/"}
+    done = dispatchd_process("tail", env=env)
+    assert done.returncode == 1
+    assert "Pw9xQz7Lm" not in done.stdout + done.stderr
+    assert f"amqp://user:***@127.0.0.1:{port}/" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unexpected_failure_line_masks_configured_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], clean_env: dict[str, str]
+) -> None:
+    monkeypatch.setenv("DISPATCHD_AMQP__URL", "amqp://user:Pw9xQz7Lm%2Fx@broker/")
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("login Pw9xQz7Lm/x refused at amqp://user:Pw9xQz7Lm/x@broker/")
+
+    monkeypatch.setattr(cli, "_command_function", lambda module: broken)
+    assert cli.main(["tail"]) == 1
+    err = capsys.readouterr().err
+    assert "Pw9xQz7Lm" not in err
+    assert err == "dispatchd tail: RuntimeError: login *** refused at amqp://user:***@broker/\n"
+
+
+def test_tail_on_a_missing_exchange_says_so_and_does_not_create_it(
+    amqp_url: str, unique_name: Callable[[str], str], clean_env: dict[str, str]
+) -> None:
+    exchange = unique_name("absent")
+    env = {**clean_env, "DISPATCHD_AMQP__URL": amqp_url, "DISPATCHD_AMQP__EXCHANGE": exchange}
+    done = dispatchd_process("tail", env=env)  # before: created it, then waited forever
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"dispatchd tail: exchange '{exchange}' does not exist")
+    assert "dispatchd run declares it" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert not exchange_exists(amqp_url, exchange)
+
+
+def exchange_exists(amqp_url: str, name: str) -> bool:
+    async def check() -> bool:
+        async with await aio_pika.connect(amqp_url) as connection:
+            channel = await connection.channel()
+            try:
+                await channel.get_exchange(name, ensure=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+
+    return asyncio.run(check())
+
+
+def test_the_readme_dispatch_cli_duration_means_exactly_what_it_says() -> None:
+    from frequenz.client.dispatch._cli_types import FuzzyTimeDelta
+
+    readme = (REPO / "README.md").read_text()
+    create = next(line for line in readme.splitlines() if line.strip().startswith("create "))
+    duration = shlex.split(create.partition("#")[0])[-1]
+    # dispatch-cli's own parser; a number like 1800 would become "until 18:00".
+    assert FuzzyTimeDelta().convert(duration, None, None) == timedelta(hours=1)
+    assert "one hour" in create.partition("#")[2]

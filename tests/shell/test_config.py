@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from dispatchd.config import (
     Settings,
     effective_config,
     load_config,
+    local_problems,
     mask_url,
+    redact_urls,
     split_host_port,
 )
 
@@ -367,3 +370,147 @@ def test_settings_are_frozen() -> None:
     config = Settings()
     with pytest.raises(ValueError, match="frozen"):
         config.shutdown_timeout = 1  # type: ignore[misc]
+
+
+# ------------------------------------------------------- passwords that break the URL parse
+
+AMBIGUOUS_PASSWORDS = [
+    # Each character ends the host part for a URL parser; with digits in front
+    # the rest even parses as a valid port, so the URL was accepted as host "user".
+    pytest.param(f"5672{char}Pw9xQz7Lm", id=f"digits{char}")
+    for char in "/#?"
+] + [pytest.param(f"Pw9xQz7Lm{char}x", id=f"letters{char}") for char in "/#?"]
+
+
+@pytest.mark.parametrize("password", AMBIGUOUS_PASSWORDS)
+def test_unencoded_slash_hash_or_question_mark_in_the_password_is_refused_without_echo(
+    password: str,
+) -> None:
+    url = f"amqp://user:{password}@broker.example:5672/"
+    problems = problems_of(None, {"DISPATCHD_AMQP__URL": url})
+    assert list(problems) == ["amqp.url"]
+    assert "percent-encode" in problems["amqp.url"]
+    assert "Pw9xQz7Lm" not in problems["amqp.url"]
+    assert "amqp://user:***@broker.example:5672/" in problems["amqp.url"]
+
+
+def test_a_percent_encoded_password_is_accepted_and_both_forms_are_secret() -> None:
+    config = load_config(None, {"DISPATCHD_AMQP__URL": "amqp://user:Pw9%2Fx%23y@broker/"})
+    assert str(config.amqp.url) == "amqp://user:***@broker/"
+    assert {"Pw9%2Fx%23y", "Pw9/x#y"} <= set(config.secret_values())
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://user:Pw9xQz7Lm/x@host:5672/", "amqp://user:***@host:5672/"),
+        ("amqp://user:Pw9#x@host/", "amqp://user:***@host/"),
+        ("amqp://user:Pw9?x@host/v", "amqp://user:***@host/v"),
+        ("amqp://user:p@ss@host/", "amqp://user:***@host/"),
+        ("amqp://us/er:pw@host/", "amqp://***@host/"),
+        ("amqp://:pw@host/", "amqp://:***@host/"),
+        ("amqp://[::1/", "amqp://[::1/"),
+    ],
+)
+def test_mask_url_hides_everything_up_to_the_last_at(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_redact_urls_masks_every_url_in_free_text() -> None:
+    text = "tried amqp://a:Secret1/x@h1/ then (amqps://b:Secret2#y@h2:5671) and grpc://h3:1"
+    assert redact_urls(text) == (
+        "tried amqp://a:***@h1/ then (amqps://b:***@h2:5671) and grpc://h3:1"
+    )
+
+
+# ----------------------------------------------------- what check-config and run refuse
+
+
+def test_a_sound_configuration_has_no_local_problems(tmp_path: Path) -> None:
+    assert local_problems(load_config(None, {"DISPATCHD_STATE__DIR": str(tmp_path / "s")})) == []
+
+
+@pytest.mark.parametrize(
+    ("env", "key", "words"),
+    [
+        ({"DISPATCHD_AMQP__EXCHANGE": "amq.topic"}, "amqp.exchange", ["amq.", "reserved"]),
+        ({"DISPATCHD_API__URL": "grpc://api:443"}, "api.auth_key", ["api.url", "auth_key"]),
+        ({"DISPATCHD_HTTP__LISTEN": "127.0.0.1:50051"}, "http.listen", ["api.local.listen"]),
+        (
+            {
+                "DISPATCHD_HTTP__LISTEN": "0.0.0.0:7000",
+                "DISPATCHD_API__LOCAL__LISTEN": "[::1]:7000",
+            },
+            "http.listen",
+            ["7000"],
+        ),
+        (
+            {
+                "DISPATCHD_HTTP__LISTEN": "localhost:7001",
+                "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:7001",
+            },
+            "http.listen",
+            ["7001"],
+        ),
+    ],
+)
+def test_local_problems_name_their_key(
+    tmp_path: Path, env: dict[str, str], key: str, words: list[str]
+) -> None:
+    config = load_config(None, {"DISPATCHD_STATE__DIR": str(tmp_path), **env})
+    problems = dict(local_problems(config))
+    assert list(problems) == [key]
+    for word in words:
+        assert word in problems[key]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        # the daemon does not start the local API when api.url is set
+        {
+            "DISPATCHD_API__URL": "grpc://api:443",
+            "DISPATCHD_API__AUTH_KEY": "k",
+            "DISPATCHD_HTTP__LISTEN": "127.0.0.1:50051",
+        },
+        {"DISPATCHD_HTTP__LISTEN": "127.0.0.1:0", "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0"},
+        {"DISPATCHD_HTTP__LISTEN": "127.0.0.1:7002", "DISPATCHD_API__LOCAL__LISTEN": "[::1]:7002"},
+        {},
+    ],
+)
+def test_listeners_that_do_not_collide_are_fine(tmp_path: Path, env: dict[str, str]) -> None:
+    config = load_config(None, {"DISPATCHD_STATE__DIR": str(tmp_path), **env})
+    assert local_problems(config) == []
+
+
+def test_a_state_dir_that_is_a_file_or_under_a_file_is_a_problem(tmp_path: Path) -> None:
+    a_file = tmp_path / "state"
+    a_file.write_text("")
+    for state_dir in (a_file, a_file / "below"):
+        config = load_config(None, {"DISPATCHD_STATE__DIR": str(state_dir)})
+        problems = dict(local_problems(config))
+        assert list(problems) == ["state.dir"]
+        assert str(a_file) in problems["state.dir"] and "not a directory" in problems["state.dir"]
+
+
+def read_only_directory(tmp_path: Path) -> Path:
+    """A directory this user cannot write to (root ignores modes, so a read-only one)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if not os.access(locked, os.W_OK):
+        return locked
+    if not os.access("/proc/sys", os.W_OK):
+        return Path("/proc/sys")
+    pytest.skip("no directory is read-only for this user")
+
+
+def test_a_state_dir_that_is_not_writable_or_cannot_be_created_is_a_problem(
+    tmp_path: Path,
+) -> None:
+    locked = read_only_directory(tmp_path)
+    for state_dir in (locked, locked / "dispatchd"):
+        config = load_config(None, {"DISPATCHD_STATE__DIR": str(state_dir)})
+        problems = dict(local_problems(config))
+        assert list(problems) == ["state.dir"]
+        assert "not writable" in problems["state.dir"]

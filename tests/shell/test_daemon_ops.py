@@ -296,7 +296,10 @@ async def test_schedule_prints_the_occurrences_the_daemon_would_run(
         window = (start - timedelta(minutes=1), start + timedelta(hours=5))
         out, err = io.StringIO(), io.StringIO()
         print_schedule(listed, *window, out, err)
-        env = clean_env | {"DISPATCHD_API__URL": handle.daemon.api_url}
+        env = clean_env | {
+            "DISPATCHD_API__URL": handle.daemon.api_url,
+            "DISPATCHD_MICROGRID_IDS": f"[{MG}]",
+        }
         cli = await asyncio.to_thread(
             subprocess.run,
             [

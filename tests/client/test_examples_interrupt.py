@@ -1,0 +1,37 @@
+"""Ctrl-C stops the examples quietly, as people stop them: no traceback, status 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+from tests.client.test_examples import ROOT
+from tests.shell.daemon_harness import MG, DaemonHandle
+
+
+@pytest.mark.parametrize("name", ["lifecycle_printer.py", "running_state_actor.py"])
+async def test_ctrl_c_exits_quietly(
+    name: str, amqp_url: str, exchange: str, daemon: DaemonHandle
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / name),
+        *("--microgrid", str(MG), "--amqp-url", amqp_url, "--exchange", exchange),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(20):
+        ready = await process.stdout.readline()
+    assert ready.startswith(b"ready"), ready
+    process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert (process.returncode, out) == (0, b""), err
+    # (frequenz-client-common's import-time "Prefix 'CID'" notice may precede; not ours)
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
