@@ -126,6 +126,8 @@ def main() -> int:
     except TimeoutError:
         print("timeout", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C is how people stop it: no traceback
+        return 0
 
 
 if __name__ == "__main__":
