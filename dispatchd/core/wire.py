@@ -853,6 +853,10 @@ def _load(body: bytes) -> dict[str, Any]:
         raise WireError(f"body: not UTF-8: {error}") from error
     except json.JSONDecodeError as error:
         raise WireError(f"body: not JSON: {error}") from error
+    except WireError:
+        raise
+    except ValueError as error:  # an integer beyond Python's digit limit for conversions
+        raise WireError("body: a number has too many digits") from error
     except RecursionError as error:
         raise WireError("body: nested too deeply") from error
     return _object(obj, "body")
