@@ -213,9 +213,10 @@ class Publisher:
         self._round_confirmed = 0
         self._wake = asyncio.Event()
         # Observability for tests and the benchmark: the most publishes ever
-        # unconfirmed at once, and how many send rounds ran (1 + republishes).
+        # unconfirmed at once, how many send rounds ran (1 + republishes), nacks.
         self.peak_in_flight = 0
         self.rounds = 0
+        self.nacked = 0
 
         # Confirmed (or returned) and not yet removed from the store.
         self._done: list[int] = []
@@ -572,6 +573,7 @@ class Publisher:
             loop = asyncio.get_running_loop()
             self._backoff[key] = loop.call_later(delay, self._end_backoff, key)
         metrics.PUBLISH_NACKED.labels(kind=_kind(item.envelope)).inc()
+        self.nacked += 1
         self._last_error = f"broker refused a message: {describe_error(exc)}"
         self._nacks_unlogged += 1
         now = time.monotonic()
