@@ -691,23 +691,36 @@ def encode_snapshot_reply(
     microgrid_id: int, as_of: datetime, synced: bool, entries: Iterable[SnapshotEntry]
 ) -> bytes:
     """The reply body for a successful snapshot."""
-    return _dump(
+    return snapshot_reply_around(microgrid_id, as_of, synced, encode_snapshot_entries(entries))
+
+
+def encode_snapshot_entries(entries: Iterable[SnapshotEntry]) -> bytes:
+    """The ``dispatches`` array of a snapshot reply: encoded once, sent in many replies."""
+    array = [
+        {
+            "dispatch": dispatch_to_json(entry.dispatch),
+            "running": entry.running,
+            "until": _format_optional_time(entry.until),
+            "sequence": entry.sequence,
+        }
+        for entry in entries
+    ]
+    return _utf8(_dump_text(array), "body")
+
+
+def snapshot_reply_around(
+    microgrid_id: int, as_of: datetime, synced: bool, encoded_entries: bytes
+) -> bytes:
+    """The reply body around an array from ``encode_snapshot_entries``."""
+    head = _dump(
         {
             "schema": SCHEMA,
             "microgrid_id": microgrid_id,
             "as_of": format_time(as_of),
             "synced": synced,
-            "dispatches": [
-                {
-                    "dispatch": dispatch_to_json(entry.dispatch),
-                    "running": entry.running,
-                    "until": _format_optional_time(entry.until),
-                    "sequence": entry.sequence,
-                }
-                for entry in entries
-            ],
         }
     )
+    return b"".join((head[:-1], b',"dispatches":', encoded_entries, b"}"))
 
 
 def encode_error_reply(code: str, message: str) -> bytes:
