@@ -5,19 +5,22 @@ Run: ``python bench/bench_rpc.py [--amqp-url URL] [--requests 5000] [--starts 20
 
 The daemon runs as a subprocess (``python -m dispatchd run``, embedded local
 API), seeded with ``--starts`` one-off dispatches that start ``--spacing-ms``
-apart, all inside the window of the burst. Each round runs twice, each time
-with a fresh daemon:
+apart, all inside the window of the burst. Each round runs three times, each
+time with a fresh daemon:
 
 - baseline: nobody asks for snapshots;
+- control: the same burst as below, sent by the same client to a queue of its
+  own that nobody serves: what the burst costs the machine (client and
+  broker on the same cores) without the daemon doing anything about it;
 - loaded: a client in its own process (so the two share no event loop) sends
   ``--requests`` snapshot requests at once just before the first start, with
-  one request in the middle whose ``reply_to`` is a direct reply-to name the
-  broker cannot decode (``amq.rabbitmq.reply-to.g1h2AA==.AAAA``).
+  one more, the 11th, whose ``reply_to`` is a direct reply-to name the broker
+  cannot decode (``amq.rabbitmq.reply-to.g1h2AA==.AAAA``).
 
 Printed per run: the start lag of the ``running`` messages (consumer receive
 time minus ``scheduled_for``, and the daemon's own ``emitted_at -
 scheduled_for``), ``dispatchd_broker_up`` sampled from ``/metrics`` every 50 ms
-during the window (its minimum and the share of samples at 0), how often the
+until the last start and the last reply (its minimum and the share of samples at 0), how often the
 daemon logged ``broker connection lost``, and how many requests got a reply,
 how fast.
 """
@@ -42,13 +45,21 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 POISONED_REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA==.AAAA"
+POISONED_AT = 10
+"""The poisoned request is sent after this many good ones: inside the window of starts."""
 
 
 # ------------------------------------------------------------ the RPC client
 
 
-async def client(amqp_url: str, queue: str, requests: int, at: float, within: float) -> None:
-    """Send the burst at wall time ``at``, collect the replies; JSON figures on stdout."""
+async def client(
+    amqp_url: str, queue: str, requests: int, at: float, within: float, control: bool
+) -> None:
+    """Send the burst at wall time ``at``, collect the replies; JSON figures on stdout.
+
+    ``control``: to a queue of its own that nobody serves, to measure what the
+    burst costs the machine (client and broker) without the daemon answering it.
+    """
     replies: dict[str, float] = {}
     errors = 0
     done = asyncio.Event()
@@ -67,11 +78,14 @@ async def client(amqp_url: str, queue: str, requests: int, at: float, within: fl
         channel = await connection.channel()
         reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await reply_queue.consume(on_reply, no_ack=True)
+        if control:
+            await channel.declare_queue(queue, exclusive=True, auto_delete=True)
+            within = 0
         body = json.dumps({"method": "snapshot", "microgrid_id": 7}).encode()
         await asyncio.sleep(max(0.0, at - time.time()))
         started = time.time()
         for n in range(requests + 1):
-            poisoned = n == requests // 2
+            poisoned = n == POISONED_AT
             await channel.default_exchange.publish(
                 aio_pika.Message(
                     body,
@@ -82,8 +96,9 @@ async def client(amqp_url: str, queue: str, requests: int, at: float, within: fl
                 routing_key=queue,
             )
         sent = time.time() - started
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), within)
+        if within:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), within)
         times = sorted(at_ - started for at_ in replies.values())
         print(
             json.dumps(
@@ -115,7 +130,7 @@ def sample_broker_up(port: int) -> float | None:
 
 
 async def run_once(
-    amqp_url: str, requests: int, starts: int, spacing: float, loaded: bool
+    amqp_url: str, requests: int, starts: int, spacing: float, mode: str
 ) -> dict[str, Any]:
     from bench_daemon import Daemon, bound_queue, daemon_env, quantiles, seed
 
@@ -135,15 +150,17 @@ async def run_once(
                 if datetime.now(UTC) >= first - timedelta(seconds=1):
                     raise RuntimeError(f"start-up took longer than the {margin} s margin")
                 burst = None
-                if loaded:
+                if mode != "baseline":
+                    control = mode == "control"
                     burst = await asyncio.create_subprocess_exec(
                         sys.executable,
                         __file__,
                         "--client",
+                        *(["--control"] if control else []),
                         "--amqp-url",
                         amqp_url,
                         "--queue",
-                        f"{exchange}.rpc",
+                        f"{exchange}.control" if control else f"{exchange}.rpc",
                         "--requests",
                         str(requests),
                         "--at",
@@ -151,7 +168,7 @@ async def run_once(
                         stdout=asyncio.subprocess.PIPE,
                     )
                 samples: list[float] = []
-                while time.time() < window_end:
+                while time.time() < window_end or (burst is not None and burst.returncode is None):
                     value = await asyncio.to_thread(sample_broker_up, daemon.http_port)
                     if value is not None:
                         samples.append(value)
@@ -162,7 +179,8 @@ async def run_once(
                     )
                 if burst is not None:
                     out, _ = await burst.communicate()
-                    figures["rpc"] = json.loads(out.decode().strip().splitlines()[-1])
+                    if mode == "loaded":
+                        figures["rpc"] = json.loads(out.decode().strip().splitlines()[-1])
             finally:
                 await daemon.stop()
         running = [m for m in consumer.messages if m.body["event"] == "running"]
@@ -235,27 +253,25 @@ async def main() -> None:
     parser.add_argument("--spacing-ms", type=float, default=25.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--control", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)
     parser.add_argument("--at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        await client(args.amqp_url, args.queue, args.requests, args.at, within=60)
+        await client(args.amqp_url, args.queue, args.requests, args.at, 60, args.control)
         return
     sys.path.insert(0, str(Path(__file__).parent))
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()}", flush=True)
     spacing = args.spacing_ms / 1000
     for round_ in range(args.rounds):
         suffix = f" #{round_ + 1}" if args.rounds > 1 else ""
-        report(
-            f"baseline{suffix}",
-            await run_once(args.amqp_url, args.requests, args.starts, spacing, loaded=False),
-            args.requests,
-        )
-        report(
-            f"{args.requests} requests + 1 poisoned{suffix}",
-            await run_once(args.amqp_url, args.requests, args.starts, spacing, loaded=True),
-            args.requests,
-        )
+        for mode, label in (
+            ("baseline", "baseline"),
+            ("control", "burst to an unserved queue"),
+            ("loaded", f"{args.requests} requests + 1 poisoned"),
+        ):
+            figures = await run_once(args.amqp_url, args.requests, args.starts, spacing, mode)
+            report(f"{label}{suffix}", figures, args.requests)
 
 
 if __name__ == "__main__":

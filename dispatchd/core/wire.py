@@ -695,17 +695,19 @@ def encode_snapshot_reply(
 
 
 def encode_snapshot_entries(entries: Iterable[SnapshotEntry]) -> bytes:
-    """The ``dispatches`` array of a snapshot reply: encoded once, sent in many replies."""
-    array = [
-        {
-            "dispatch": dispatch_to_json(entry.dispatch),
-            "running": entry.running,
-            "until": _format_optional_time(entry.until),
-            "sequence": entry.sequence,
-        }
-        for entry in entries
-    ]
-    return _utf8(_dump_text(array), "body")
+    """The ``dispatches`` array of a snapshot reply."""
+    return b"[" + b",".join(encode_snapshot_entry(entry) for entry in entries) + b"]"
+
+
+def encode_snapshot_entry(entry: SnapshotEntry) -> bytes:
+    """One element of the ``dispatches`` array: encoded once, sent in many replies."""
+    element = {
+        "dispatch": dispatch_to_json(entry.dispatch),
+        "running": entry.running,
+        "until": _format_optional_time(entry.until),
+        "sequence": entry.sequence,
+    }
+    return _utf8(_dump_text(element), "body")
 
 
 def snapshot_reply_around(

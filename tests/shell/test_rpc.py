@@ -12,7 +12,7 @@ from frequenz.client.dispatch.types import TargetIds
 from dispatchd.core import wire
 from dispatchd.core.engine import SnapshotEntry
 from dispatchd.core.model import Dispatch
-from dispatchd.rpc import CACHED_SNAPSHOTS, SnapshotRpc
+from dispatchd.rpc import STALE_ENCODINGS, SnapshotRpc
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -94,8 +94,10 @@ def test_replies_follow_every_change_and_stay_byte_identical_to_a_fresh_encoding
     assert [d["dispatch"]["id"] for d in ask(rpc, "T")["dispatches"]] == [1, 3]
 
 
-def test_the_cache_is_bounded_whatever_types_clients_ask_for() -> None:
-    rpc = make_rpc(State(), [EPOCH])
-    for n in range(CACHED_SNAPSHOTS * 10):
-        ask(rpc, f"type-{n}")
-    assert len(rpc._encoded) == CACHED_SNAPSHOTS
+def test_encodings_of_deleted_dispatches_do_not_pile_up() -> None:
+    state = State()
+    rpc = make_rpc(state, [EPOCH])
+    for n in range(3, 3 + STALE_ENCODINGS * 3):
+        state.entries[1] = idle(dispatch(n))  # one dispatch deleted, another created
+        assert [d["dispatch"]["id"] for d in ask(rpc)["dispatches"]] == [1, n]
+    assert len(rpc._encoded) <= 2 + STALE_ENCODINGS
