@@ -197,6 +197,15 @@ async def run_once(
                 for m in running
             ]
             figures["lag"] = quantiles(lags)
+            first_ts = first.timestamp()
+            worst = sorted(
+                (
+                    (lag, datetime.fromisoformat(m.body["scheduled_for"]).timestamp() - first_ts)
+                    for lag, m in zip(lags, running, strict=True)
+                ),
+                reverse=True,
+            )[:3]
+            figures["worst"] = ", ".join(f"{lag * 1e3:.0f} ms at +{at:.2f} s" for lag, at in worst)
             figures["woke"] = quantiles(woke)
         figures["broker_up_min"] = min(samples) if samples else None
         figures["broker_up_zero_share"] = (
@@ -225,6 +234,8 @@ def report(label: str, figures: dict[str, Any], requests: int) -> None:
             f"{label}: emitted_at - scheduled_for",
             f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
         )
+    if "worst" in figures:
+        show(f"{label}: the 3 latest starts", figures["worst"])
     zero = figures["broker_up_zero_share"]
     show(
         f"{label}: dispatchd_broker_up",
