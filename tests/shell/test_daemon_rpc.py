@@ -262,3 +262,36 @@ async def test_an_oversized_microgrid_id_gets_an_error_reply_and_no_traceback(
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert not [line for line in lines if "exception" in line or "exc_info" in line], lines
     assert not handle.task.done()
+
+
+async def test_a_redelivered_request_is_dropped_unanswered(
+    amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    exchange = unique_name("e2e")
+    async with (
+        QueueObserver(amqp_url, exchange),  # removes the RPC queue at the end
+        RpcClient(amqp_url, exchange) as rpc,
+    ):
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                f"{exchange}.rpc", durable=True, arguments={"x-message-ttl": 30_000}
+            )
+            first = await rpc.send(wire.encode_snapshot_request(MG))
+            # Taken by a consumer that goes away without an ack: the broker requeues
+            # it marked as redelivered, as after a connection cut mid-request.
+            taken = await queue.get(no_ack=False, timeout=5)
+            assert taken is not None and not taken.redelivered
+            await channel.close()
+        dropped_before = metric(
+            "dispatchd_rpc_requests_total", method="unknown", outcome="redelivered"
+        )
+        async with running_daemon(tmp_path, amqp_url, exchange):
+            answered = await rpc.send(wire.encode_snapshot_request(MG))
+            await rpc.reply(answered)  # served in order: the first was handled before
+            assert not rpc.answered(first)
+            dropped = metric(
+                "dispatchd_rpc_requests_total", method="unknown", outcome="redelivered"
+            )
+            assert dropped == dropped_before + 1
