@@ -36,7 +36,7 @@ from aio_pika.abc import (
 from dispatchd import metrics
 from dispatchd.core import wire
 from dispatchd.core.engine import SnapshotEntry
-from dispatchd.publisher import REFUSED_RETRY, broker_refusal, describe_error
+from dispatchd.publisher import CLOSE_GRACE, REFUSED_RETRY, broker_refusal, describe_error
 
 _log = structlog.get_logger(__name__)
 
@@ -344,5 +344,7 @@ class _Replies:
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and not connection.is_closed:
+            # A broker that stopped answering never sends close-ok: don't wait for it.
             with contextlib.suppress(Exception):
-                await connection.close()
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await connection.close()
