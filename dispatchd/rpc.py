@@ -100,8 +100,6 @@ class SnapshotRpc:
         self._replies = _Replies(amqp_url, connect_timeout)
         # Per (microgrid_id, dispatch_id): the entry last encoded and its encoding.
         self._encoded: dict[tuple[int, int], tuple[SnapshotEntry, bytes]] = {}
-        self.serving = asyncio.Event()
-        """Set once the consumer is up (for tests and the benchmark)."""
 
     async def start(self, *, wait: bool = True) -> None:
         """Declare the queue and consume, or keep trying in the background if that fails.
@@ -172,7 +170,6 @@ class SnapshotRpc:
             await connection.close()
             raise
         self._connection = connection
-        self.serving.set()
         _log.info("snapshot rpc serving", queue=self._queue_name, prefetch=PREFETCH)
 
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
