@@ -122,6 +122,7 @@ class Daemon:
         self._engine = _restore(store)
         local_api = await self._start_local_api()
         rpc = SnapshotRpc(
+            amqp_url=settings.amqp.url.get_secret_value(),
             exchange=settings.amqp.exchange,
             microgrid_ids=settings.microgrid_ids,
             snapshot=self._engine.snapshot,
@@ -131,13 +132,14 @@ class Daemon:
             amqp_url=settings.amqp.url.get_secret_value(),
             exchange=settings.amqp.exchange,
             store=store,
-            on_declare=rpc.declare,
         )
         http = HttpServer(settings.http.listen, self._missing_for_ready, self._refresh_metrics)
         tasks: list[asyncio.Task[None]] = []
         client: DispatchApiClient | None = None
         try:
             await publisher.start()
+            # Its own connections: a reply can never cut the publisher's.
+            await rpc.start(wait=publisher.connected)
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
             resumed = self._engine.resume(self._clock())

@@ -37,6 +37,14 @@ MESSAGES_UNROUTABLE = Counter(
     registry=REGISTRY,
 )
 
+PUBLISH_NACKED = Counter(
+    "dispatchd_publish_nacked_total",
+    "Publishes the broker refused (nack, e.g. a full queue with overflow reject-publish); "
+    "each is retried after its dispatch's own backoff.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 OUTBOX_MESSAGES = Gauge(
     "dispatchd_outbox_messages",
     "Messages written to the durable outbox and not yet confirmed by the broker.",

@@ -9,10 +9,21 @@ k+1 would break the per-dispatch order of wire-v1 § 5. Dispatches produce
 few messages each, so this costs nothing in practice while bursts over many
 dispatches stay fully pipelined.
 
-On any failure (nack, confirm timeout, channel or connection lost) the
+A nack (the broker refused one message, e.g. a full queue with
+``overflow=reject-publish``) holds back only that message's dispatch: the
+message is republished after a backoff of its own (``reconnect_interval``,
+doubling per consecutive nack of the dispatch, up to ``max_backoff``) with
+the dispatch's later messages behind it, while every other dispatch goes on.
+
+On any other failure (confirm timeout, channel or connection lost) the
 publisher stops sending, lets the in-flight publishes settle, waits for the
 robust channel to come back and republishes everything still unconfirmed in
 seq order with the same ``message_id``: duplicates are possible, loss is not.
+
+A broker that refuses dispatchd for a reason that cannot go away by itself
+(a wrong password, an ``amq.*`` exchange name, TLS against a plain port) is
+named in one ERROR line with the fix and retried only every ``REFUSED_RETRY``
+seconds (see ``broker_refusal``).
 
 A message leaves the outbox only when the broker confirmed it, or returned
 it as unroutable (no queue bound: topic semantics, counted, never retried).
@@ -23,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,8 +43,15 @@ from typing import Any
 import aio_pika
 import aiormq
 import structlog
+import yarl
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustExchange
-from aio_pika.exceptions import ChannelPreconditionFailed, DeliveryError, PublishError
+from aio_pika.exceptions import (
+    ChannelPreconditionFailed,
+    DeliveryError,
+    ProbableAuthenticationError,
+    PublishError,
+)
+from aiormq.exceptions import ChannelAccessRefused
 
 from dispatchd import metrics
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
@@ -50,6 +70,12 @@ commit after its last confirm instead of a thread competing with the sends for t
 and the store lock (the engine commits the next step under it).
 """
 
+REFUSED_RETRY = 60.0
+"""Seconds between attempts while the broker refuses dispatchd for a reason it cannot fix."""
+
+NACK_LOG_INTERVAL = 10.0
+"""At most one WARNING line about refused (nacked) messages per this many seconds."""
+
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
 
@@ -66,9 +92,63 @@ def _dispatch_key(item: OutboxItem) -> tuple[int, int]:
     return (item.envelope.microgrid_id, item.envelope.dispatch_id)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+def describe_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _host_port(url: yarl.URL) -> str:
+    return f"{url.host}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+
+
+def _broker_address(amqp_url: str) -> str:
+    """``user 'guest' at 127.0.0.1:5672, vhost '/'``: the URL without its password."""
+    url = yarl.URL(amqp_url)
+    vhost = url.path[1:] if len(url.path) > 1 else "/"
+    return f"user {url.user or 'guest'!r} at {_host_port(url)}, vhost {vhost!r}"
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def broker_refusal(exc: BaseException, amqp_url: str = "", exchange: str = "") -> str | None:
+    """What to tell the operator when ``exc`` cannot go away by retrying; None if it may.
+
+    The text names the cause and the fix, never the password.
+    """
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ProbableAuthenticationError) or text.startswith("ACCESS_REFUSED - Login"):
+        return (
+            f"the broker refused the login (ACCESS_REFUSED) of {_broker_address(amqp_url)}: "
+            "fix the user or password in amqp.url, or create the user on the broker"
+        )
+    if isinstance(exc, ChannelAccessRefused):
+        if "reserved prefix" in text:
+            return (
+                f"the broker refuses to declare exchange {exchange!r}: names starting with "
+                "'amq.' are reserved (ACCESS_REFUSED); set amqp.exchange to another name, "
+                "e.g. 'dispatch'"
+            )
+        return (
+            f"the broker refused access (broker: {text}): give {_broker_address(amqp_url)} "
+            "configure, write and read permissions, or use another account in amqp.url"
+        )
+    ssl_error = _ssl_error(exc)
+    if ssl_error is not None and "WRONG_VERSION_NUMBER" in str(ssl_error):
+        return (
+            "TLS handshake failed (WRONG_VERSION_NUMBER): the server at "
+            f"{_host_port(yarl.URL(amqp_url))} does not speak TLS; use amqp:// instead of "
+            "amqps:// in amqp.url, or the broker's TLS port (usually 5671)"
+        )
+    return None
 
 
 class Publisher:
@@ -86,6 +166,7 @@ class Publisher:
         reconnect_interval: float = 1.0,
         max_backoff: float = 30.0,
         connect_timeout: float = 10.0,
+        refused_retry: float = REFUSED_RETRY,
         on_declare: DeclareHook | None = None,
     ) -> None:
         if max_in_flight < 1 or max_in_flight_per_dispatch < 1:
@@ -99,6 +180,7 @@ class Publisher:
         self._reconnect_interval = reconnect_interval
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
+        self._refused_retry = refused_retry
         self.on_declare = on_declare
 
         self._connection: AbstractRobustConnection | None = None
@@ -110,6 +192,9 @@ class Publisher:
         self._fatal_event = asyncio.Event()
         self._ever_connected = asyncio.Event()
         self._closing = False
+        self._refusal_logged: str | None = None
+        self.retry_in: float | None = None
+        """Seconds until the next connection attempt while not connected (None once connected)."""
 
         # Submitted and not yet confirmed, keyed (and ordered) by seq.
         self._pending: dict[int, OutboxItem] = {}
@@ -119,13 +204,19 @@ class Publisher:
         self._busy: dict[tuple[int, int], int] = {}
         self._held: dict[tuple[int, int], collections.deque[int]] = {}
         self._ready: collections.deque[int] = collections.deque()
+        # Per dispatch: consecutive nacks, and the timer ending its backoff after one.
+        self._nacks: dict[tuple[int, int], int] = {}
+        self._backoff: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self._nacks_unlogged = 0
+        self._nack_logged_at = -NACK_LOG_INTERVAL
         self._round_failed = False
         self._round_confirmed = 0
         self._wake = asyncio.Event()
         # Observability for tests and the benchmark: the most publishes ever
-        # unconfirmed at once, and how many send rounds ran (1 + republishes).
+        # unconfirmed at once, how many send rounds ran (1 + republishes), nacks.
         self.peak_in_flight = 0
         self.rounds = 0
+        self.nacked = 0
 
         # Confirmed (or returned) and not yet removed from the store.
         self._done: list[int] = []
@@ -206,8 +297,10 @@ class Publisher:
             await self._flusher_task
             raise
         except Exception as exc:
-            self._note_unreachable(exc, self._reconnect_interval)
-            self._tasks.append(asyncio.create_task(self._connect_loop(), name="publisher-connect"))
+            retry_in = self._note_failure(exc, self._reconnect_interval)
+            self._tasks.append(
+                asyncio.create_task(self._connect_loop(retry_in), name="publisher-connect")
+            )
             return
         self._tasks.append(asyncio.create_task(self._sender(), name="publisher-sender"))
 
@@ -243,20 +336,42 @@ class Publisher:
         connection.reconnect_callbacks.add(self._on_reconnected)
         self._connection, self._channel, self._exchange = connection, channel, exchange
         self._last_error = None
+        self._refusal_logged = None
+        self.retry_in = None
         self._ever_connected.set()
         metrics.BROKER_UP.set(1)
         log.info("broker connected", exchange=self._exchange_name)
 
-    def _note_unreachable(self, exc: BaseException, retry_in: float) -> None:
-        self._last_error = f"broker unreachable: {_describe(exc)}"
-        metrics.BROKER_UP.set(0)
-        log.warning("broker unreachable, retrying", error=_describe(exc), retry_in_seconds=retry_in)
+    def _note_failure(self, exc: BaseException, backoff: float) -> float:
+        """Say why the broker cannot be used; returns the seconds until the next attempt.
 
-    async def _connect_loop(self) -> None:
-        """Retry the first connection with exponential backoff until it works."""
+        A refusal that retrying cannot fix is one ERROR line (again only when its
+        cause changes) and a slow retry; anything else may pass by itself: a
+        WARNING and the fast backoff.
+        """
+        metrics.BROKER_UP.set(0)
+        refusal = broker_refusal(exc, self._url, self._exchange_name)
+        if refusal is None:
+            self._last_error = f"broker unreachable: {describe_error(exc)}"
+            self.retry_in = backoff
+            log.warning(
+                "broker unreachable, retrying", error=describe_error(exc), retry_in_seconds=backoff
+            )
+            return backoff
+        self.retry_in = self._refused_retry
+        self._last_error = f"{refusal} (retrying every {self._refused_retry:g} s)"
+        if refusal != self._refusal_logged:
+            self._refusal_logged = refusal
+            log.error("broker refuses dispatchd", error=refusal, retry_in_seconds=self.retry_in)
+        else:
+            log.debug("broker still refuses dispatchd", retry_in_seconds=self.retry_in)
+        return self._refused_retry
+
+    async def _connect_loop(self, retry_in: float) -> None:
+        """Retry the first connection until it works: exponential backoff, or slow if refused."""
         backoff = self._reconnect_interval
         while not self._closing:
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(retry_in)
             backoff = min(backoff * 2, self._max_backoff)
             try:
                 await self._connect()
@@ -267,7 +382,7 @@ class Publisher:
                 log.error("cannot publish", error=str(exc))
                 return
             except Exception as exc:
-                self._note_unreachable(exc, backoff)
+                retry_in = self._note_failure(exc, backoff)
                 continue
             self._tasks.append(asyncio.create_task(self._sender(), name="publisher-sender"))
             return
@@ -276,7 +391,7 @@ class Publisher:
         if self._closing:
             return
         metrics.BROKER_UP.set(0)
-        self._last_error = f"broker connection lost: {_describe(exc) if exc else 'closed'}"
+        self._last_error = f"broker connection lost: {describe_error(exc) if exc else 'closed'}"
         log.warning("broker connection lost, reconnecting", error=self._last_error)
         self._fail_round(self._last_error)
 
@@ -312,6 +427,7 @@ class Publisher:
 
     async def _stop_tasks(self) -> None:
         """Cancel sending and connecting; the flusher is left to finish its last batch."""
+        self._cancel_backoffs()
         tasks = self._tasks + list(self._in_flight)
         self._tasks = []
         for task in tasks:
@@ -379,6 +495,7 @@ class Publisher:
         self._busy.clear()
         self._held.clear()
         self._ready.clear()
+        self._cancel_backoffs()  # a new round republishes the nacked ones in seq order
         self.rounds += 1
         self._round_failed = False
         self._round_confirmed = 0
@@ -388,7 +505,7 @@ class Publisher:
             # one, its publishes fail and the next round takes the new one.
             channel = await self._channel.get_underlay_channel()
         except Exception as exc:
-            self._fail_round(f"channel not open: {_describe(exc)}")
+            self._fail_round(f"channel not open: {describe_error(exc)}")
             return
         assert isinstance(channel, aiormq.Channel)
         while not self._round_failed:
@@ -424,18 +541,66 @@ class Publisher:
         return None
 
     def _release(self, item: OutboxItem) -> None:
-        """A publish of this dispatch settled: let its next held item go."""
+        """A publish of this dispatch settled: let its next held item go (unless backing off)."""
         key = _dispatch_key(item)
         count = self._busy.get(key, 0) - 1
         if count > 0:
             self._busy[key] = count
         else:
             self._busy.pop(key, None)
+        if key not in self._backoff:
+            self._release_held(key)
+
+    def _release_held(self, key: tuple[int, int]) -> None:
         held = self._held.get(key)
         if held:
             self._ready.append(held.popleft())
             if not held:
                 del self._held[key]
+
+    # --- a nack holds back its own dispatch only ----------------------------
+
+    def _on_nacked(self, item: OutboxItem, exc: DeliveryError) -> None:
+        """Put the message back in front of its dispatch, which waits out its own backoff."""
+        key = _dispatch_key(item)
+        nacks = self._nacks.get(key, 0) + 1
+        self._nacks[key] = nacks
+        held = self._held.get(key)
+        # Later messages of the dispatch are held behind it, in seq order.
+        self._held[key] = collections.deque(sorted([item.seq, *held]) if held else [item.seq])
+        delay = min(self._reconnect_interval * 2 ** min(nacks - 1, 16), self._max_backoff)
+        if key not in self._backoff:
+            loop = asyncio.get_running_loop()
+            self._backoff[key] = loop.call_later(delay, self._end_backoff, key)
+        metrics.PUBLISH_NACKED.labels(kind=_kind(item.envelope)).inc()
+        self.nacked += 1
+        self._last_error = f"broker refused a message: {describe_error(exc)}"
+        self._nacks_unlogged += 1
+        now = time.monotonic()
+        if now - self._nack_logged_at >= NACK_LOG_INTERVAL:
+            log.warning(
+                "broker refused messages (a queue with overflow reject-publish is full?); "
+                "only their dispatches wait and retry",
+                refused=self._nacks_unlogged,
+                dispatches_waiting=len(self._backoff),
+                microgrid_id=item.envelope.microgrid_id,
+                dispatch_id=item.envelope.dispatch_id,
+                routing_key=item.envelope.routing_key,
+                retry_in_seconds=delay,
+            )
+            self._nack_logged_at = now
+            self._nacks_unlogged = 0
+
+    def _end_backoff(self, key: tuple[int, int]) -> None:
+        self._backoff.pop(key, None)
+        if self._busy.get(key, 0) < self._max_per_dispatch:
+            self._release_held(key)
+        self._wake.set()
+
+    def _cancel_backoffs(self) -> None:
+        for handle in self._backoff.values():
+            handle.cancel()
+        self._backoff.clear()
 
     async def _publish(self, item: OutboxItem, channel: aiormq.Channel) -> None:
         envelope = item.envelope
@@ -467,16 +632,16 @@ class Publisher:
         except PublishError:
             metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
             self._finish(item)
+        except DeliveryError as exc:
+            self._on_nacked(item, exc)
         except asyncio.CancelledError:
             if task is not None and task.cancelling():
                 raise
             self._fail_round("publish cancelled by a closing channel")
         except TimeoutError:
             self._fail_round(f"no confirm within {self._publish_timeout}s")
-        except DeliveryError as exc:
-            self._fail_round(f"broker refused a message: {_describe(exc)}")
         except Exception as exc:
-            self._fail_round(f"publish failed: {_describe(exc)}")
+            self._fail_round(f"publish failed: {describe_error(exc)}")
         else:
             self._count_published(envelope)
             self._finish(item)
@@ -498,6 +663,7 @@ class Publisher:
         counter.inc()
 
     def _finish(self, item: OutboxItem) -> None:
+        self._nacks.pop(_dispatch_key(item), None)
         if self._pending.pop(item.seq, None) is None:
             return
         self._round_confirmed += 1
@@ -527,7 +693,8 @@ class Publisher:
                     await asyncio.to_thread(self._remove, batch)
                 except Exception as exc:
                     log.error(
-                        "cannot remove confirmed messages from the outbox", error=_describe(exc)
+                        "cannot remove confirmed messages from the outbox",
+                        error=describe_error(exc),
                     )
                     self._done = batch + self._done
                     if self._closing:

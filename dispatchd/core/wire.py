@@ -691,23 +691,38 @@ def encode_snapshot_reply(
     microgrid_id: int, as_of: datetime, synced: bool, entries: Iterable[SnapshotEntry]
 ) -> bytes:
     """The reply body for a successful snapshot."""
-    return _dump(
+    return snapshot_reply_around(microgrid_id, as_of, synced, encode_snapshot_entries(entries))
+
+
+def encode_snapshot_entries(entries: Iterable[SnapshotEntry]) -> bytes:
+    """The ``dispatches`` array of a snapshot reply."""
+    return b"[" + b",".join(encode_snapshot_entry(entry) for entry in entries) + b"]"
+
+
+def encode_snapshot_entry(entry: SnapshotEntry) -> bytes:
+    """One element of the ``dispatches`` array: encoded once, sent in many replies."""
+    element = {
+        "dispatch": dispatch_to_json(entry.dispatch),
+        "running": entry.running,
+        "until": _format_optional_time(entry.until),
+        "sequence": entry.sequence,
+    }
+    return _utf8(_dump_text(element), "body")
+
+
+def snapshot_reply_around(
+    microgrid_id: int, as_of: datetime, synced: bool, encoded_entries: bytes
+) -> bytes:
+    """The reply body around an array from ``encode_snapshot_entries``."""
+    head = _dump(
         {
             "schema": SCHEMA,
             "microgrid_id": microgrid_id,
             "as_of": format_time(as_of),
             "synced": synced,
-            "dispatches": [
-                {
-                    "dispatch": dispatch_to_json(entry.dispatch),
-                    "running": entry.running,
-                    "until": _format_optional_time(entry.until),
-                    "sequence": entry.sequence,
-                }
-                for entry in entries
-            ],
         }
     )
+    return b"".join((head[:-1], b',"dispatches":', encoded_entries, b"}"))
 
 
 def encode_error_reply(code: str, message: str) -> bytes:
@@ -853,6 +868,10 @@ def _load(body: bytes) -> dict[str, Any]:
         raise WireError(f"body: not UTF-8: {error}") from error
     except json.JSONDecodeError as error:
         raise WireError(f"body: not JSON: {error}") from error
+    except WireError:
+        raise
+    except ValueError as error:  # an integer beyond Python's digit limit for conversions
+        raise WireError("body: a number has too many digits") from error
     except RecursionError as error:
         raise WireError("body: nested too deeply") from error
     return _object(obj, "body")

@@ -9,6 +9,7 @@ silence, and must leave the daemon serving.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from frequenz.client.dispatch.types import TargetIds
 
 from dispatchd.core import wire
+from dispatchd.logs import configure_logging, reset_logging
 from tests.shell.daemon_harness import (
     MG,
     DaemonHandle,
@@ -74,7 +76,8 @@ class RpcClient:
         if future is not None and not future.done():
             future.set_result(message)
 
-    async def send(self, body: bytes, *, reply: bool = True) -> str:
+    async def send(self, body: bytes, *, reply: bool = True, reply_to: str | None = None) -> str:
+        """Send one request; ``reply_to`` overrides this client's reply queue."""
         assert self._channel is not None
         correlation_id = uuid.uuid4().hex
         self._replies[correlation_id] = asyncio.get_running_loop().create_future()
@@ -82,7 +85,7 @@ class RpcClient:
             aio_pika.Message(
                 body,
                 correlation_id=correlation_id,
-                reply_to=self.reply_to if reply else None,
+                reply_to=(reply_to or self.reply_to) if reply else None,
                 content_type=wire.CONTENT_TYPE,
             ),
             routing_key=self._queue,
@@ -128,8 +131,10 @@ async def test_snapshot_lists_the_announced_state_with_and_without_type(
     peak = await handle.client.create(mg(), "PEAK", "NOW", timedelta(seconds=60), TargetIds(1))
     other = await handle.client.create(mg(), "OTHER", "NOW", None, TargetIds(2))
     idle = await handle.client.create(mg(), "PEAK", soon(60), timedelta(seconds=5), TargetIds(3))
-    await observer.wait_for(lambda r: r.is_(int(other.id), "running"), WAIT)
-    await observer.wait_for(lambda r: r.is_(int(idle.id), "created"), WAIT)
+    # Order holds per dispatch only: idle's created may overtake other's running.
+    await observer.seen(lambda r: r.is_(int(peak.id), "running"), WAIT)
+    await observer.seen(lambda r: r.is_(int(other.id), "running"), WAIT)
+    await observer.seen(lambda r: r.is_(int(idle.id), "created"), WAIT)
     last_running = {r.dispatch_id: r.running for r in observer.received if r.kind == "running"}
     ok_before = metric("dispatchd_rpc_requests_total", method="snapshot", outcome="ok")
     async with RpcClient(amqp_url, exchange) as rpc:
@@ -208,3 +213,85 @@ async def test_request_without_reply_to_is_dropped_and_serving_goes_on(
             metric("dispatchd_rpc_requests_total", method="snapshot", outcome="ok") == ok_before + 2
         )
     assert not handle.task.done()
+
+
+POISONED_REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA==.AAAA"
+"""A direct reply-to name the broker cannot decode: replying to it makes RabbitMQ
+close the replying connection with INTERNAL_ERROR."""
+
+
+async def test_a_poisoned_reply_to_cuts_neither_publishing_nor_serving(
+    site: Site, amqp_url: str
+) -> None:
+    observer, handle, exchange = site
+    publisher = handle.daemon.publisher
+    assert publisher is not None and publisher.connection is not None
+    losses: list[BaseException | None] = []
+    publisher.connection.close_callbacks.add(lambda _sender, exc=None: losses.append(exc))
+    ok_before = metric("dispatchd_rpc_requests_total", method="snapshot", outcome="ok")
+    async with RpcClient(amqp_url, exchange) as rpc:
+        await rpc.send(wire.encode_snapshot_request(MG), reply_to=POISONED_REPLY_TO)
+        # Served in order: this reply proves the poisoned one was handled first.
+        assert (await rpc.call(wire.encode_snapshot_request(MG)))["synced"] is True
+        created = await handle.client.create(mg(), "T", soon(60), None, TargetIds(1))
+        await observer.wait_for(lambda r: r.is_(int(created.id), "created"), 5)
+        # And again after the reply connection was cut and had to come back.
+        assert (await rpc.call(wire.encode_snapshot_request(MG)))["synced"] is True
+    assert losses == []
+    assert publisher.connected
+    assert metric("dispatchd_broker_up") == 1
+    # Acked before the reply: never redelivered, so counted once, never answered again.
+    assert metric("dispatchd_rpc_requests_total", method="snapshot", outcome="ok") == ok_before + 3
+
+
+async def test_an_oversized_microgrid_id_gets_an_error_reply_and_no_traceback(
+    site: Site, amqp_url: str
+) -> None:
+    _, handle, exchange = site
+    out = io.StringIO()
+    configure_logging("DEBUG", "json", stream=out)
+    try:
+        async with RpcClient(amqp_url, exchange) as rpc:
+            body = b'{"method": "snapshot", "microgrid_id": ' + b"9" * 5000 + b"}"
+            reply = await rpc.call(body)
+            assert (await rpc.call(wire.encode_snapshot_request(MG)))["synced"] is True
+    finally:
+        reset_logging()
+    assert reply["error"]["code"] == "malformed", reply
+    assert len(reply["error"]["message"]) < 300, reply
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert not [line for line in lines if "exception" in line or "exc_info" in line], lines
+    assert not handle.task.done()
+
+
+async def test_a_redelivered_request_is_dropped_unanswered(
+    amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    exchange = unique_name("e2e")
+    async with (
+        QueueObserver(amqp_url, exchange),  # removes the RPC queue at the end
+        RpcClient(amqp_url, exchange) as rpc,
+    ):
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                f"{exchange}.rpc", durable=True, arguments={"x-message-ttl": 30_000}
+            )
+            first = await rpc.send(wire.encode_snapshot_request(MG))
+            # Taken by a consumer that goes away without an ack: the broker requeues
+            # it marked as redelivered, as after a connection cut mid-request.
+            taken = await queue.get(no_ack=False, timeout=5)
+            assert taken is not None and not taken.redelivered
+            await channel.close()
+        dropped_before = metric(
+            "dispatchd_rpc_requests_total", method="unknown", outcome="redelivered"
+        )
+        async with running_daemon(tmp_path, amqp_url, exchange):
+            answered = await rpc.send(wire.encode_snapshot_request(MG))
+            await rpc.reply(answered)  # served in order: the first was handled before
+            assert not rpc.answered(first)
+            dropped = metric(
+                "dispatchd_rpc_requests_total", method="unknown", outcome="redelivered"
+            )
+            assert dropped == dropped_before + 1

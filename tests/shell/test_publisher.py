@@ -31,17 +31,22 @@ def proxied_url(proxy: TcpProxy) -> str:
 
 
 def make_envelope(
-    dispatch_id: int, n: int, *, microgrid_id: int = 7, event: str = "running"
+    dispatch_id: int,
+    n: int,
+    *,
+    microgrid_id: int = 7,
+    event: str = "running",
+    dispatch_type: str = "PEAK_SHAVING",
 ) -> Envelope:
     kind = "lifecycle" if event in ("created", "updated", "deleted") else "running"
     return Envelope(
         message_id=f"{microgrid_id}-{dispatch_id}-{n}",
-        routing_key=f"microgrid.{microgrid_id}.{kind}.{event}.PEAK_SHAVING",
+        routing_key=f"microgrid.{microgrid_id}.{kind}.{event}.{dispatch_type}",
         body=json.dumps({"dispatch_id": dispatch_id, "n": n}).encode(),
         headers={
             "microgrid_id": microgrid_id,
             "dispatch_id": dispatch_id,
-            "dispatch_type": "PEAK_SHAVING",
+            "dispatch_type": dispatch_type,
             "event": event,
             "schema": "dispatchd/v1",
         },
@@ -463,8 +468,11 @@ async def test_nacked_messages_are_republished_in_order(
     )
     await publisher.start()
     envelopes = [make_envelope(0, n) for n in range(25)]
+    nacked_before = sample("dispatchd_publish_nacked_total", kind="running")
     publisher.submit(commit(store, envelopes))
-    await poll(lambda: publisher.rounds >= 2)
+    await poll(
+        lambda: sample("dispatchd_publish_nacked_total", kind="running") >= nacked_before + 2
+    )
     assert publisher.last_error is not None
     assert "refused" in publisher.last_error
     assert store.outbox_size() == 15
@@ -475,6 +483,71 @@ async def test_nacked_messages_are_republished_in_order(
     await consumer.wait_ids(e.message_id for e in envelopes)
     await publisher.close(5)
     assert_in_order_without_loss(consumer, dispatches=1, per_dispatch=25)
+    assert store.outbox_size() == 0
+    assert publisher.rounds == 1  # a nack is retried by its dispatch, not by a new round
+
+
+async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
+    store: Store, broker: AbstractRobustConnection, exchange_name: str
+) -> None:
+    channel = await broker.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    healthy_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await healthy_queue.bind(exchange, "microgrid.#")
+    healthy = Consumer()
+    await healthy_queue.consume(healthy.on_message, no_ack=True)
+    # Bound to one dispatch's routing key only, full after one message, and nobody reads:
+    # the broker nacks that dispatch's next messages (and still routes them to `healthy`).
+    full_queue = await channel.declare_queue(
+        exclusive=True,
+        auto_delete=True,
+        arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+    )
+    await full_queue.bind(exchange, "microgrid.7.running.running.FULL")
+    publisher = Publisher(
+        amqp_url=BROKER_URL,
+        exchange=exchange_name,
+        store=store,
+        reconnect_interval=2.0,
+        max_backoff=4.0,
+    )
+    await publisher.start()
+    stuck = [make_envelope(0, n, dispatch_type="FULL") for n in range(3)]
+    nacked_before = sample("dispatchd_publish_nacked_total", kind="running")
+    publisher.submit(commit(store, stuck))
+    await poll(lambda: "refused" in (publisher.last_error or ""))
+
+    loop = asyncio.get_running_loop()
+    took: list[float] = []
+    others = []
+    for wave in range(3):
+        envelopes = [make_envelope(d, wave) for d in range(1, 11)]
+        others += envelopes
+        started = loop.time()
+        publisher.submit(commit(store, envelopes))
+        await healthy.wait_ids(e.message_id for e in envelopes)
+        took.append(loop.time() - started)
+    # The refused dispatch waits out a 2 s backoff; the others must not wait with it.
+    assert max(took) < 1.5, took
+    assert publisher.rounds == 1
+
+    drained = Consumer()
+    await full_queue.consume(drained.on_message, no_ack=True)
+    assert await publisher.wait_idle(30)
+    await drained.wait_ids(e.message_id for e in stuck)
+    await publisher.close(5)
+    assert [json.loads(m.body)["n"] for m in drained.messages] == [0, 1, 2]
+    arrivals = [m.message_id for m in healthy.messages]
+    assert sorted(m for m in arrivals if not m.startswith("7-0-")) == sorted(
+        e.message_id for e in others
+    )  # no duplicate of any other dispatch's message
+    refused = sample("dispatchd_publish_nacked_total", kind="running") - nacked_before
+    assert refused == publisher.nacked >= 1
+    stuck_arrivals = [m for m in arrivals if m.startswith("7-0-")]
+    assert list(dict.fromkeys(stuck_arrivals)) == [e.message_id for e in stuck]  # in order
+    assert len(stuck_arrivals) - len(stuck) == publisher.nacked  # one copy per refusal only
     assert store.outbox_size() == 0
 
 
