@@ -13,7 +13,9 @@ from tests.client.test_examples import ROOT
 from tests.shell.daemon_harness import MG, DaemonHandle
 
 
-@pytest.mark.parametrize("name", ["lifecycle_printer.py", "running_state_actor.py", "managed_actor.py"])
+@pytest.mark.parametrize(
+    "name", ["lifecycle_printer.py", "running_state_actor.py", "managed_actor.py"]
+)
 async def test_ctrl_c_exits_quietly(
     name: str, amqp_url: str, exchange: str, daemon: DaemonHandle
 ) -> None:
