@@ -25,9 +25,9 @@ from dispatchd.schedule import timelines
 DEFAULT_BEFORE: Final = timedelta(hours=2)
 DEFAULT_AFTER: Final = timedelta(hours=24)
 MAX_WINDOW: Final = timedelta(days=31)
-MAX_ROWS: Final = 2000
+MAX_ROWS: Final = 1000
 """Dispatches in one schedule answer (filter by ``type`` for more)."""
-MAX_OCCURRENCES: Final = 20000
+MAX_OCCURRENCES: Final = 10000
 """Occurrences in one schedule answer, over all its dispatches."""
 RECENT_MESSAGES: Final = 50
 
@@ -74,16 +74,24 @@ def _time(params: Mapping[str, str], name: str, default: datetime) -> datetime:
         raise QueryError(f"{name!r} must be an RFC 3339 time, got {text!r}") from None
 
 
+def check_rows(count: int, query: ScheduleQuery) -> None:
+    """Refuse a microgrid (or type) with more dispatches than one answer holds.
+
+    Callers that know the count cheaply check before building the rows.
+    """
+    if count > MAX_ROWS:
+        raise QueryError(
+            f"microgrid {query.microgrid_id} has {count} dispatches"
+            f"{'' if query.type is None else f' of type {query.type!r}'}, "
+            f"more than {MAX_ROWS} rows: filter by type"
+        )
+
+
 def schedule_document(
     entries: Sequence[SnapshotEntry], query: ScheduleQuery, now: datetime
 ) -> dict[str, Any]:
     """One row per dispatch with its occurrences in the window, ordered by id."""
-    if len(entries) > MAX_ROWS:
-        raise QueryError(
-            f"microgrid {query.microgrid_id} has {len(entries)} dispatches"
-            f"{'' if query.type is None else f' of type {query.type!r}'}, "
-            f"more than {MAX_ROWS} rows: filter by type"
-        )
+    check_rows(len(entries), query)
     by_id = {entry.dispatch.id: entry for entry in entries}
     rows: list[dict[str, Any]] = []
     total = 0
