@@ -394,31 +394,12 @@ class Daemon:
         missing = self._missing_for_ready()
         publisher = self.publisher
         counts = self._engine.counts(now)
-        microgrids = []
-        for microgrid_id in self._settings.microgrid_ids:
-            labels = {"microgrid_id": str(microgrid_id)}
-            first = self._first_synced_at.get(microgrid_id)
-            last = metrics.REGISTRY.get_sample_value(
-                "dispatchd_api_last_sync_timestamp_seconds", labels
+        microgrids = [
+            status.microgrid_health(
+                microgrid_id, self._first_synced_at.get(microgrid_id), counts.get(microgrid_id, {})
             )
-            microgrids.append(
-                {
-                    "microgrid_id": microgrid_id,
-                    "first_sync": wire.format_time(first) if first else None,
-                    "last_sync": (
-                        wire.format_time(datetime.fromtimestamp(last, UTC)) if last else None
-                    ),
-                    "stream_up": metrics.REGISTRY.get_sample_value(
-                        "dispatchd_api_stream_up", labels
-                    )
-                    == 1,
-                    "reconnects": int(
-                        metrics.REGISTRY.get_sample_value("dispatchd_api_reconnects_total", labels)
-                        or 0
-                    ),
-                    "dispatches": counts.get(microgrid_id, {}),
-                }
-            )
+            for microgrid_id in self._settings.microgrid_ids
+        ]
         return {
             "version": __version__,
             "now": wire.format_time(now),

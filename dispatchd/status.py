@@ -13,9 +13,10 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from dispatchd import metrics
 from dispatchd.core import wire
 from dispatchd.core.engine import SnapshotEntry
 from dispatchd.core.messages import Message, RunningMessage
@@ -154,6 +155,26 @@ def _state(
 
 def _time_or_none(moment: datetime | None) -> str | None:
     return None if moment is None else wire.format_time(moment)
+
+
+def microgrid_health(
+    microgrid_id: int, first_sync: datetime | None, counts: Mapping[str, int]
+) -> dict[str, Any]:
+    """One microgrid's sync state for ``/api/v1/status``; the stream's from its metrics."""
+    labels = {"microgrid_id": str(microgrid_id)}
+
+    def sample(name: str) -> float | None:
+        return metrics.REGISTRY.get_sample_value(name, labels)
+
+    last_sync = sample("dispatchd_api_last_sync_timestamp_seconds")
+    return {
+        "microgrid_id": microgrid_id,
+        "first_sync": _time_or_none(first_sync),
+        "last_sync": _time_or_none(datetime.fromtimestamp(last_sync, UTC) if last_sync else None),
+        "stream_up": sample("dispatchd_api_stream_up") == 1,
+        "reconnects": int(sample("dispatchd_api_reconnects_total") or 0),
+        "dispatches": dict(counts),
+    }
 
 
 class RecentMessages:

@@ -240,6 +240,7 @@ class Rows(html.parser.HTMLParser):
         self.text.append(data)
 
 
+@pytest.mark.timeout(300)  # two browser starts on a loaded machine
 async def test_the_status_page_in_a_real_browser(
     amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> None:
