@@ -25,7 +25,7 @@ import functools
 import json
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,7 +48,7 @@ from dispatchd.core import wire
 from dispatchd.core.engine import Change, Created, Deleted, DispatchRecord, Engine, Key, Updated
 from dispatchd.core.messages import Message, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
-from dispatchd.http import HttpServer
+from dispatchd.http import HttpServer, QueryParams
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
@@ -153,7 +153,6 @@ class Daemon:
             resumed = self._engine.resume(self._clock())
             self._commit(resumed)
             _log_messages(resumed)
-            self._recent.extend(resumed)
             client = api_client(self._settings, self.local_api_port)
             for microgrid_id in settings.microgrid_ids:
                 sync = ApiSync(client, microgrid_id, self._inbox.put)
@@ -417,7 +416,7 @@ class Daemon:
             "recent_messages": self._recent.newest_first(),
         }
 
-    def _schedule(self, params: Mapping[str, str]) -> dict[str, Any]:
+    def _schedule(self, params: QueryParams) -> dict[str, Any]:
         """``/api/v1/schedule``: a microgrid's occurrences in a window (bounded)."""
         now = self._clock()
         query = status.parse_schedule_query(params, now, self._settings.microgrid_ids)

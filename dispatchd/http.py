@@ -44,7 +44,9 @@ ReadinessProbe = Callable[[], list[str]]
 """Returns what is missing for readiness; an empty list means ready."""
 StatusProbe = Callable[[], Mapping[str, Any]]
 """The daemon's health as a JSON object (``/api/v1/status``)."""
-ScheduleProbe = Callable[[Mapping[str, str]], Mapping[str, Any]]
+QueryParams = Mapping[str, str]
+"""A request's query parameters."""
+ScheduleProbe = Callable[[QueryParams], Mapping[str, Any]]
 """The query parameters of ``/api/v1/schedule`` -> its JSON object; raises ``QueryError``."""
 
 
