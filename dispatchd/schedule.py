@@ -53,17 +53,8 @@ def print_schedule(
 ) -> None:
     """One line per occurrence, by start then dispatch id; invalid ones to ``err``."""
     out.write("# start                     end                       dispatch  type\n")
-    rows: list[tuple[datetime, datetime | None, Dispatch]] = []
-    for timeline in timelines(dispatches, start, end):
-        dispatch = timeline.dispatch
-        if timeline.invalid is not None:
-            err.write(
-                f"dispatch {dispatch.id} ({dispatch.type}): invalid, never runs: "
-                f"{timeline.invalid}\n"
-            )
-        rows.extend((begin, until, dispatch) for begin, until in timeline.occurrences)
     for occurrence_start, occurrence_end, dispatch in sorted(
-        rows, key=lambda row: (row[0], row[2].id)
+        _occurrences(dispatches, start, end, err), key=lambda row: (row[0], row[2].id)
     ):
         end_text = wire.format_time(occurrence_end) if occurrence_end else "never"
         out.write(
@@ -73,42 +64,63 @@ def print_schedule(
         )
 
 
+def _occurrences(
+    dispatches: Iterable[Dispatch], start: datetime, end: datetime, err: TextIO
+) -> Iterator[tuple[datetime, datetime | None, Dispatch]]:
+    """Occurrences overlapping ``[start, end)``, including one already running at start."""
+    for dispatch in dispatches:
+        schedule = Schedule.build(dispatch)
+        if isinstance(schedule, Invalid):
+            err.write(
+                f"dispatch {dispatch.id} ({dispatch.type}): invalid, never runs: "
+                f"{schedule.reason}\n"
+            )
+            continue
+        for occurrence_start, occurrence_end in occurrences(schedule, start, end):
+            yield occurrence_start, occurrence_end, dispatch
+
+
+def occurrences(
+    schedule: Schedule, start: datetime, end: datetime
+) -> Iterator[tuple[datetime, datetime | None]]:
+    """(start, end) of each occurrence overlapping ``[start, end)``, in order, including
+    one already running at ``start``; end ``None``: it never ends.
+
+    ``dispatchd schedule`` and the status page (``timelines``) both show this,
+    so they agree with each other and with the daemon.
+    """
+    running = schedule.occurrence_at(start)
+    if running is not None and running.start < start:
+        yield running.start, running.end
+    for occurrence in schedule.occurrences_between(start, end):
+        yield occurrence.start, occurrence.end
+
+
 @dataclass(frozen=True, slots=True)
 class Timeline:
     """One dispatch in a window: its occurrences, or why it never runs."""
 
     dispatch: Dispatch
     occurrences: tuple[tuple[datetime, datetime | None], ...]
-    """(start, end) of each occurrence overlapping the window; end ``None``: never ends."""
     invalid: str | None = None
     truncated: bool = False
-    """More occurrences than the ``limit`` given to ``timelines``."""
+    """It has more occurrences than the ``limit`` given to ``timelines``."""
 
 
 def timelines(
-    dispatches: Iterable[Dispatch], start: datetime, end: datetime, *, limit: int | None = None
+    dispatches: Iterable[Dispatch], start: datetime, end: datetime, *, limit: int
 ) -> Iterator[Timeline]:
-    """Occurrences overlapping ``[start, end)``, including one already running at start.
+    """Each dispatch's ``occurrences`` in the window, at most ``limit`` of them.
 
-    ``dispatchd schedule`` and the status page both show this, so they agree
-    with each other and with the daemon. ``limit`` bounds the occurrences per
-    dispatch, so a minutely rule over a long window cannot stall the caller.
+    The limit keeps a minutely rule over a long window from stalling the caller.
     """
     for dispatch in dispatches:
         schedule = Schedule.build(dispatch)
         if isinstance(schedule, Invalid):
             yield Timeline(dispatch, (), schedule.reason)
             continue
-        found: list[tuple[datetime, datetime | None]] = []
-        running = schedule.occurrence_at(start)
-        if running is not None and running.start < start:
-            found.append((running.start, running.end))
-        upcoming = schedule.occurrences_between(start, end)
-        if limit is not None:
-            upcoming = itertools.islice(upcoming, max(0, limit + 1 - len(found)))
-        found.extend((occurrence.start, occurrence.end) for occurrence in upcoming)
-        truncated = limit is not None and len(found) > limit
-        yield Timeline(dispatch, tuple(found[:limit] if truncated else found), None, truncated)
+        found = tuple(itertools.islice(occurrences(schedule, start, end), limit + 1))
+        yield Timeline(dispatch, found[:limit], None, len(found) > limit)
 
 
 async def _list(settings: Settings, microgrid_id: int) -> list[Dispatch]:
