@@ -8,7 +8,6 @@ address when ``api.url`` is unset) and expands them with the daemon's own
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -80,6 +79,17 @@ def _occurrences(
             yield occurrence_start, occurrence_end, dispatch
 
 
+async def _list(settings: Settings, microgrid_id: int) -> list[Dispatch]:
+    client = api_client(settings)
+    try:
+        result: list[Dispatch] = []
+        async for page in client.list(MicrogridId(microgrid_id)):
+            result.extend(Dispatch.from_client(d, microgrid_id) for d in page)
+        return result
+    finally:
+        await client.disconnect()
+
+
 def occurrences(
     schedule: Schedule, start: datetime, end: datetime
 ) -> Iterator[tuple[datetime, datetime | None]]:
@@ -119,16 +129,11 @@ def timelines(
         if isinstance(schedule, Invalid):
             yield Timeline(dispatch, (), schedule.reason)
             continue
-        found = tuple(itertools.islice(occurrences(schedule, start, end), limit + 1))
-        yield Timeline(dispatch, found[:limit], None, len(found) > limit)
-
-
-async def _list(settings: Settings, microgrid_id: int) -> list[Dispatch]:
-    client = api_client(settings)
-    try:
-        result: list[Dispatch] = []
-        async for page in client.list(MicrogridId(microgrid_id)):
-            result.extend(Dispatch.from_client(d, microgrid_id) for d in page)
-        return result
-    finally:
-        await client.disconnect()
+        found: list[tuple[datetime, datetime | None]] = []
+        for occurrence in occurrences(schedule, start, end):
+            if len(found) == limit:
+                yield Timeline(dispatch, tuple(found), None, truncated=True)
+                break
+            found.append(occurrence)
+        else:
+            yield Timeline(dispatch, tuple(found))
