@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -48,6 +50,19 @@ QueryParams = Mapping[str, str]
 """A request's query parameters."""
 ScheduleProbe = Callable[[QueryParams], Mapping[str, Any]]
 """The query parameters of ``/api/v1/schedule`` -> its JSON object; raises ``QueryError``."""
+
+
+class _DropClientErrors(logging.Filter):
+    """A malformed or oversized request is the client's fault: it gets its 400, and the
+    log no traceback (aiohttp logs some at ERROR). A failing handler is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
+_SERVER_LOG = logging.getLogger("dispatchd.http.server")
+_SERVER_LOG.addFilter(_DropClientErrors())
 
 
 class QueryError(ValueError):
@@ -99,6 +114,7 @@ class HttpServer:
         runner = self._runner = web.AppRunner(
             app,
             access_log=None,
+            logger=_SERVER_LOG,
             handle_signals=False,
             shutdown_timeout=1.0,
             keepalive_timeout=self._idle_timeout,

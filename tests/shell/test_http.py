@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+import pytest
 
 from dispatchd import metrics
 from dispatchd.http import HttpServer, QueryError
@@ -122,7 +125,10 @@ async def test_readyz_and_the_ready_gauge_follow_the_probe() -> None:
             connection.close()
 
 
-async def test_unknown_paths_other_methods_and_oversized_requests_are_refused() -> None:
+async def test_unknown_paths_other_methods_and_oversized_requests_are_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
     async with serving() as (_, port):
         connection = await Connection.open(port)
         try:
@@ -146,6 +152,15 @@ async def test_unknown_paths_other_methods_and_oversized_requests_are_refused() 
             assert status in (400, 431)
         finally:
             connection.close()
+        connection = await Connection.open(port)
+        try:
+            connection.writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            status, _, _ = await connection.response()
+            assert status == 400
+        finally:
+            connection.close()
+    # The client's mistakes are answered, not logged with a traceback.
+    assert [r for r in caplog.records if r.exc_info] == []
 
 
 async def test_schedule_query_errors_are_a_json_400_with_the_reason() -> None:
