@@ -20,7 +20,7 @@ from frequenz.client.dispatch.types import TargetIds
 
 from dispatchd import status
 from dispatchd.core import wire
-from tests.shell.daemon_harness import MG, DaemonHandle, http_get, mg, poll, running_daemon
+from tests.shell.daemon_harness import MG, DaemonHandle, http_get, mg, running_daemon
 
 WAIT = 15.0
 REPO = Path(__file__).resolve().parents[2]
@@ -176,7 +176,9 @@ async def test_schedule_requests_are_bounded_with_a_clear_400(
             recurrence=RecurrenceRule(frequency=Frequency.MINUTELY),
         )
         month = {"from": wire.format_time(now), "to": wire.format_time(now + timedelta(30))}
-        await poll(lambda: bool(handle.daemon._engine.snapshot(MG, "MINUTELY")))
+        await until_schedule(
+            handle, lambda doc: any(row["type"] == "MINUTELY" for row in doc["dispatches"])
+        )
         code, doc = await schedule(handle, microgrid_id=MG, **month)
         assert code == 400
         assert f"more than {status.MAX_OCCURRENCES} occurrences" in doc["error"]
