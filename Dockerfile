@@ -22,7 +22,7 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER dispatchd
 WORKDIR /var/lib/dispatchd
 VOLUME ["/var/lib/dispatchd"]
-# 9464: /metrics, /livez, /readyz; 50051: the local dispatch API (`dispatchd api`).
+# 9464: the status page, /metrics, /livez, /readyz; 50051: the local dispatch API (`dispatchd api`).
 EXPOSE 9464 50051
 # curl is not in the slim image; the port follows DISPATCHD_HTTP__LISTEN.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

@@ -33,7 +33,7 @@ import structlog
 from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 
-from dispatchd import __version__, metrics
+from dispatchd import __version__, metrics, status
 from dispatchd.apisync import (
     ApiSync,
     Listed,
@@ -48,7 +48,7 @@ from dispatchd.core import wire
 from dispatchd.core.engine import Change, Created, Deleted, DispatchRecord, Engine, Key, Updated
 from dispatchd.core.messages import Message, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
-from dispatchd.http import HttpServer
+from dispatchd.http import HttpServer, QueryParams
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
@@ -100,6 +100,10 @@ class Daemon:
         self._inbox: asyncio.Queue[SyncItem] = asyncio.Queue()
         self._engine = Engine()
         self._synced: set[int] = set()
+        self._first_synced_at: dict[int, datetime] = {}
+        self._recent = status.RecentMessages()
+        """The last messages queued for publishing, for the status page."""
+        self._started_at = clock()
         self._prepared = _DispatchTexts()
         """Texts of the dispatches due by ``_prepared_until``, encoded ahead."""
         self._prepared_until = datetime.min.replace(tzinfo=UTC)
@@ -133,7 +137,13 @@ class Daemon:
             exchange=settings.amqp.exchange,
             store=store,
         )
-        http = HttpServer(settings.http.listen, self._missing_for_ready, self._refresh_metrics)
+        http = HttpServer(
+            settings.http.listen,
+            self._missing_for_ready,
+            self._refresh_metrics,
+            status=self._status,
+            schedule=self._schedule,
+        )
         tasks: list[asyncio.Task[None]] = []
         client: DispatchApiClient | None = None
         try:
@@ -292,12 +302,14 @@ class Daemon:
                 messages = engine.apply(change(dispatch), now)
                 self._commit(messages)
         _log_messages(messages)
+        self._recent.extend(messages)
 
     def _after_listed(self, item: Listed, now: datetime) -> None:
         """The first listing of a microgrid marks it synced; all synced is ready."""
         engine = self._engine
         if item.microgrid_id not in self._synced:
             self._synced.add(item.microgrid_id)
+            self._first_synced_at[item.microgrid_id] = now
             counts = engine.counts(now).get(item.microgrid_id, {})
             _log.info(
                 "first sync done",
@@ -376,6 +388,45 @@ class Daemon:
             error = publisher.last_error if publisher is not None else None
             missing.append(f"broker: not connected ({error or 'connecting'})")
         return missing
+
+    def _status(self) -> dict[str, Any]:
+        """``/api/v1/status``: what the status page shows about the daemon's health."""
+        now = self._clock()
+        missing = self._missing_for_ready()
+        publisher = self.publisher
+        counts = self._engine.counts(now)
+        microgrids = [
+            status.microgrid_health(
+                microgrid_id, self._first_synced_at.get(microgrid_id), counts.get(microgrid_id, {})
+            )
+            for microgrid_id in self._settings.microgrid_ids
+        ]
+        return {
+            "version": __version__,
+            "now": wire.format_time(now),
+            "started_at": wire.format_time(self._started_at),
+            "ready": not missing,
+            "missing": missing,
+            "api_url": self.api_url,
+            "broker": {
+                "connected": publisher is not None and publisher.connected,
+                "error": publisher.last_error if publisher is not None else None,
+                "exchange": self._settings.amqp.exchange,
+            },
+            "outbox": {"depth": publisher.unconfirmed if publisher is not None else 0},
+            "microgrids": microgrids,
+            "recent_messages": self._recent.newest_first(),
+        }
+
+    def _schedule(self, params: QueryParams) -> dict[str, Any]:
+        """``/api/v1/schedule``: a microgrid's occurrences in a window (bounded)."""
+        now = self._clock()
+        query = status.parse_schedule_query(params, now, self._settings.microgrid_ids)
+        if query.type is None:  # the counts hold the same dispatches as the snapshot
+            counts = self._engine.counts(now).get(query.microgrid_id, {})
+            status.check_rows(sum(counts.values()), query)
+        entries = self._engine.snapshot(query.microgrid_id, query.type)
+        return status.schedule_document(entries, query, now)
 
     def _refresh_metrics(self) -> None:
         """Counted at scrape time, so an idle daemon spends no CPU on them."""

@@ -86,6 +86,12 @@ BROKER_UP = Gauge(
     registry=REGISTRY,
 )
 
+READY = Gauge(
+    "dispatchd_ready",
+    "1 while /readyz answers 200 (every microgrid synced, broker connected); set when read.",
+    registry=REGISTRY,
+)
+
 RPC_REQUESTS = Counter(
     "dispatchd_rpc_requests_total",
     "Snapshot RPC requests, by method and outcome.",

@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TextIO
 
@@ -111,11 +112,8 @@ def _occurrences(
             f"dispatch {dispatch.id} ({dispatch.type}): invalid, never runs: {schedule.reason}\n"
         )
         return
-    running = schedule.occurrence_at(start)
-    if running is not None and running.start < start:
-        yield running.start, running.end, dispatch
-    for occurrence in schedule.occurrences_between(start, end):
-        yield occurrence.start, occurrence.end, dispatch
+    for occurrence_start, occurrence_end in occurrences(schedule, start, end):
+        yield occurrence_start, occurrence_end, dispatch
 
 
 async def _list(settings: Settings, microgrid_id: int) -> list[Dispatch]:
@@ -127,3 +125,52 @@ async def _list(settings: Settings, microgrid_id: int) -> list[Dispatch]:
         return result
     finally:
         await client.disconnect()
+
+
+def occurrences(
+    schedule: Schedule, start: datetime, end: datetime
+) -> Iterator[tuple[datetime, datetime | None]]:
+    """(start, end) of each occurrence overlapping ``[start, end)``, in order, including
+    one already running at ``start``; end ``None``: it never ends.
+
+    ``dispatchd schedule`` and the status page (``timelines``) both show this,
+    so they agree with each other and with the daemon.
+    """
+    running = schedule.occurrence_at(start)
+    if running is not None and running.start < start:
+        yield running.start, running.end
+    for occurrence in schedule.occurrences_between(start, end):
+        yield occurrence.start, occurrence.end
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """One dispatch in a window: its occurrences, or why it never runs."""
+
+    dispatch: Dispatch
+    occurrences: tuple[tuple[datetime, datetime | None], ...]
+    invalid: str | None = None
+    truncated: bool = False
+    """It has more occurrences than the ``limit`` given to ``timelines``."""
+
+
+def timelines(
+    dispatches: Iterable[Dispatch], start: datetime, end: datetime, *, limit: int
+) -> Iterator[Timeline]:
+    """Each dispatch's ``occurrences`` in the window, at most ``limit`` of them.
+
+    The limit keeps a minutely rule over a long window from stalling the caller.
+    """
+    for dispatch in dispatches:
+        schedule = Schedule.build(dispatch)
+        if isinstance(schedule, Invalid):
+            yield Timeline(dispatch, (), schedule.reason)
+            continue
+        found: list[tuple[datetime, datetime | None]] = []
+        for occurrence in occurrences(schedule, start, end):
+            if len(found) == limit:
+                yield Timeline(dispatch, tuple(found), None, truncated=True)
+                break
+            found.append(occurrence)
+        else:
+            yield Timeline(dispatch, tuple(found))

@@ -502,7 +502,9 @@ async def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, byt
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+            )
             await writer.drain()
             response = await reader.read()
         finally:

@@ -7,6 +7,7 @@ know, ports that do not line up, and the image's health check and entry point.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
@@ -24,7 +25,14 @@ import pytest
 import yaml
 
 from dispatchd import cli
-from dispatchd.config import Settings, load_config, split_host_port
+from dispatchd.config import (
+    LocalApiConfig,
+    Settings,
+    load_config,
+    local_problems,
+    split_host_port,
+)
+from dispatchd.localapi.server import LocalApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 DISPATCHD_SERVICES = ("api", "dispatchd")
@@ -93,7 +101,7 @@ def test_every_referenced_file_exists() -> None:
         for volume in service.get("volumes", []):
             source = str(volume).split(":", 1)[0]
             if source.startswith((".", "/")):
-                assert (REPO / source).is_file(), f"{name}: {source}"
+                assert (REPO / source).exists(), f"{name}: {source}"
     for copy in dockerfile("COPY"):
         if copy.startswith("--from"):
             continue
@@ -142,8 +150,9 @@ def test_api_service_listens_where_dispatchd_connects_and_its_health_check_looks
     target = urlsplit(daemon.api.url)
     assert (target.hostname, target.port) == ("api", api_port)
     assert "ssl=false" in target.query  # dispatchd api serves plain gRPC
-    health = " ".join(services()["api"]["healthcheck"]["test"])
-    assert f"('127.0.0.1', {api_port})" in health
+    health = services()["api"]["healthcheck"]["test"]
+    assert health[:3] == ["CMD", "python", "-c"]
+    assert "DISPATCHD_API__LOCAL__LISTEN" in health[3]  # the port it listens on
 
 
 def test_dispatchd_service_reaches_the_broker_and_exposes_http() -> None:
@@ -157,6 +166,12 @@ def test_dispatchd_service_reaches_the_broker_and_exposes_http() -> None:
     assert daemon.microgrid_ids
 
 
+def test_dispatchd_service_passes_the_start_up_checks() -> None:
+    """``run`` would refuse it otherwise; ``state.dir`` is a volume only the container has."""
+    problems = local_problems(service_settings("dispatchd"))
+    assert [(key, message) for key, message in problems if key != "state.dir"] == []
+
+
 def test_dispatchd_waits_for_healthy_dependencies() -> None:
     depends = services()["dispatchd"]["depends_on"]
     assert depends == {
@@ -165,7 +180,7 @@ def test_dispatchd_waits_for_healthy_dependencies() -> None:
     }
     for name in depends:
         assert services()[name]["healthcheck"]["test"], name
-    assert services()["rabbitmq"]["image"] == "rabbitmq:3-management"
+    assert re.fullmatch(r"rabbitmq:3\.\d+\.\d+-management", services()["rabbitmq"]["image"])
     assert services()["rabbitmq"]["healthcheck"]["test"] == [
         "CMD",
         "rabbitmq-diagnostics",
@@ -175,20 +190,124 @@ def test_dispatchd_waits_for_healthy_dependencies() -> None:
     assert {5672, 15672} <= container_ports("rabbitmq")
 
 
-def test_prometheus_scrapes_the_dispatchd_http_port() -> None:
-    prometheus = services()["prometheus"]
-    mount = next(v for v in prometheus["volumes"] if "prometheus.yml" in v)
-    source, target, *_ = mount.split(":")
-    assert target == "/etc/prometheus/prometheus.yml"
-    config = yaml.safe_load((REPO / source).read_text())
-    targets = [
-        address
+def mounts(name: str) -> dict[str, str]:
+    """Container path -> repository path of a service's bind mounts."""
+    found: dict[str, str] = {}
+    for volume in services()[name].get("volumes", []):
+        source, target, *_ = str(volume).split(":")
+        if source.startswith("."):
+            found[target] = source
+    return found
+
+
+def test_prometheus_scrapes_dispatchd_and_rabbitmq_and_loads_the_alerts() -> None:
+    mounted = mounts("prometheus")
+    config_path = "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((REPO / mounted[config_path]).read_text())
+    targets = {
+        job["job_name"]: [
+            address for static in job["static_configs"] for address in static["targets"]
+        ]
         for job in config["scrape_configs"]
-        for static in job["static_configs"]
-        for address in static["targets"]
-    ]
+    }
     _, http_port = split_host_port(service_settings("dispatchd").http.listen)
-    assert targets == [f"dispatchd:{http_port}"]
+    assert targets == {"dispatchd": [f"dispatchd:{http_port}"], "rabbitmq": ["rabbitmq:15692"]}
+    # Rule files resolve against the config file's directory, in the container too.
+    for rule_file in config["rule_files"]:
+        in_container = str(Path(config_path).parent / rule_file)
+        assert mounted[in_container] == "./deploy/prometheus/alerts.yml"
+    assert set(services()["prometheus"]["depends_on"]) == {"dispatchd", "rabbitmq"}
+
+
+def test_rabbitmq_serves_its_prometheus_endpoint() -> None:
+    plugins = (REPO / mounts("rabbitmq")["/etc/rabbitmq/enabled_plugins"]).read_text()
+    assert re.fullmatch(r"\[rabbitmq_management,\s*rabbitmq_prometheus\]\.\s*", plugins)
+
+
+def test_grafana_gets_the_prometheus_datasource_and_the_dashboard() -> None:
+    grafana = services()["grafana"]
+    mounted = mounts("grafana")
+    datasources = yaml.safe_load(
+        (REPO / mounted["/etc/grafana/provisioning/datasources"] / "prometheus.yml").read_text()
+    )["datasources"]
+    (datasource,) = datasources
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in services()["prometheus"]["ports"]
+    provider = yaml.safe_load(
+        (REPO / mounted["/etc/grafana/provisioning/dashboards"] / "dispatchd.yml").read_text()
+    )["providers"][0]
+    dashboards = provider["options"]["path"]
+    assert (REPO / mounted[dashboards] / "dispatchd.json").is_file()
+    dashboard = json.loads((REPO / mounted[dashboards] / "dispatchd.json").read_text())
+    uids = {
+        target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel["targets"]
+    }
+    assert uids == {datasource["uid"]}
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards}/dispatchd.json"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+
+
+def test_every_published_port_is_on_loopback_only() -> None:
+    published = {
+        name: [str(port) for port in service.get("ports", [])]
+        for name, service in services().items()
+    }
+    assert {name for name, ports in published.items() if ports} == {
+        "rabbitmq",
+        "api",
+        "dispatchd",
+        "prometheus",
+        "grafana",
+    }
+    for name, ports in published.items():
+        for port in ports:
+            host, _, _ = port.rpartition(":")
+            assert host.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_every_service_restarts_and_every_image_is_pinned() -> None:
+    for name, service in services().items():
+        assert service["restart"] == "unless-stopped", name
+        image = str(service["image"])
+        if "build" in service:
+            continue  # built from this repository
+        repository, _, tag = image.rpartition(":")
+        assert repository and re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned"
+
+
+def api_health_check(listen: str) -> Any:
+    """The api service's health check as a subprocess, told the address to check."""
+    command = services()["api"]["healthcheck"]["test"]
+    return asyncio.create_subprocess_exec(
+        sys.executable,
+        *command[2:],
+        env={"DISPATCHD_API__LOCAL__LISTEN": listen},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def run_api_health_check(listen: str) -> int:
+    process = await api_health_check(listen)
+    async with asyncio.timeout(30):
+        return await process.wait()
+
+
+async def test_api_health_check_passes_against_dispatchd_api(tmp_path: Path) -> None:
+    local = LocalApiConfig(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3")
+    server = LocalApiServer.from_config(local)
+    port = await server.start()
+    try:
+        assert await run_api_health_check(f"0.0.0.0:{port}") == 0
+    finally:
+        await server.stop(0)
+
+
+async def test_api_health_check_fails_on_a_port_that_speaks_no_grpc(livez_server: int) -> None:
+    """Unlike a bare TCP connect, the check needs a gRPC (HTTP/2) server."""
+    assert await run_api_health_check(f"0.0.0.0:{livez_server}") != 0
 
 
 def test_stop_grace_period_outlasts_the_shutdown_timeout() -> None:
