@@ -21,8 +21,8 @@ import gc
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from types import EllipsisType
 from typing import Any, Final
 
@@ -157,6 +157,8 @@ class Listed:
     microgrid_id: int
     dispatches: tuple[Dispatch, ...]
     initial: bool
+    unseen_since: datetime | None = None
+    """When the previous stream was lost: what changed since was not streamed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,14 +252,16 @@ class ApiSync:
         *,
         backoff: Backoff = Backoff(),
         page_size: int = 1000,
-        refused_retry: float = REFUSED_RETRY,
+        refused_retry: float | None = None,
     ) -> None:
         self._client = client
         self._microgrid_id = microgrid_id
         self._deliver = deliver
         self._backoff = backoff
         self._page_size = page_size
-        self._refused_retry = refused_retry
+        self._refused_retry = REFUSED_RETRY if refused_retry is None else refused_retry
+        self._lost_at: datetime | None = None
+        """When the last stream that had listed was lost (``None``: never lost)."""
         self._rng = random.Random()
         self._attempt = 0
         """Connection attempts since the last one that stayed up ``STABLE_AFTER`` seconds."""
@@ -306,6 +310,8 @@ class ApiSync:
                 log.warning("api stream failed", error=str(error), retry_attempt=self._attempt + 1)
             metrics.API_STREAM_UP.labels(**self._labels).set(0)
             metrics.API_RECONNECTS.labels(**self._labels).inc()
+            if self._up_since is not None:
+                self._lost_at = datetime.now(UTC)
             up_since, self._up_since = self._up_since, None
             if up_since is not None and time.monotonic() - up_since >= STABLE_AFTER:
                 self._attempt = 0
@@ -352,7 +358,9 @@ class ApiSync:
         streams = [_Stream(self._client, self._microgrid_id)]
         try:
             await self._wait_accepted(streams[-1].call)
-            await self._deliver(await self._list())
+            listed = await self._list()
+            await self._deliver(replace(listed, unseen_since=self._lost_at))
+            self._lost_at = None
             if self.problem is not None:
                 _log.info("dispatch API accepts the key again", microgrid_id=self._microgrid_id)
                 self.problem = None

@@ -338,9 +338,11 @@ class Daemon:
                 await self._commit_in_parts(messages)
                 if self._prepared and now >= self._prepared_until:
                     self._prepared = _DispatchTexts()  # its window has passed
-            case Listed(microgrid_id, dispatches, initial):
+            case Listed(microgrid_id, dispatches, initial, unseen_since):
                 with gc_paused():
-                    messages = engine.relist(microgrid_id, dispatches, now, initial=initial)
+                    messages = engine.relist(
+                        microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
+                    )
                     self._commit(messages)
                 self._after_listed(item, now)
             case Streamed(_, event, dispatch):

@@ -278,16 +278,18 @@ class Engine:
         now: datetime,
         *,
         initial: bool,
+        unseen_since: datetime | None = None,
     ) -> list[Message]:
         """A full list of one microgrid: diff it against the view and converge.
 
         Changes of known dispatches were learnt late (reason ``resumed``). With
         ``initial`` (the first list since start-up) after a restore, dispatches
-        that are new or changed get ``missed_runs`` for the downtime too.
+        that are new or changed get ``missed_runs`` for the downtime too; after
+        a lost stream, for the time since ``unseen_since`` (when it was lost).
         """
         now = self._tick(now)
         out: list[Message] = self._advance(now)
-        missed_since = self._down_since if initial else None
+        missed_since = self._down_since if initial else unseen_since
         seen: set[int] = set()
         for dispatch in dispatches:
             if dispatch.microgrid_id != microgrid_id:
