@@ -160,7 +160,6 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, serve until ``stop`` is set, then stop gracefully."""
         settings = self._settings
-        settings.state.dir.mkdir(parents=True, exist_ok=True)
         store = self.store = Store(settings.state.dir / STATE_FILE)
         try:
             self._engine = _restore(store)

@@ -437,7 +437,7 @@ class _Transaction:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     raise
-            else:
+            elif self._db.in_transaction:  # SQLite may have rolled back already (disk full)
                 self._db.execute("ROLLBACK")
         finally:
             self._lock.release()
