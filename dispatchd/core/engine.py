@@ -4,7 +4,7 @@ A pure, deterministic state machine over every known dispatch of every
 microgrid. Per dispatch it remembers what it last announced (stopped, or
 running with an occurrence and the runtime fields of ``dispatch``) and, at
 every instant something can change, compares that with the truth and emits
-only the difference (semantics.md). The caller owns the clock: every entry
+only the difference (docs/scheduling.md). The caller owns the clock: every entry
 point takes ``now``, and :meth:`Engine.next_deadline` says when to call
 :meth:`Engine.advance` next.
 
