@@ -328,8 +328,11 @@ class ApiSync:
         channel = self._client.channel
         unreachable = code is grpc.StatusCode.UNAVAILABLE
         if unreachable and channel.get_state(try_to_connect=True) is not ChannelConnectivity.READY:
-            await channel.channel_ready()
-            await asyncio.sleep(self._rng.uniform(0, READY_JITTER))
+            # Bounded, so a channel that never gets ready (TLS mismatch) is retried and logged.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._backoff.maximum):
+                    await channel.channel_ready()
+                    await asyncio.sleep(self._rng.uniform(0, READY_JITTER))
             return
         await asyncio.sleep(self._backoff.delay(self._attempt, self._rng))
 

@@ -373,6 +373,10 @@ class Daemon:
         messages: list[Message] = []
         held = self._engine.held()
         timeout = self._settings.api.first_sync_timeout
+        for microgrid_id in sorted(held - set(self._settings.microgrid_ids)):
+            part = self._engine.resume(now, microgrid_id)  # stored, no longer configured
+            self._commit(part)
+            messages.extend(part)
         for microgrid_id in self._settings.microgrid_ids:
             if microgrid_id in self._synced:
                 continue

@@ -100,3 +100,18 @@ def test_missed_runs_while_held_go_with_the_next_running_message() -> None:
     assert following[0].occurrence.start == at(240)
     assert following[0].missed_runs == (at(60), at(120), at(180))
     assert restored.relist(MG, [recurring], at(246), initial=True) == []
+
+
+def test_relist_after_a_lost_stream_reports_runs_missed_by_a_dispatch_created_meanwhile() -> None:
+    """Created while the stream was down (lost at 100): its runs at 120 and 180 began
+    and ended unseen; the re-list at 200 keeps them for its next running message."""
+    engine, _ = engine_with(make(1, start=1000, duration=10))
+    created_meanwhile = make(2, start=120, duration=10, every=60, count=5, updated=110)
+    listed = [make(1, start=1000, duration=10), created_meanwhile]
+    assert summaries(engine.relist(MG, listed, at(200), initial=False, unseen_since=at(100))) == [
+        ("L", 2, "created", "PEAK"),
+    ]
+    following = run_until(engine, 245)
+    assert isinstance(following[0], RunningMessage)
+    assert following[0].occurrence.start == at(240)
+    assert following[0].missed_runs == (at(120), at(180))

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 import structlog
 from frequenz.client.dispatch.types import TargetIds
@@ -141,19 +140,21 @@ async def api_process(port: int, state: Path) -> AsyncIterator[asyncio.subproces
         await process.wait()
 
 
-async def answering(url: str) -> float:
-    """Wait until the API answers a call; ``time.monotonic()`` when it first did."""
-    client = api_client(url)
-    try:
-        async with asyncio.timeout(WAIT):
-            while True:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    async for _ in client.list(mg(), page_size=1):
-                        pass
-                    return time.monotonic()
-                await asyncio.sleep(0.02)
-    finally:
-        await client.disconnect()
+async def answering(port: int) -> float:
+    """``time.monotonic()`` when the API's port first accepts a connection.
+
+    Probed over TCP: a gRPC client would add its own reconnect backoff to the
+    figure. ``dispatchd api`` listens once it serves.
+    """
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            return time.monotonic()
 
 
 async def test_reconnect_after_the_api_process_is_killed_and_restarted(
@@ -166,7 +167,7 @@ async def test_reconnect_after_the_api_process_is_killed_and_restarted(
     port = free_port()
     url = f"grpc://127.0.0.1:{port}?ssl=false"
     async with QueueObserver(amqp_url, exchange) as observer, api_process(port, tmp_path) as first:
-        await answering(url)
+        await answering(port)
         async with running_daemon(tmp_path / "daemon", amqp_url, exchange, api_url=url) as h:
             first.send_signal(signal.SIGKILL)
             await first.wait()
@@ -174,7 +175,7 @@ async def test_reconnect_after_the_api_process_is_killed_and_restarted(
             await asyncio.sleep(12)  # the outage: gRPC's and the daemon's backoffs grow
             synced = metric("dispatchd_api_last_sync_timestamp_seconds", **LABELS)
             async with api_process(port, tmp_path):
-                back = await answering(url)
+                back = await answering(port)
                 direct = api_client(url)
                 try:
                     quick = await direct.create(
