@@ -134,3 +134,43 @@ async def test_full_state_volume_keeps_running_says_so_and_catches_up(
     assert errors[0]["error"] == f"state store {path}: disk full"
     ids = [r.message_id for r in observer.received]
     assert len(ids) == len(set(ids))
+
+
+async def test_stopped_while_the_volume_is_full_stops_promptly_and_catches_up_at_restart(
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    small_volume: Path,
+) -> None:
+    """What was held in memory is not written at the stop (no space), and the stop does
+    not spend its budget retrying; the next start re-lists and announces it."""
+    exchange = unique_name("e2e")
+    server = LocalApiServer(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3")
+    port = await server.start()
+    url = f"grpc://127.0.0.1:{port}?ssl=false"
+    direct = api_client(url)
+    state = small_volume / "state"
+    path = state / STATE_FILE
+    created: list[int] = []
+    try:
+        async with QueueObserver(amqp_url, exchange) as observer:
+            async with running_daemon(state, amqp_url, exchange, api_url=url) as handle:
+                filler = fill(small_volume)
+                for _ in range(400):
+                    dispatch = await direct.create(
+                        mg(), "HELD", soon(600), None, TargetIds(1), payload={"pad": "y" * 40_000}
+                    )
+                    created.append(int(dispatch.id))
+                    _, missing = await readyz(handle.http_port)
+                    if f"state store {path}: disk full" in missing:
+                        break
+                assert f"state store {path}: disk full" in missing
+                stopped_in = await handle.stop()
+            assert stopped_in < handle.settings.shutdown_timeout
+            filler.unlink()
+            async with running_daemon(state, amqp_url, exchange, api_url=url):
+                for dispatch_id in created:
+                    await observer.seen(lambda r, d=dispatch_id: r.is_(d, "created"), WAIT)
+    finally:
+        await direct.disconnect()
+        await server.stop(0)
