@@ -415,6 +415,7 @@ class ApiSync:
         between: that is a failure like any other (reconnect and re-list).
         """
         accepted = asyncio.ensure_future(new.call.initial_metadata())
+        getting: asyncio.Future[DispatchEvent | BaseException | None] | None = None
         try:
             old_ended = False
             while not old_ended:
@@ -424,7 +425,7 @@ class ApiSync:
                     waiting.add(accepted)
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if getting not in done:
-                    getting.cancel()
+                    getting.cancel()  # an item it had not taken stays in the queue
                     continue
                 item = getting.result()
                 if item is None or isinstance(item, BaseException):
@@ -435,6 +436,8 @@ class ApiSync:
                     await self._forward(item)
         finally:
             accepted.cancel()
+            if getting is not None:
+                getting.cancel()
 
     async def _wait_accepted(self, call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
         """Wait for the response headers: the server has registered the stream.

@@ -142,8 +142,9 @@ class Daemon:
         """Texts of the dispatches due by ``_prepared_until``, encoded ahead."""
         self._prepared_until = datetime.min.replace(tzinfo=UTC)
         self._syncs: list[ApiSync] = []
-        self._overdue: set[int] = set()
-        """Microgrids whose first list did not come within ``api.first_sync_timeout``."""
+        self._overdue: dict[int, bool] = {}
+        """Microgrids whose first list did not come within ``api.first_sync_timeout``,
+        and whether they were then converged from the stored state."""
         self._unsaved: _Unsaved | None = None
         self._store_problem: str | None = None
         self._store_retry = asyncio.Event()
@@ -380,8 +381,7 @@ class Daemon:
         for microgrid_id in self._settings.microgrid_ids:
             if microgrid_id in self._synced:
                 continue
-            self._overdue.add(microgrid_id)
-            converged = microgrid_id in held
+            converged = self._overdue[microgrid_id] = microgrid_id in held
             if converged:
                 part = self._engine.resume(now, microgrid_id)
                 self._commit(part)
@@ -459,7 +459,8 @@ class Daemon:
                 await asyncio.sleep(STORE_RETRY.delay(attempt, rng) + STORE_RETRY.initial / 2)
                 attempt += 1
                 if self._write_unsaved():
-                    _log.info("state store writable again", path=str(self._settings.state.dir))
+                    assert self.store is not None
+                    _log.info("state store writable again", path=str(self.store.path))
 
     def _write_unsaved(self) -> bool:
         """One attempt to write the waiting steps; whether nothing waits any more."""
@@ -507,11 +508,8 @@ class Daemon:
         timeout = self._settings.api.first_sync_timeout
         missing = [
             f"microgrid {microgrid_id}: first sync with the dispatch API not finished"
-            + (
-                f" after {timeout:g} s; converged from the stored state"
-                if microgrid_id in self._overdue
-                else ""
-            )
+            + (f" after {timeout:g} s" if microgrid_id in self._overdue else "")
+            + ("; converged from the stored state" if self._overdue.get(microgrid_id) else "")
             for microgrid_id in self._settings.microgrid_ids
             if microgrid_id not in self._synced
         ]
