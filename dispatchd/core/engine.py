@@ -335,7 +335,9 @@ class Engine:
         self._held_at = now
         for records in self._microgrids.values():
             for record in records.values():
-                self._reschedule(record, now)
+                # A deadline after ``now`` stays what it is: no boundary fell in between.
+                if record.deadline is not None and record.deadline <= now:
+                    self._reschedule(record, now)
 
     def held(self) -> set[int]:
         """Microgrids restored and not converged yet."""
