@@ -21,9 +21,10 @@ import gc
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
-from typing import Final
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from types import EllipsisType
+from typing import Any, Final
 
 import grpc
 import structlog
@@ -33,9 +34,11 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
     ListMicrogridDispatchesResponse,
     StreamMicrogridDispatchesRequest,
 )
+from frequenz.client.base import channel as _channel_module
 from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
+from grpc import ChannelConnectivity
 
 from dispatchd import metrics
 from dispatchd.config import Settings, split_host_port
@@ -64,10 +67,15 @@ def api_url(settings: Settings, local_port: int | None = None) -> str:
     return f"grpc://{host}:{local_port if local_port is not None else port}?ssl=false"
 
 
+RECONNECT_BACKOFF_MS: Final = (250, 1000)
+"""gRPC's own connection backoff (initial, maximum): an API that answers again is
+reached within about a second, instead of gRPC's default of up to 120 s."""
+
+
 def api_client(settings: Settings, local_port: int | None = None) -> DispatchApiClient:
     """A ``DispatchApiClient`` with the configured credentials and timeouts."""
     api = settings.api
-    return DispatchApiClient(
+    return _DaemonApiClient(
         server_url=api_url(settings, local_port),
         # The client insists on a key; a server without auth ignores this one.
         auth_key=api.auth_key.get_secret_value() if api.auth_key else "unauthenticated",
@@ -75,6 +83,53 @@ def api_client(settings: Settings, local_port: int | None = None) -> DispatchApi
         call_timeout=timedelta(seconds=api.call_timeout),
         stream_timeout=timedelta(seconds=api.stream_timeout),
     )
+
+
+class _DaemonApiClient(DispatchApiClient):
+    """The official client, its channel with a bounded reconnect backoff.
+
+    ``frequenz-client-base`` builds the channel (URL options, TLS, auth and
+    signing interceptors) and has no way to pass further channel options, so
+    the two channel factories it calls get them added while it connects.
+    """
+
+    def connect(
+        self,
+        server_url: str | None = None,
+        *,
+        auth_key: str | EllipsisType | None = ...,
+        sign_secret: str | EllipsisType | None = ...,
+    ) -> None:
+        initial, maximum = RECONNECT_BACKOFF_MS
+        extra = (
+            ("grpc.initial_reconnect_backoff_ms", initial),
+            ("grpc.max_reconnect_backoff_ms", maximum),
+        )
+        originals = {name: getattr(_channel_module, name) for name in _OPTIONS_AT}
+        for name, factory in originals.items():
+            setattr(_channel_module, name, _with_options(factory, _OPTIONS_AT[name], extra))
+        try:
+            super().connect(server_url, auth_key=auth_key, sign_secret=sign_secret)
+        finally:
+            for name, factory in originals.items():
+                setattr(_channel_module, name, factory)
+
+
+_OPTIONS_AT: Final = {"insecure_channel": 1, "secure_channel": 2}
+"""The channel factories ``frequenz-client-base`` calls, and where their options go."""
+
+
+def _with_options(
+    factory: Callable[..., Any], index: int, extra: tuple[tuple[str, int], ...]
+) -> Callable[..., Any]:
+    def create(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > index:
+            args = (*args[:index], [*(args[index] or ()), *extra], *args[index + 1 :])
+        else:
+            kwargs["options"] = [*(kwargs.get("options") or ()), *extra]
+        return factory(*args, **kwargs)
+
+    return create
 
 
 @contextlib.contextmanager
@@ -102,6 +157,8 @@ class Listed:
     microgrid_id: int
     dispatches: tuple[Dispatch, ...]
     initial: bool
+    unseen_since: datetime | None = None
+    """When the previous stream was lost: what changed since was not streamed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +194,53 @@ class Backoff:
         return rng.uniform(0, min(self.maximum, self.initial * 2**attempt))
 
 
+REFUSED_RETRY = 60.0
+"""Seconds between attempts while the API refuses the key: it cannot fix itself."""
+_REFUSED: Final = {
+    grpc.StatusCode.UNAUTHENTICATED: "the dispatch API refused the key (UNAUTHENTICATED)",
+    grpc.StatusCode.PERMISSION_DENIED: (
+        "the dispatch API refused access to the microgrid (PERMISSION_DENIED)"
+    ),
+}
+_REFUSED_FIX: Final = (
+    "set api.auth_key (or api.auth_key_file) to a key the API accepts for this microgrid, "
+    "and api.sign_secret if it wants signed requests"
+)
+READY_JITTER = 0.2
+"""Up to this many seconds between the API answering again and the re-list, so many
+daemons do not all list at the same instant."""
+
+
+class _StreamEnded(Exception):
+    """The server ended the stream without an error."""
+
+
+class _Stream:
+    """One stream call and the events its reader received, in order."""
+
+    def __init__(self, client: DispatchApiClient, microgrid_id: int) -> None:
+        request = StreamMicrogridDispatchesRequest(microgrid_id=microgrid_id)
+        self.opened = time.monotonic()
+        self.call = client.stub.StreamMicrogridDispatches(
+            request, timeout=client.stream_timeout.total_seconds()
+        )
+        self.events: asyncio.Queue[DispatchEvent | BaseException | None] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                self.events.put_nowait(DispatchEvent.from_protobuf(response))
+        except grpc.aio.AioRpcError as error:
+            self.events.put_nowait(error)
+            return
+        self.events.put_nowait(None)
+
+    def close(self) -> None:
+        self._reader.cancel()
+        self.call.cancel()
+
+
 class ApiSync:
     """Runs the stream-then-list loop for one microgrid until cancelled."""
 
@@ -148,12 +252,16 @@ class ApiSync:
         *,
         backoff: Backoff = Backoff(),
         page_size: int = 1000,
+        refused_retry: float | None = None,
     ) -> None:
         self._client = client
         self._microgrid_id = microgrid_id
         self._deliver = deliver
         self._backoff = backoff
         self._page_size = page_size
+        self._refused_retry = REFUSED_RETRY if refused_retry is None else refused_retry
+        self._lost_at: datetime | None = None
+        """When the last stream that had listed was lost (``None``: never lost)."""
         self._rng = random.Random()
         self._attempt = 0
         """Connection attempts since the last one that stayed up ``STABLE_AFTER`` seconds."""
@@ -164,54 +272,172 @@ class ApiSync:
         metrics.API_STREAM_UP.labels(**self._labels)
         self.synced = asyncio.Event()
         """Set once the first full listing has been delivered."""
+        self.problem: str | None = None
+        """A failure that needs the operator (a refused key), for /readyz."""
+        self.renewals = 0
+        """Streams renewed before their deadline (no re-list), for tests."""
+
+    @property
+    def microgrid_id(self) -> int:
+        return self._microgrid_id
+
+    @property
+    def renew_lead(self) -> float:
+        """Seconds before a stream's deadline at which its successor is opened."""
+        return min(10.0, self._client.stream_timeout.total_seconds() / 4)
 
     async def run(self) -> None:
         """Sync forever; every failure is logged, counted and retried."""
         log = _log.bind(microgrid_id=self._microgrid_id)
         while True:
+            code: grpc.StatusCode | None = None
             try:
                 await self._connect_once()
                 log.info("api stream ended by the server, reconnecting")
             except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if code in _REFUSED:
+                    await self._refused(error)
+                    continue
                 log.warning(
                     "api stream failed",
-                    code=error.code().name,
+                    code=code.name,
                     details=error.details(),
                     retry_attempt=self._attempt + 1,
                 )
             except (OSError, grpc.RpcError) as error:
+                code = grpc.StatusCode.UNAVAILABLE
                 log.warning("api stream failed", error=str(error), retry_attempt=self._attempt + 1)
             metrics.API_STREAM_UP.labels(**self._labels).set(0)
             metrics.API_RECONNECTS.labels(**self._labels).inc()
+            if self._up_since is not None:
+                self._lost_at = datetime.now(UTC)
             up_since, self._up_since = self._up_since, None
             if up_since is not None and time.monotonic() - up_since >= STABLE_AFTER:
                 self._attempt = 0
-            await asyncio.sleep(self._backoff.delay(self._attempt, self._rng))
+            await self._pause(code)
             self._attempt += 1
 
+    async def _pause(self, code: grpc.StatusCode | None) -> None:
+        """Before reconnecting: wait for an unreachable API to answer, else back off.
+
+        The channel's connectivity is a cheap probe: gRPC retries the connection
+        at most ``RECONNECT_BACKOFF_MS`` apart, and the re-list starts as soon as
+        it is up. An API that is reachable but failed the call is backed off from.
+        """
+        channel = self._client.channel
+        unreachable = code is grpc.StatusCode.UNAVAILABLE
+        if unreachable and channel.get_state(try_to_connect=True) is not ChannelConnectivity.READY:
+            # Bounded, so a channel that never gets ready (TLS mismatch) is retried and logged.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._backoff.maximum):
+                    await channel.channel_ready()
+                    await asyncio.sleep(self._rng.uniform(0, READY_JITTER))
+            return
+        await asyncio.sleep(self._backoff.delay(self._attempt, self._rng))
+
+    async def _refused(self, error: grpc.aio.AioRpcError) -> None:
+        """A refused key: one ERROR line with the fix, /readyz says it, retry slowly."""
+        code = error.code()
+        problem = f"{_REFUSED[code]}: {error.details()}; {_REFUSED_FIX}"
+        if problem != self.problem:
+            _log.error(
+                _REFUSED[code],
+                microgrid_id=self._microgrid_id,
+                details=error.details(),
+                fix=_REFUSED_FIX,
+                retry_every=self._refused_retry,
+            )
+        else:
+            _log.debug("dispatch API still refuses the key", microgrid_id=self._microgrid_id)
+        self.problem = problem
+        metrics.API_STREAM_UP.labels(**self._labels).set(0)
+        metrics.API_RECONNECTS.labels(**self._labels).inc()
+        self._up_since = None
+        await asyncio.sleep(self._refused_retry)
+
     async def _connect_once(self) -> None:
-        """One stream lifetime: open, list, then forward events until it ends."""
-        request = StreamMicrogridDispatchesRequest(microgrid_id=self._microgrid_id)
-        call = self._client.stub.StreamMicrogridDispatches(
-            request, timeout=self._client.stream_timeout.total_seconds()
-        )
-        events: asyncio.Queue[DispatchEvent | BaseException | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(call, events))
+        """One connection: open, list, then forward events, renewing the stream in time."""
+        streams = [_Stream(self._client, self._microgrid_id)]
         try:
-            await self._wait_accepted(call)
-            await self._deliver(await self._list())
+            await self._wait_accepted(streams[-1].call)
+            listed = await self._list()
+            await self._deliver(replace(listed, unseen_since=self._lost_at))
+            self._lost_at = None
+            if self.problem is not None:
+                _log.info("dispatch API accepts the key again", microgrid_id=self._microgrid_id)
+                self.problem = None
             self._up_since = time.monotonic()
             metrics.API_STREAM_UP.labels(**self._labels).set(1)
             metrics.API_LAST_SYNC_TIMESTAMP.labels(**self._labels).set(time.time())
             self.synced.set()
-            while (item := await events.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                dispatch = Dispatch.from_client(item.dispatch, self._microgrid_id)
-                await self._deliver(Streamed(self._microgrid_id, item.event, dispatch))
+            while True:
+                await self._forward_until(streams[-1], self._renewal_due(streams[-1]))
+                streams.append(_Stream(self._client, self._microgrid_id))
+                await self._hand_over(streams[-2], streams[-1])
+                streams.pop(0).close()
+                self.renewals += 1
+                _log.debug("api stream renewed", microgrid_id=self._microgrid_id)
+        except _StreamEnded:
+            return
         finally:
-            reader.cancel()
-            call.cancel()
+            for stream in streams:
+                stream.close()
+
+    def _renewal_due(self, stream: _Stream) -> float:
+        """When (monotonic) the successor of ``stream`` is opened, before its deadline."""
+        return stream.opened + self._client.stream_timeout.total_seconds() - self.renew_lead
+
+    async def _forward_until(self, stream: _Stream, moment: float) -> None:
+        """Deliver the stream's events until ``moment``; its end or error is raised."""
+        while (left := moment - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    item = await stream.events.get()
+            except TimeoutError:
+                return
+            await self._forward(item)
+
+    async def _forward(self, item: DispatchEvent | BaseException | None) -> None:
+        if item is None:
+            raise _StreamEnded
+        if isinstance(item, BaseException):
+            raise item
+        dispatch = Dispatch.from_client(item.dispatch, self._microgrid_id)
+        await self._deliver(Streamed(self._microgrid_id, item.event, dispatch))
+
+    async def _hand_over(self, old: _Stream, new: _Stream) -> None:
+        """Make before break: keep forwarding ``old`` until ``new`` is accepted and ``old``
+        has ended, so every event is on at least one of them (the engine ignores the
+        repeats). ``new``'s events wait in its queue meanwhile.
+
+        If ``old`` ends before ``new`` is accepted, an event may have fallen in
+        between: that is a failure like any other (reconnect and re-list).
+        """
+        accepted = asyncio.ensure_future(new.call.initial_metadata())
+        getting: asyncio.Future[DispatchEvent | BaseException | None] | None = None
+        try:
+            old_ended = False
+            while not old_ended:
+                getting = asyncio.ensure_future(old.events.get())
+                waiting: set[asyncio.Future[Any]] = {getting}
+                if not accepted.done():
+                    waiting.add(accepted)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getting not in done:
+                    getting.cancel()  # an item it had not taken stays in the queue
+                    continue
+                item = getting.result()
+                if item is None or isinstance(item, BaseException):
+                    old_ended = True
+                    if not accepted.done():  # a gap is possible: fail, re-list
+                        raise item if isinstance(item, BaseException) else _StreamEnded
+                else:
+                    await self._forward(item)
+        finally:
+            accepted.cancel()
+            if getting is not None:
+                getting.cancel()
 
     async def _wait_accepted(self, call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
         """Wait for the response headers: the server has registered the stream.
@@ -226,19 +452,6 @@ class ApiSync:
                 await asyncio.shield(call.initial_metadata())
         except TimeoutError:
             _log.debug("no stream headers yet, listing anyway", microgrid_id=self._microgrid_id)
-
-    async def _read(
-        self,
-        call: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
-        events: asyncio.Queue[DispatchEvent | BaseException | None],
-    ) -> None:
-        try:
-            async for response in call:
-                events.put_nowait(DispatchEvent.from_protobuf(response))
-        except grpc.aio.AioRpcError as error:
-            events.put_nowait(error)
-            return
-        events.put_nowait(None)
 
     async def _list(self) -> Listed:
         started = time.perf_counter()

@@ -203,6 +203,7 @@ class ApiConfig(_Section):
     sign_secret: SecretStr | None = None
     call_timeout: PositiveFloat = 60.0
     stream_timeout: PositiveFloat = 300.0
+    first_sync_timeout: PositiveFloat = 30.0
     local: LocalApiConfig = Field(default_factory=LocalApiConfig)
 
     _blank = field_validator("auth_key", "sign_secret", mode="before")(_blank_to_none)

@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import functools
 import json
+import random
 import signal
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +38,7 @@ from frequenz.client.dispatch import DispatchApiClient
 from dispatchd import __version__, metrics, status
 from dispatchd.apisync import (
     ApiSync,
+    Backoff,
     Listed,
     Streamed,
     SyncItem,
@@ -53,7 +56,7 @@ from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import SnapshotRpc
-from dispatchd.store import Store
+from dispatchd.store import Store, StoreError, StoreWriteError
 
 _log = structlog.get_logger(__name__)
 
@@ -67,6 +70,38 @@ PREPARE_LEAD = 0.5
 """Seconds before a deadline at which its dispatches are readied (see ``Engine.prepare``)."""
 _SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
 """Running messages caused by a boundary of the schedule (their lateness is measured)."""
+STORE_RETRY = Backoff(initial=0.5, maximum=5.0)
+"""Backoff between attempts to write a step the state store refused (disk full...)."""
+STORE_ERROR_EVERY = 60.0
+"""Seconds between the ERROR lines repeated while the state store refuses writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstSyncDue:
+    """``api.first_sync_timeout`` has passed since start-up."""
+
+
+InboxItem = SyncItem | _FirstSyncDue
+
+
+@dataclass(slots=True)
+class _Unsaved:
+    """Steps the store refused, merged in order, waiting to be written."""
+
+    records: dict[Key, str | None]
+    meta: dict[str, Any] | None
+    envelopes: list[wire.Envelope]
+
+    def add(
+        self,
+        records: dict[Key, str | None],
+        meta: dict[str, Any] | None,
+        envelopes: list[wire.Envelope],
+    ) -> None:
+        self.records.update(records)
+        if meta is not None:
+            self.meta = meta
+        self.envelopes.extend(envelopes)
 
 
 def main(settings: Settings) -> int:
@@ -86,6 +121,9 @@ async def _run_until_signal(settings: Settings) -> int:
     except ExchangeTypeMismatch as error:
         _log.error("cannot start", error=str(error))
         return 1
+    except StoreError as error:
+        _log.error("cannot start", error=str(error))
+        return error.exit_code
     return 0
 
 
@@ -97,7 +135,7 @@ class Daemon:
     ) -> None:
         self._settings = settings
         self._clock = clock
-        self._inbox: asyncio.Queue[SyncItem] = asyncio.Queue()
+        self._inbox: asyncio.Queue[InboxItem] = asyncio.Queue()
         self._engine = Engine()
         self._synced: set[int] = set()
         self._first_synced_at: dict[int, datetime] = {}
@@ -108,6 +146,12 @@ class Daemon:
         """Texts of the dispatches due by ``_prepared_until``, encoded ahead."""
         self._prepared_until = datetime.min.replace(tzinfo=UTC)
         self._syncs: list[ApiSync] = []
+        self._overdue: dict[int, bool] = {}
+        """Microgrids whose first list did not come within ``api.first_sync_timeout``,
+        and whether they were then converged from the stored state."""
+        self._unsaved: _Unsaved | None = None
+        self._store_problem: str | None = None
+        self._store_retry = asyncio.Event()
         self.ready = asyncio.Event()
         """Set when every microgrid has finished its first sync (for tests and /readyz)."""
         self.api_url: str | None = None
@@ -121,9 +165,12 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, serve until ``stop`` is set, then stop gracefully."""
         settings = self._settings
-        settings.state.dir.mkdir(parents=True, exist_ok=True)
         store = self.store = Store(settings.state.dir / STATE_FILE)
-        self._engine = _restore(store)
+        try:
+            self._engine = _restore(store)
+        except BaseException:
+            store.close()
+            raise
         local_api = await self._start_local_api()
         rpc = SnapshotRpc(
             amqp_url=settings.amqp.url.get_secret_value(),
@@ -152,15 +199,21 @@ class Daemon:
             await rpc.start(wait=publisher.connected)
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
-            resumed = self._engine.resume(self._clock())
-            self._commit(resumed)
-            _log_messages(resumed)
+            # Restart order: load (above), republish the outbox (publisher.start),
+            # re-list, then converge: the stored view is not announced before its
+            # microgrid's first list, which may show it changed while we were down.
+            self._engine.hold(self._clock())
             client = api_client(self._settings, self.local_api_port)
             for microgrid_id in settings.microgrid_ids:
                 sync = ApiSync(client, microgrid_id, self._inbox.put)
                 self._syncs.append(sync)
                 tasks.append(asyncio.create_task(sync.run(), name=f"sync-{microgrid_id}"))
             tasks.append(asyncio.create_task(self._loop(), name="engine"))
+            tasks.append(asyncio.create_task(self._save_unsaved(), name="store-retry"))
+            first_sync_due = asyncio.get_running_loop().call_later(
+                settings.api.first_sync_timeout, self._inbox.put_nowait, _FirstSyncDue()
+            )
+            tasks.append(asyncio.create_task(_cancel_on_exit(first_sync_due), name="first-sync"))
             fatal = asyncio.create_task(publisher.wait_fatal())
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
@@ -215,6 +268,12 @@ class Daemon:
         await http.close()
         if local_api is not None:
             await local_api.stop(max(0.0, budget - (time.monotonic() - started)))
+        if self._unsaved is not None and not self._write_unsaved():
+            _log.warning(
+                "state store still refuses writes: the next start converges what was not saved",
+                messages=len(self._unsaved.envelopes),
+                error=self._store_problem,
+            )
         store.close()
         _log.info(
             "stopped",
@@ -261,7 +320,7 @@ class Daemon:
                     else:
                         self._prepare()
                 timeout = max(0.0, left)
-            item: SyncItem | None = None
+            item: InboxItem | None = None
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a
             # cancellation that arrives with an item, and a stop would then hang.
             # A get cancelled by the timeout leaves its item in the queue.
@@ -280,18 +339,22 @@ class Daemon:
         for dispatch in self._engine.prepare(until):
             self._prepared.body_text(dispatch)
 
-    async def _step(self, item: SyncItem | None) -> None:
+    async def _step(self, item: InboxItem | None) -> None:
         now = self._clock()
         engine = self._engine
         match item:
+            case _FirstSyncDue():
+                messages = self._first_sync_due(now)
             case None:
                 messages = engine.advance(now)
                 await self._commit_in_parts(messages)
                 if self._prepared and now >= self._prepared_until:
                     self._prepared = _DispatchTexts()  # its window has passed
-            case Listed(microgrid_id, dispatches, initial):
+            case Listed(microgrid_id, dispatches, initial, unseen_since):
                 with gc_paused():
-                    messages = engine.relist(microgrid_id, dispatches, now, initial=initial)
+                    messages = engine.relist(
+                        microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
+                    )
                     self._commit(messages)
                 self._after_listed(item, now)
             case Streamed(_, event, dispatch):
@@ -319,6 +382,31 @@ class Daemon:
             )
             if self._synced.issuperset(self._settings.microgrid_ids):
                 self.ready.set()
+
+    def _first_sync_due(self, now: datetime) -> list[Message]:
+        """Converge, from what is known, each microgrid whose first list has not come."""
+        messages: list[Message] = []
+        held = self._engine.held()
+        timeout = self._settings.api.first_sync_timeout
+        for microgrid_id in sorted(held - set(self._settings.microgrid_ids)):
+            part = self._engine.resume(now, microgrid_id)  # stored, no longer configured
+            self._commit(part)
+            messages.extend(part)
+        for microgrid_id in self._settings.microgrid_ids:
+            if microgrid_id in self._synced:
+                continue
+            converged = self._overdue[microgrid_id] = microgrid_id in held
+            if converged:
+                part = self._engine.resume(now, microgrid_id)
+                self._commit(part)
+                messages.extend(part)
+            _log.warning(
+                "first sync with the dispatch API not done in time"
+                + ("; converged from the stored state" if converged else ""),
+                microgrid_id=microgrid_id,
+                first_sync_timeout=timeout,
+            )
+        return messages
 
     def _commit(
         self, messages: list[Message], keys: Iterable[Key] | None = None, *, meta: bool = True
@@ -348,10 +436,63 @@ class Daemon:
             for message in messages
         ]
         assert self.store is not None and self.publisher is not None
-        items = self.store.commit(
-            records=records, meta=engine.export_meta() if meta else None, envelopes=envelopes
-        )
+        meta_now = engine.export_meta() if meta else None
+        if self._unsaved is not None:  # keep the order: after what is waiting
+            self._unsaved.add(records, meta_now, envelopes)
+            return
+        try:
+            items = self.store.commit(records=records, meta=meta_now, envelopes=envelopes)
+        except StoreWriteError as error:
+            self._unsaved = _Unsaved(records, meta_now, envelopes)
+            self._store_problem = str(error)
+            self._store_retry.set()
+            return
         self.publisher.submit(items)
+
+    async def _save_unsaved(self) -> None:
+        """Write what the store refused, with backoff; one ERROR line a minute meanwhile.
+
+        The publisher keeps sending what was committed before; the refused
+        steps' messages follow, late but in order, once a write succeeds.
+        """
+        rng = random.Random()
+        while True:
+            await self._store_retry.wait()
+            self._store_retry.clear()
+            attempt = 0
+            logged_at: float | None = None
+            while self._unsaved is not None:
+                now = time.monotonic()
+                if logged_at is None or now - logged_at >= STORE_ERROR_EVERY:
+                    logged_at = now
+                    _log.error(
+                        "cannot write the state store; publishing what it holds, retrying",
+                        error=self._store_problem,
+                        unsaved_messages=len(self._unsaved.envelopes),
+                    )
+                await asyncio.sleep(STORE_RETRY.delay(attempt, rng) + STORE_RETRY.initial / 2)
+                attempt += 1
+                if self._write_unsaved():
+                    assert self.store is not None
+                    _log.info("state store writable again", path=str(self.store.path))
+
+    def _write_unsaved(self) -> bool:
+        """One attempt to write the waiting steps; whether nothing waits any more."""
+        unsaved = self._unsaved
+        if unsaved is None:
+            return True
+        assert self.store is not None and self.publisher is not None
+        try:
+            items = self.store.commit(
+                records=unsaved.records, meta=unsaved.meta, envelopes=unsaved.envelopes
+            )
+        except StoreWriteError as error:
+            self._store_problem = str(error)
+            return False
+        self._unsaved = None
+        self._store_problem = None
+        self.publisher.submit(items)
+        return True
 
     async def _commit_in_parts(self, messages: list[Message]) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -378,11 +519,21 @@ class Daemon:
     # ----------------------------------------------------- health and metrics
 
     def _missing_for_ready(self) -> list[str]:
+        timeout = self._settings.api.first_sync_timeout
         missing = [
             f"microgrid {microgrid_id}: first sync with the dispatch API not finished"
+            + (f" after {timeout:g} s" if microgrid_id in self._overdue else "")
+            + ("; converged from the stored state" if self._overdue.get(microgrid_id) else "")
             for microgrid_id in self._settings.microgrid_ids
             if microgrid_id not in self._synced
         ]
+        missing.extend(
+            f"microgrid {sync.microgrid_id}: {sync.problem}"
+            for sync in self._syncs
+            if sync.problem is not None
+        )
+        if self._store_problem is not None:
+            missing.append(self._store_problem)
         publisher = self.publisher
         if publisher is None or not publisher.connected:
             error = publisher.last_error if publisher is not None else None
@@ -439,6 +590,14 @@ _TASK_STOP_GRACE = 0.5
 """Seconds cancelled tasks get to finish even when the shutdown budget is spent."""
 _RPC_CLOSE_GRACE = 0.5
 """Seconds to wait for the broker to acknowledge closing the snapshot RPC channel."""
+
+
+async def _cancel_on_exit(timer: asyncio.TimerHandle) -> None:
+    """Hold ``timer`` until this task is cancelled, then cancel it too."""
+    try:
+        await asyncio.Future()
+    finally:
+        timer.cancel()
 
 
 async def _within(closing: Coroutine[Any, Any, None], seconds: float, what: str) -> None:

@@ -15,8 +15,10 @@ per engine step, which is small next to the broker round trip.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +33,39 @@ RecordKey = tuple[int, int]
 
 
 class StoreError(Exception):
-    """The database cannot be used (e.g. written by a newer dispatchd)."""
+    """The database cannot be used (e.g. written by a newer dispatchd, or not one at all)."""
+
+    exit_code = 1
+
+
+class StateDirError(StoreError):
+    """``state.dir`` cannot hold the state: a configuration problem (exit 2)."""
+
+    exit_code = 2
+
+
+class StoreWriteError(StoreError):
+    """A write failed for a reason outside dispatchd (disk full, read-only, I/O error).
+
+    ``str()`` is the one line an operator sees: ``state store <path>: disk full``.
+    """
+
+
+_TROUBLESHOOTING = "see docs/troubleshooting.md, 'State file'"
+
+_WRITE_PROBLEMS = {
+    sqlite3.SQLITE_FULL: "disk full",
+    sqlite3.SQLITE_READONLY: "read-only",
+    sqlite3.SQLITE_IOERR: "I/O error",
+    sqlite3.SQLITE_CANTOPEN: "cannot open",
+    sqlite3.SQLITE_BUSY: "locked by another process",
+}
+
+
+def _write_error(path: Path, error: sqlite3.Error) -> StoreWriteError:
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    what = _WRITE_PROBLEMS.get(code, str(error))
+    return StoreWriteError(f"state store {path}: {what}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +117,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _CACHE_KIB = 64 * 1024
 """Upper bound of SQLite's page cache; it only grows this far during big steps."""
+WAL_LIMIT = 4 * 1024 * 1024
+"""Bytes the WAL file may keep: a larger one is checkpointed and truncated after the
+commit that grew it (a first sync of 50k dispatches writes tens of MB at once)."""
+_AUTOCHECKPOINT_PAGES = 256
+"""SQLite checkpoints on its own every this many pages (1 MiB at 4 KiB pages)."""
 
 _EMPTY_RECORDS: Mapping[RecordKey, str | None] = {}
 
@@ -96,18 +135,47 @@ class Store:
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StateDirError(
+                f"state.dir {path.parent}: cannot be used ({error.strerror or error}); "
+                "set state.dir to a writable directory"
+            ) from None
         self._path = path
+        self._wal = Path(f"{path}-wal")
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._unremoved: set[int] = set()
+        """Confirmed seqs whose delete failed (disk full); retried with the next write."""
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise StateDirError(
+                f"state store {path}: cannot be opened ({error}); "
+                "check that state.dir is a writable directory"
+            ) from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             # A first sync writes tens of MB in one transaction; with the default
             # 2 MB page cache SQLite spills and re-reads pages mid-transaction.
             self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             self._migrate()
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+            if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                raise StoreError(
+                    f"state store {path}: not a usable dispatchd state file ({error}); "
+                    f"stop dispatchd, move it aside and start again: it re-lists from the "
+                    f"API ({_TROUBLESHOOTING})"
+                ) from None
+            raise StoreError(
+                f"state store {path}: {_WRITE_PROBLEMS.get(code, str(error))} ({_TROUBLESHOOTING})"
+            ) from None
         except BaseException:
             self._db.close()
             raise
@@ -168,9 +236,27 @@ class Store:
         replaces the whole meta dict when given; ``envelopes`` are appended to
         the outbox in order.
         """
+        removing = set(self._unremoved)
+        try:
+            items = self._commit(records, meta, envelopes, removing)
+        except sqlite3.OperationalError as error:
+            raise _write_error(self._path, error) from error
+        self._unremoved -= removing
+        self._bound_wal()
+        return items
+
+    def _commit(
+        self,
+        records: Mapping[RecordKey, str | None],
+        meta: Mapping[str, Any] | None,
+        envelopes: Sequence[Envelope],
+        removing: set[int],
+    ) -> list[OutboxItem]:
         upserts = [(mg, did, data) for (mg, did), data in records.items() if data is not None]
         deletes = [(mg, did) for (mg, did), data in records.items() if data is None]
         with self._transaction() as db:
+            if removing:
+                db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in removing])
             if deletes:
                 db.executemany(
                     "DELETE FROM records WHERE microgrid_id = ? AND dispatch_id = ?", deletes
@@ -217,17 +303,45 @@ class Store:
         ]
 
     def remove_from_outbox(self, seqs: Iterable[int]) -> None:
-        """Forget messages the broker confirmed (or returned as unroutable)."""
-        rows = [(seq,) for seq in seqs]
-        if not rows:
+        """Forget messages the broker confirmed (or returned as unroutable).
+
+        A delete that cannot be written (disk full) is kept and retried with
+        the next write; until then those rows are hidden from :meth:`outbox`.
+        """
+        pending = self._unremoved | set(seqs)
+        if not pending:
             return
-        with self._transaction() as db:
-            db.executemany("DELETE FROM outbox WHERE seq = ?", rows)
+        try:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in pending])
+        except sqlite3.OperationalError:
+            self._unremoved = pending
+            return
+        self._unremoved = set()
+        self._bound_wal()
+
+    def _bound_wal(self) -> None:
+        """Checkpoint and truncate a WAL that grew past ``WAL_LIMIT``."""
+        if self.wal_size() <= WAL_LIMIT:
+            return
+        # On failure it is retried after the next commit; the WAL stays valid meanwhile.
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def wal_size(self) -> int:
+        """Bytes of the WAL file now (0 when there is none)."""
+        try:
+            return os.stat(self._wal).st_size
+        except OSError:
+            return 0
 
     def outbox(self) -> list[OutboxItem]:
         """The unconfirmed messages, in seq order."""
         with self._transaction() as db:
-            return self._read_outbox(db)
+            items = self._read_outbox(db)
+        if self._unremoved:
+            items = [item for item in items if item.seq not in self._unremoved]
+        return items
 
     def outbox_size(self) -> int:
         with self._lock:
@@ -316,8 +430,14 @@ class _Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
-                self._db.execute("COMMIT")
-            else:
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    # A COMMIT that failed (disk full) can leave the transaction open.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            elif self._db.in_transaction:  # SQLite may have rolled back already (disk full)
                 self._db.execute("ROLLBACK")
         finally:
             self._lock.release()

@@ -4,7 +4,7 @@ A pure, deterministic state machine over every known dispatch of every
 microgrid. Per dispatch it remembers what it last announced (stopped, or
 running with an occurrence and the runtime fields of ``dispatch``) and, at
 every instant something can change, compares that with the truth and emits
-only the difference (semantics.md). The caller owns the clock: every entry
+only the difference (docs/scheduling.md). The caller owns the clock: every entry
 point takes ``now``, and :meth:`Engine.next_deadline` says when to call
 :meth:`Engine.advance` next.
 
@@ -253,6 +253,9 @@ class Engine:
         self._dirty: set[Key] = set()
         self._new_invalid: list[tuple[Key, str]] = []
         self._counts: dict[int, dict[str, int]] = {}
+        self._held: set[int] = set()
+        """Restored microgrids whose downtime waits for their first list (see :meth:`hold`)."""
+        self._held_at: datetime | None = None
 
     # ------------------------------------------------------------------ input
 
@@ -275,16 +278,18 @@ class Engine:
         now: datetime,
         *,
         initial: bool,
+        unseen_since: datetime | None = None,
     ) -> list[Message]:
         """A full list of one microgrid: diff it against the view and converge.
 
         Changes of known dispatches were learnt late (reason ``resumed``). With
         ``initial`` (the first list since start-up) after a restore, dispatches
-        that are new or changed get ``missed_runs`` for the downtime too.
+        that are new or changed get ``missed_runs`` for the downtime too; after
+        a lost stream, for the time since ``unseen_since`` (when it was lost).
         """
         now = self._tick(now)
         out: list[Message] = self._advance(now)
-        missed_since = self._down_since if initial else None
+        missed_since = self._down_since if initial else unseen_since
         seen: set[int] = set()
         for dispatch in dispatches:
             if dispatch.microgrid_id != microgrid_id:
@@ -300,36 +305,78 @@ class Engine:
             for dispatch_id, record in records.items()
             if dispatch_id not in seen and not record.tombstone and not record.forgotten
         ]
+        held = microgrid_id in self._held
         for record in sorted(missing, key=lambda r: r.key):
             if self._could_be_listed(record, now):
                 out.extend(self._delete(record.key, record.dispatch, now))
             else:
+                if held:  # it may have been running when dispatchd went down
+                    out.extend(self._resume_records([record], now))
                 self._forget(record)
+        if held:
+            out.extend(self._resume_microgrids([microgrid_id], now))
         return out
 
     def advance(self, now: datetime) -> list[Message]:
         """Every transition due at or before ``now``, in time order."""
         return self._advance(self._tick(now))
 
-    def resume(self, now: datetime) -> list[Message]:
+    def hold(self, now: datetime) -> None:
+        """After a restore: run the clock from ``now``, keep the downtime for the lists.
+
+        What fell due while dispatchd was down is not announced from the stored
+        view, which may be stale (a start moved, a dispatch deactivated or
+        deleted meanwhile): each microgrid converges when its first list
+        arrives (:meth:`relist`), or from what it has when :meth:`resume` is
+        called for it. Boundaries after ``now`` are still announced on time.
+        """
+        now = self._tick(now)
+        self._held = set(self._microgrids)
+        self._held_at = now
+        for records in self._microgrids.values():
+            for record in records.values():
+                # A deadline after ``now`` stays what it is: no boundary fell in between.
+                if record.deadline is not None and record.deadline <= now:
+                    self._reschedule(record, now)
+
+    def held(self) -> set[int]:
+        """Microgrids restored and not converged yet."""
+        return set(self._held)
+
+    def resume(self, now: datetime, microgrid_id: int | None = None) -> list[Message]:
         """Converge the restored view after a restart (reason ``resumed``).
 
         Occurrences that began and ended while dispatchd was down are kept as
-        ``missed_runs`` for each dispatch's next ``running`` message.
+        ``missed_runs`` for each dispatch's next ``running`` message. With a
+        ``microgrid_id`` (after :meth:`hold`): that microgrid only, from what
+        is known, e.g. when its first list does not come in time.
         """
         now = self._tick(now)
+        if microgrid_id is None:
+            return self._resume_microgrids(sorted(self._microgrids), now)
+        out = self._advance(now)
+        out.extend(self._resume_microgrids([microgrid_id], now))
+        return out
+
+    def _resume_microgrids(self, microgrid_ids: list[int], now: datetime) -> list[Message]:
+        records: list[_Record] = []
+        for microgrid_id in microgrid_ids:
+            self._held.discard(microgrid_id)
+            by_id = self._microgrids.get(microgrid_id, {})
+            records.extend(by_id[dispatch_id] for dispatch_id in sorted(by_id))
+        return self._resume_records(records, now)
+
+    def _resume_records(self, records: list[_Record], now: datetime) -> list[Message]:
+        """Converge records learnt from the store, dating what fell due in the downtime."""
         since = self._down_since
         drafts: list[_Draft] = []
-        for microgrid_id in sorted(self._microgrids):
-            records = self._microgrids[microgrid_id]
-            for dispatch_id in sorted(records):
-                record = records[dispatch_id]
-                if record.tombstone or record.forgotten:
-                    continue
-                if since is not None and record.dispatch.active and _schedule_of(record):
-                    self._set_missed(record, since, now)
-                drafts.extend(self._converge(record, now, Reason.RESUMED, since=since, pulse=False))
-                self._reschedule(record, now)
+        for record in records:
+            if record.tombstone or record.forgotten:
+                continue
+            if since is not None and record.dispatch.active and _schedule_of(record):
+                self._set_missed(record, since, now)
+            drafts.extend(self._converge(record, now, Reason.RESUMED, since=since, pulse=False))
+            self._reschedule(record, now)
         return self._finish(_order_instant(drafts), now)
 
     # ----------------------------------------------------------------- timing
@@ -711,6 +758,14 @@ class Engine:
             record.schedule = None
         announced = record.announced
         ends = announced.end if announced is not None else None
+        held_at = self._held_at
+        if (
+            ends is not None
+            and held_at is not None
+            and ends <= held_at
+            and record.key[0] in self._held
+        ):
+            ends = None  # fell in the downtime: converged with the first list
         if ends is not None and (deadline is None or ends < deadline):
             deadline = ends
         if deadline == record.deadline:
@@ -751,6 +806,14 @@ class Engine:
                     continue
                 record.deadline = None
                 self._scheduled -= 1
+                since = self._down_since
+                if (
+                    since is not None
+                    and microgrid_id in self._held
+                    and record.dispatch.active
+                    and _schedule_of(record)
+                ):
+                    self._set_missed(record, since, instant)
                 drafts.extend(self._converge(record, instant, Reason.STARTED, pulse=True))
                 self._reschedule(record, instant)
             out.extend(self._finish(_order_instant(drafts), now))

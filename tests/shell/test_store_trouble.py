@@ -1,0 +1,136 @@
+"""The state store on a bad day: a WAL kept small, a full or read-only volume, a
+file that is not a state database. Each error names the file and what to do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispatchd.core.wire import Envelope
+from dispatchd.store import WAL_LIMIT, StateDirError, Store, StoreError, StoreWriteError
+
+
+def envelope(n: int, size: int = 100) -> Envelope:
+    return Envelope(
+        message_id=f"m{n}",
+        routing_key="k",
+        body=b"x" * size,
+        headers={"n": n},
+        type="t",
+        microgrid_id=1,
+        dispatch_id=n,
+    )
+
+
+def test_the_wal_is_truncated_after_a_commit_that_grew_it_past_the_limit(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.sqlite3")
+    try:
+        records = {(1, n): "r" * 2000 for n in range(5000)}  # about 10 MB in one transaction
+        store.commit(records=records)
+        wal = Path(f"{tmp_path / 'state.sqlite3'}-wal")
+        assert wal.stat().st_size <= WAL_LIMIT
+        for n in range(200):  # and it stays bounded under a steady stream of small commits
+            store.commit(records={(2, n): "s" * 5000}, envelopes=[envelope(n)])
+            assert wal.stat().st_size <= WAL_LIMIT
+    finally:
+        store.close()
+
+
+def test_a_full_database_raises_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
+    """``max_page_count`` gives SQLite's genuine SQLITE_FULL without a full volume."""
+    path = tmp_path / "state.sqlite3"
+    store = Store(path)
+    try:
+        store.commit(envelopes=[envelope(0)])
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(StoreWriteError) as raised:
+            store.commit(records={(1, n): "r" * 4000 for n in range(50)})
+        assert str(raised.value) == f"state store {path}: disk full"
+        # A confirmed message whose delete cannot be written is hidden, not re-sent.
+        store.remove_from_outbox([1])
+        assert store.outbox() == []
+        store._db.execute(f"PRAGMA max_page_count={pages * 1000}")
+        store.commit(records={(1, 1): "ok"})
+        assert store.outbox() == []
+    finally:
+        store.close()
+    reopened = Store(path)
+    try:
+        assert reopened.load().outbox == []
+        assert reopened.load().records == {(1, 1): "ok"}
+    finally:
+        reopened.close()
+
+
+def test_a_read_only_database_says_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    Store(path).close()
+    store = Store(path)
+    try:
+        store._db.execute("PRAGMA query_only=1")
+        with pytest.raises(StoreWriteError, match=r"^state store .*state\.sqlite3: read-only$"):
+            store.commit(records={(1, 1): "x"})
+    finally:
+        store.close()
+
+
+def test_a_file_that_is_not_a_database_is_named_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    path.write_bytes(b"this is not an SQLite database, just some bytes " * 100)
+    with pytest.raises(StoreError) as raised:
+        Store(path)
+    message = str(raised.value)
+    assert message.startswith(f"state store {path}: not a usable dispatchd state file")
+    assert "move it aside" in message
+    assert raised.value.exit_code == 1
+
+
+def test_a_state_dir_that_is_a_file_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "var").write_text("not a directory")
+    with pytest.raises(StateDirError) as raised:
+        Store(tmp_path / "var" / "state.sqlite3")
+    assert str(raised.value).startswith(f"state.dir {tmp_path / 'var'}: cannot be used")
+    assert raised.value.exit_code == 2
+
+
+def _run(state_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DISPATCHD_STATE__DIR": str(state_dir),
+        "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+        "DISPATCHD_API__LOCAL__LISTEN": "127.0.0.1:0",
+        "DISPATCHD_LOG__FORMAT": "json",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "dispatchd", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_run_on_a_corrupt_state_file_exits_1_with_one_line_naming_it(tmp_path: Path) -> None:
+    state = tmp_path / "var"
+    state.mkdir()
+    (state / "dispatchd.sqlite3").write_bytes(b"garbage" * 1000)
+    result = _run(state)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "dispatchd.sqlite3" in line]
+    assert "not a usable dispatchd state file" in line
+    assert "move it aside" in line
+
+
+def test_run_with_a_state_dir_that_is_a_file_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "var").write_text("oops")
+    result = _run(tmp_path / "var")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"state.dir {tmp_path / 'var'}: cannot be used" in result.stderr
