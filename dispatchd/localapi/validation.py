@@ -42,6 +42,8 @@ MAX_PAYLOAD_BYTES = 50 * 1024
 MAX_PAYLOAD_DEPTH = 5
 MAX_INTERVAL = 10_000
 MAX_COUNT = 4096
+MAX_COMPONENT_ID = 2**63 - 1
+"""SQLite's largest integer: the target side table cannot hold larger ids."""
 
 UPDATABLE_PATHS = frozenset(
     {
@@ -301,8 +303,13 @@ def check_target(target: TargetComponents, field: str) -> None:
         case None:
             raise InvalidRequest(field, "is required (component ids or categories)")
         case "component_ids":
-            if not target.component_ids.ids:
+            ids = target.component_ids.ids
+            if not ids:
                 raise InvalidRequest(f"{field}.component_ids", "must not be empty")
+            if max(ids) > MAX_COMPONENT_ID:
+                raise InvalidRequest(
+                    f"{field}.component_ids", f"component id larger than {MAX_COMPONENT_ID}"
+                )
         case "component_categories":
             categories = list(target.component_categories.categories)
             if not categories:
