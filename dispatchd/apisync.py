@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 import structlog
@@ -38,10 +38,13 @@ from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
 
 from dispatchd import metrics
+from dispatchd.apichannel import ApiClient
 from dispatchd.config import Settings, split_host_port
 from dispatchd.core.model import Dispatch
 
 _log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 _HEADERS_WAIT: Final = 5.0
 """How long to wait for the server to acknowledge a stream before listing anyway."""
@@ -67,7 +70,8 @@ def api_url(settings: Settings, local_port: int | None = None) -> str:
 def api_client(settings: Settings, local_port: int | None = None) -> DispatchApiClient:
     """A ``DispatchApiClient`` with the configured credentials and timeouts."""
     api = settings.api
-    return DispatchApiClient(
+    return ApiClient(
+        channel_options=[("grpc.max_receive_message_length", api.max_receive_bytes)],
         server_url=api_url(settings, local_port),
         # The client insists on a key; a server without auth ignores this one.
         auth_key=api.auth_key.get_secret_value() if api.auth_key else "unauthenticated",
@@ -195,6 +199,7 @@ class ApiSync:
         call = self._client.stub.StreamMicrogridDispatches(
             request, timeout=self._client.stream_timeout.total_seconds()
         )
+        mid = self._microgrid_id
         events: asyncio.Queue[DispatchEvent | BaseException | None] = asyncio.Queue()
         reader = asyncio.create_task(self._read(call, events))
         try:
@@ -207,8 +212,9 @@ class ApiSync:
             while (item := await events.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                dispatch = Dispatch.from_client(item.dispatch, self._microgrid_id)
-                await self._deliver(Streamed(self._microgrid_id, item.event, dispatch))
+                dispatch = self._convert(lambda: Dispatch.from_client(item.dispatch, mid))
+                if dispatch is not None:
+                    await self._deliver(Streamed(mid, item.event, dispatch))
         finally:
             reader.cancel()
             call.cancel()
@@ -234,11 +240,30 @@ class ApiSync:
     ) -> None:
         try:
             async for response in call:
-                events.put_nowait(DispatchEvent.from_protobuf(response))
+                event = self._convert(lambda: DispatchEvent.from_protobuf(response))  # noqa: B023
+                if event is not None:
+                    events.put_nowait(event)
         except grpc.aio.AioRpcError as error:
             events.put_nowait(error)
             return
         events.put_nowait(None)
+
+    def _convert(self, convert: Callable[[], _T]) -> _T | None:
+        """``convert()``, or None (logged and counted) if the dispatch cannot be taken."""
+        try:
+            return convert()
+        except Exception as error:  # one bad dispatch must not stop the rest
+            self._skipped(error, None)
+            return None
+
+    def _skipped(self, error: Exception, dispatch_id: int | None) -> None:
+        _log.error(
+            "api dispatch skipped: cannot convert it",
+            microgrid_id=self._microgrid_id,
+            dispatch_id=dispatch_id,
+            error=f"{type(error).__name__}: {error}",
+        )
+        metrics.API_SKIPPED_DISPATCHES.labels(**self._labels).inc()
 
     async def _list(self) -> Listed:
         started = time.perf_counter()
@@ -257,10 +282,11 @@ class ApiSync:
                 )
             )
             with gc_paused():
-                dispatches.extend(
-                    Dispatch.from_protobuf(message, self._microgrid_id)
-                    for message in response.dispatches
-                )
+                for message in response.dispatches:
+                    try:
+                        dispatches.append(Dispatch.from_protobuf(message, self._microgrid_id))
+                    except Exception as error:  # one bad dispatch must not stop the rest
+                        self._skipped(error, message.metadata.dispatch_id)
             token = response.pagination_info.next_page_token
             if not token:
                 break

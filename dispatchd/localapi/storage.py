@@ -86,6 +86,13 @@ MAX_FILTER_ITEMS = 1000
 
 _COLUMNS = "id, microgrid_id, create_time, update_time, end_time, data"
 
+PAGE_BYTES = 3 * 1024 * 1024
+"""A List page holds dispatches up to about this many bytes (and at least one),
+well under gRPC's default 4 MiB receive limit of the clients."""
+
+_ROW_OVERHEAD = 64
+"""Bytes a dispatch adds to a page beyond its data: metadata, times, framing."""
+
 
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer dispatchd; refusing to guess."""
@@ -286,11 +293,24 @@ class Storage:
             ).fetchall()
         more = len(rows) > size
         rows = rows[:size]
+        fitting = _rows_within(rows, PAGE_BYTES)
+        more = more or fitting < len(rows)
+        rows = rows[:fitting]
         next_token = None
         if more:
             last = rows[-1]
             next_token = paging.encode(paging.PageToken(last[-1], last[0], size, mark))
         return Page([_from_row(row[:-1]) for row in rows], total, next_token)
+
+
+def _rows_within(rows: Sequence[Sequence[Any]], budget: int) -> int:
+    """How many leading rows fit in ``budget`` bytes of response (at least one)."""
+    used = 0
+    for count, row in enumerate(rows):
+        used += len(row[5]) + _ROW_OVERHEAD
+        if used > budget and count > 0:
+            return count
+    return len(rows)
 
 
 def _is_recurring(data: DispatchData) -> bool:
