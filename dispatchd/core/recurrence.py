@@ -817,6 +817,13 @@ class _Walk:
         self._weekdays = frozenset(parts.byweekday) if parts.byweekday is not None else None
         self._hours = sorted(parts.byhour) if parts.byhour else list(range(24))
         self._minutes = sorted(parts.byminute) if parts.byminute else list(range(60))
+        self._hour_set = frozenset(self._hours)
+        self._every_day = (
+            self._monthdays is None
+            and self._weekdays is None
+            and parts.freq not in (Frequency.DAILY, Frequency.WEEKLY)
+        )
+        self._minute_set = frozenset(self._minutes)
 
     def forward(self, t: datetime, stop: datetime = _MAX) -> Iterator[datetime]:
         """Starts in [t, stop], ascending."""
@@ -864,11 +871,14 @@ class _Walk:
         length = calendar.monthrange(year, month_index + 1)[1]
         self._steps.spend(length)
         start = datetime(year, month_index + 1, 1).toordinal()
-        days = [
-            start + offset
-            for offset in range(length)
-            if self._day_allowed(start + offset, offset + 1, length)
-        ]
+        if self._every_day:
+            days = list(range(start, start + length))
+        else:
+            days = [
+                start + offset
+                for offset in range(length)
+                if self._day_allowed(start + offset, offset + 1, length)
+            ]
         return days[::-1] if reverse else days
 
     def _day_allowed(self, ordinal: int, day: int, length: int) -> bool:
@@ -897,6 +907,9 @@ class _Walk:
         else:
             first, step = grid
             per_day = _MINUTES_PER_DAY if parts.freq == Frequency.MINUTELY else 24
+            if first >= per_day:  # the grid skips this day
+                self._steps.spend(1)
+                return []
             candidates = len(hours) * len(minutes)
             if candidates <= (per_day - first + step - 1) // step:
                 pairs = [(h, m) for h in hours for m in minutes if self._on_grid(h, m, grid)]
@@ -904,6 +917,8 @@ class _Walk:
             else:
                 pairs = self._grid_pairs(first, step)
                 self._steps.spend(len(pairs) + 1)
+        if not pairs:
+            return []
         day = date.fromordinal(ordinal)
         second = self._dtstart.second
         moments = [
@@ -930,7 +945,7 @@ class _Walk:
 
     def _grid_pairs(self, first: int, step: int) -> list[tuple[int, int]]:
         """The (hour, minute) pairs on the grid that the by-parts allow."""
-        hours, minutes = set(self._hours), set(self._minutes)
+        hours, minutes = self._hour_set, self._minute_set
         if self._parts.freq == Frequency.MINUTELY:
             return [
                 divmod(position, 60)
