@@ -765,8 +765,9 @@ EVALUATION_BUDGET: Final = 100_000
 
 A step is one calendar day or one time of day looked at (a skipped month,
 week or period counts as one). Finding the first start, the count-th start
-or the last start before ``until`` each get this many. 100k steps take about
-0.1 s; walking 100 years day by day takes about 37k. Rules needing more are
+or the last start before ``until`` each get this many. Walking 100 years day
+by day takes about 37k steps; the slowest build seen is 0.25 s on a loaded
+2-core machine (bench/bench_rule_budget.py). Rules needing more are
 so sparse (a Tuesday the 1st at 05:40 on a 61-minute grid) that dateutil
 would walk thousands of years: they are refused, not walked on the loop.
 """
