@@ -10,7 +10,7 @@ from itertools import islice
 from types import FrameType
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, Weekday
@@ -106,10 +106,14 @@ def rules(draw: st.DrawFn, *, sparse: bool) -> Recurrence:
         if sparse
         else st.sampled_from(["none", "count"])
     )
+    # Sparse: day filters that rarely meet the interval, and counts that must be walked.
+    day_filter = st.lists(
+        st.integers(-31, 31).filter(bool), min_size=1 if sparse else 0, max_size=3
+    )
     return Recurrence(
         frequency=frequency,
         interval=draw(st.integers(1, 10_000) if sparse else st.integers(1, 40)),
-        count=draw(st.integers(1, 4096)) if end == "count" else None,
+        count=draw(st.integers(1000 if sparse else 1, 4096)) if end == "count" else None,
         until=(
             draw(st.datetimes(datetime(2030, 1, 1), datetime(9999, 1, 1))).replace(tzinfo=UTC)
             if end == "until"
@@ -118,7 +122,7 @@ def rules(draw: st.DrawFn, *, sparse: bool) -> Recurrence:
         byminutes=draw(by_list(st.integers(0, 59))),
         byhours=draw(by_list(st.integers(0, 23))),
         byweekdays=tuple(draw(st.lists(st.sampled_from(WEEKDAYS), max_size=3, unique=True))),
-        bymonthdays=draw(by_list(st.integers(-31, 31).filter(bool))),
+        bymonthdays=tuple(sorted(set(draw(day_filter)))),
         bymonths=draw(by_list(st.integers(1, 12))),
     )
 
@@ -128,14 +132,15 @@ starts = st.datetimes(datetime(2000, 1, 1), datetime(2040, 1, 1)).map(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rules(sparse=True), starts)
 def test_no_rule_costs_more_than_the_budget(rule: Recurrence, start: datetime) -> None:
     _, calls = build_counting_calls(dispatch(start, timedelta(minutes=5), rule))
+    target(float(calls))  # steer the search towards the most expensive rules
     assert calls <= CALL_BOUND
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rules(sparse=False), starts, st.integers(0, 5000))
 def test_the_walk_gives_exactly_dateutils_starts(
     rule: Recurrence, start: datetime, hours_later: int
