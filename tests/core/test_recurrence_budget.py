@@ -10,7 +10,7 @@ from itertools import islice
 from types import FrameType
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings, target
+from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, Weekday
@@ -140,7 +140,7 @@ def test_no_rule_costs_more_than_the_budget(rule: Recurrence, start: datetime) -
     assert calls <= CALL_BOUND
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rules(sparse=False), starts, st.integers(0, 5000))
 def test_the_walk_gives_exactly_dateutils_starts(
     rule: Recurrence, start: datetime, hours_later: int
@@ -148,18 +148,22 @@ def test_the_walk_gives_exactly_dateutils_starts(
     dtstart = start.replace(microsecond=0)
     parts = _Parts.of(rule, dtstart)
     horizon = dtstart.replace(year=dtstart.year + 30, day=min(dtstart.day, 28))
+    walk = _Walk(parts, dtstart, _Steps(10 * EVALUATION_BUDGET))
+    try:
+        found = list(islice(walk.forward(dtstart, horizon), 60))
+        # dateutil checks ``until`` only on a match: without one soon after the
+        # horizon it would walk to the year 9999, so such rules are not compared.
+        assume(next(walk.forward(horizon, horizon.replace(year=horizon.year + 5)), None))
+        t = dtstart + timedelta(hours=hours_later * 7)
+        after = next(walk.forward(t, horizon), None)
+        before = next(walk.backward(min(t, horizon)), None)
+    except OverBudget:
+        return
     try:
         reference = parts.rrule(dtstart, horizon)
         expected = list(islice(reference, 60))
     except ValueError:  # dateutil refuses some never-matching rules mid-iteration
         return
-    walk = _Walk(parts, dtstart, _Steps(10 * EVALUATION_BUDGET))
-    try:
-        assert list(islice(walk.forward(dtstart, horizon), 60)) == expected
-        t = dtstart + timedelta(hours=hours_later * 7)
-        assert next(walk.forward(t, horizon), None) == reference.after(t, inc=True)
-        assert next(walk.backward(min(t, horizon)), None) == reference.before(
-            min(t, horizon), inc=True
-        )
-    except OverBudget:
-        return
+    assert found == expected
+    assert after == reference.after(t, inc=True)
+    assert before == reference.before(min(t, horizon), inc=True)
