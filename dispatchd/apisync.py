@@ -23,8 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from types import EllipsisType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
 import structlog
@@ -34,17 +33,19 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
     ListMicrogridDispatchesResponse,
     StreamMicrogridDispatchesRequest,
 )
-from frequenz.client.base import channel as _channel_module
 from frequenz.client.common.streaming import Event
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
 from grpc import ChannelConnectivity
 
 from dispatchd import metrics
+from dispatchd.apichannel import ApiClient
 from dispatchd.config import Settings, split_host_port
 from dispatchd.core.model import Dispatch
 
 _log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 _HEADERS_WAIT: Final = 5.0
 """How long to wait for the server to acknowledge a stream before listing anyway."""
@@ -75,7 +76,12 @@ reached within about a second, instead of gRPC's default of up to 120 s."""
 def api_client(settings: Settings, local_port: int | None = None) -> DispatchApiClient:
     """A ``DispatchApiClient`` with the configured credentials and timeouts."""
     api = settings.api
-    return _DaemonApiClient(
+    return ApiClient(
+        channel_options=[
+            ("grpc.max_receive_message_length", api.max_receive_bytes),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+        ],
         server_url=api_url(settings, local_port),
         # The client insists on a key; a server without auth ignores this one.
         auth_key=api.auth_key.get_secret_value() if api.auth_key else "unauthenticated",
@@ -83,53 +89,6 @@ def api_client(settings: Settings, local_port: int | None = None) -> DispatchApi
         call_timeout=timedelta(seconds=api.call_timeout),
         stream_timeout=timedelta(seconds=api.stream_timeout),
     )
-
-
-class _DaemonApiClient(DispatchApiClient):
-    """The official client, its channel with a bounded reconnect backoff.
-
-    ``frequenz-client-base`` builds the channel (URL options, TLS, auth and
-    signing interceptors) and has no way to pass further channel options, so
-    the two channel factories it calls get them added while it connects.
-    """
-
-    def connect(
-        self,
-        server_url: str | None = None,
-        *,
-        auth_key: str | EllipsisType | None = ...,
-        sign_secret: str | EllipsisType | None = ...,
-    ) -> None:
-        initial, maximum = RECONNECT_BACKOFF_MS
-        extra = (
-            ("grpc.initial_reconnect_backoff_ms", initial),
-            ("grpc.max_reconnect_backoff_ms", maximum),
-        )
-        originals = {name: getattr(_channel_module, name) for name in _OPTIONS_AT}
-        for name, factory in originals.items():
-            setattr(_channel_module, name, _with_options(factory, _OPTIONS_AT[name], extra))
-        try:
-            super().connect(server_url, auth_key=auth_key, sign_secret=sign_secret)
-        finally:
-            for name, factory in originals.items():
-                setattr(_channel_module, name, factory)
-
-
-_OPTIONS_AT: Final = {"insecure_channel": 1, "secure_channel": 2}
-"""The channel factories ``frequenz-client-base`` calls, and where their options go."""
-
-
-def _with_options(
-    factory: Callable[..., Any], index: int, extra: tuple[tuple[str, int], ...]
-) -> Callable[..., Any]:
-    def create(*args: Any, **kwargs: Any) -> Any:
-        if len(args) > index:
-            args = (*args[:index], [*(args[index] or ()), *extra], *args[index + 1 :])
-        else:
-            kwargs["options"] = [*(kwargs.get("options") or ()), *extra]
-        return factory(*args, **kwargs)
-
-    return create
 
 
 @contextlib.contextmanager
@@ -218,8 +177,14 @@ class _StreamEnded(Exception):
 class _Stream:
     """One stream call and the events its reader received, in order."""
 
-    def __init__(self, client: DispatchApiClient, microgrid_id: int) -> None:
+    def __init__(
+        self,
+        client: DispatchApiClient,
+        microgrid_id: int,
+        convert: Callable[[Callable[[], DispatchEvent]], DispatchEvent | None],
+    ) -> None:
         request = StreamMicrogridDispatchesRequest(microgrid_id=microgrid_id)
+        self._convert = convert
         self.opened = time.monotonic()
         self.call = client.stub.StreamMicrogridDispatches(
             request, timeout=client.stream_timeout.total_seconds()
@@ -230,7 +195,9 @@ class _Stream:
     async def _read(self) -> None:
         try:
             async for response in self.call:
-                self.events.put_nowait(DispatchEvent.from_protobuf(response))
+                event = self._convert(lambda: DispatchEvent.from_protobuf(response))  # noqa: B023
+                if event is not None:  # one event it cannot take must not stop the rest
+                    self.events.put_nowait(event)
         except grpc.aio.AioRpcError as error:
             self.events.put_nowait(error)
             return
@@ -358,7 +325,7 @@ class ApiSync:
 
     async def _connect_once(self) -> None:
         """One connection: open, list, then forward events, renewing the stream in time."""
-        streams = [_Stream(self._client, self._microgrid_id)]
+        streams = [self._open_stream()]
         try:
             await self._wait_accepted(streams[-1].call)
             listed = await self._list()
@@ -373,7 +340,7 @@ class ApiSync:
             self.synced.set()
             while True:
                 await self._forward_until(streams[-1], self._renewal_due(streams[-1]))
-                streams.append(_Stream(self._client, self._microgrid_id))
+                streams.append(self._open_stream())
                 await self._hand_over(streams[-2], streams[-1])
                 streams.pop(0).close()
                 self.renewals += 1
@@ -383,6 +350,9 @@ class ApiSync:
         finally:
             for stream in streams:
                 stream.close()
+
+    def _open_stream(self) -> _Stream:
+        return _Stream(self._client, self._microgrid_id, self._convert)
 
     def _renewal_due(self, stream: _Stream) -> float:
         """When (monotonic) the successor of ``stream`` is opened, before its deadline."""
@@ -403,8 +373,10 @@ class ApiSync:
             raise _StreamEnded
         if isinstance(item, BaseException):
             raise item
-        dispatch = Dispatch.from_client(item.dispatch, self._microgrid_id)
-        await self._deliver(Streamed(self._microgrid_id, item.event, dispatch))
+        mid = self._microgrid_id
+        dispatch = self._convert(lambda: Dispatch.from_client(item.dispatch, mid))
+        if dispatch is not None:
+            await self._deliver(Streamed(mid, item.event, dispatch))
 
     async def _hand_over(self, old: _Stream, new: _Stream) -> None:
         """Make before break: keep forwarding ``old`` until ``new`` is accepted and ``old``
@@ -453,6 +425,23 @@ class ApiSync:
         except TimeoutError:
             _log.debug("no stream headers yet, listing anyway", microgrid_id=self._microgrid_id)
 
+    def _convert(self, convert: Callable[[], _T]) -> _T | None:
+        """``convert()``, or None (logged and counted) if the dispatch cannot be taken."""
+        try:
+            return convert()
+        except Exception as error:  # one bad dispatch must not stop the rest
+            self._skipped(error, None)
+            return None
+
+    def _skipped(self, error: Exception, dispatch_id: int | None) -> None:
+        _log.error(
+            "api dispatch skipped: cannot convert it",
+            microgrid_id=self._microgrid_id,
+            dispatch_id=dispatch_id,
+            error=f"{type(error).__name__}: {error}",
+        )
+        metrics.API_SKIPPED_DISPATCHES.labels(**self._labels).inc()
+
     async def _list(self) -> Listed:
         started = time.perf_counter()
         dispatches: list[Dispatch] = []
@@ -470,10 +459,11 @@ class ApiSync:
                 )
             )
             with gc_paused():
-                dispatches.extend(
-                    Dispatch.from_protobuf(message, self._microgrid_id)
-                    for message in response.dispatches
-                )
+                for message in response.dispatches:
+                    try:
+                        dispatches.append(Dispatch.from_protobuf(message, self._microgrid_id))
+                    except Exception as error:  # one bad dispatch must not stop the rest
+                        self._skipped(error, message.metadata.dispatch_id)
             token = response.pagination_info.next_page_token
             if not token:
                 break

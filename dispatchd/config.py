@@ -204,6 +204,8 @@ class ApiConfig(_Section):
     call_timeout: PositiveFloat = 60.0
     stream_timeout: PositiveFloat = 300.0
     first_sync_timeout: PositiveFloat = 30.0
+    max_receive_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024, le=2**31 - 1)
+    """Largest List page or stream event accepted from the API (gRPC's default is 4 MiB)."""
     local: LocalApiConfig = Field(default_factory=LocalApiConfig)
 
     _blank = field_validator("auth_key", "sign_secret", mode="before")(_blank_to_none)

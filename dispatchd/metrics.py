@@ -66,6 +66,14 @@ API_STREAM_UP = Gauge(
     registry=REGISTRY,
 )
 
+API_SKIPPED_DISPATCHES = Counter(
+    "dispatchd_api_skipped_dispatches_total",
+    "Dispatches from the API the daemon could not take (undecodable or unconvertible); "
+    "each is skipped and logged, the rest of the microgrid syncs.",
+    ["microgrid_id"],
+    registry=REGISTRY,
+)
+
 API_RECONNECTS = Counter(
     "dispatchd_api_reconnects_total",
     "Reconnections to the dispatch API stream.",

@@ -20,6 +20,8 @@ from dispatchd.localapi.validation import InvalidRequest
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_TOKEN_LENGTH = 256
+"""Tokens this server issues are under 100 characters; longer ones are forged."""
 _VERSION = 1
 
 
@@ -60,11 +62,13 @@ def encode(token: PageToken) -> str:
 
 def decode(text: str, expected_fingerprint: str) -> PageToken:
     """Parse a token from a client; anything odd is INVALID_ARGUMENT, never a crash."""
+    if len(text) > MAX_TOKEN_LENGTH:
+        raise InvalidRequest("pagination_params.page_token", "malformed token")
     try:
         padded = text + "=" * (-len(text) % 4)
         fields = json.loads(base64.urlsafe_b64decode(padded.encode()))
         version, last_key, last_id, page_size, mark = fields
-    except (ValueError, TypeError, binascii.Error) as error:
+    except (ValueError, TypeError, RecursionError, binascii.Error) as error:
         raise InvalidRequest("pagination_params.page_token", "malformed token") from error
     valid = (
         version == _VERSION

@@ -16,6 +16,7 @@ from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 from dispatchd.config import LocalApiConfig, split_host_port
 from dispatchd.localapi.auth import Authenticator, AuthInterceptor
 from dispatchd.localapi.broadcaster import Broadcaster
+from dispatchd.localapi.decoding import DecodeGuardInterceptor
 from dispatchd.localapi.service import DispatchService
 from dispatchd.localapi.storage import Storage
 
@@ -106,7 +107,9 @@ class LocalApiServer:
         if self._server is not None:
             raise RuntimeError("LocalApiServer already started")
         storage = Storage(self._database)
-        interceptors = [AuthInterceptor(self._authenticator)] if self._authenticator.enabled else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuardInterceptor()]  # type: ignore[type-arg]
+        if self._authenticator.enabled:
+            interceptors.append(AuthInterceptor(self._authenticator))
         server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
         dispatch_pb2_grpc.add_MicrogridDispatchServiceServicer_to_server(
             DispatchService(storage, self.broadcaster), server

@@ -86,6 +86,13 @@ MAX_FILTER_ITEMS = 1000
 
 _COLUMNS = "id, microgrid_id, create_time, update_time, end_time, data"
 
+PAGE_BYTES = 3 * 1024 * 1024
+"""A List page holds dispatches up to about this many bytes (and at least one),
+well under gRPC's default 4 MiB receive limit of the clients."""
+
+_ROW_OVERHEAD = 64
+"""Bytes a dispatch adds to a page beyond its data: metadata, times, framing."""
+
 
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer dispatchd; refusing to guess."""
@@ -286,11 +293,24 @@ class Storage:
             ).fetchall()
         more = len(rows) > size
         rows = rows[:size]
+        fitting = _rows_within(rows, PAGE_BYTES)
+        more = more or fitting < len(rows)
+        rows = rows[:fitting]
         next_token = None
         if more:
             last = rows[-1]
             next_token = paging.encode(paging.PageToken(last[-1], last[0], size, mark))
         return Page([_from_row(row[:-1]) for row in rows], total, next_token)
+
+
+def _rows_within(rows: Sequence[Sequence[Any]], budget: int) -> int:
+    """How many leading rows fit in ``budget`` bytes of response (at least one)."""
+    used = 0
+    for count, row in enumerate(rows):
+        used += len(row[5]) + _ROW_OVERHEAD
+        if used > budget and count > 0:
+            return count
+    return len(rows)
 
 
 def _is_recurring(data: DispatchData) -> bool:
@@ -400,36 +420,68 @@ def _interval_sql(interval: Interval, column: str, where: list[str], params: lis
 def _targets_sql(filter_: DispatchFilter, where: list[str], params: list[Any]) -> None:
     """A dispatch matches if it shares a component id or a category with any filter target.
 
-    A category without a type in the filter matches every type of it.
+    A category without a type in the filter matches every type of it. The
+    alternatives are flat ``IN`` lists: an ``OR`` per item would exceed
+    SQLite's expression depth (1000) near the item limit.
     """
-    alternatives: list[str] = []
-    exists = "EXISTS (SELECT 1 FROM dispatch_targets t WHERE t.dispatch_id = d.id AND "
+    components: list[int] = []
+    categories: list[int] = []
+    pairs: list[tuple[int, int]] = []
     for index, target in enumerate(filter_.targets):
         rows = _target_rows(target)
         if not rows:
             raise InvalidRequest(f"filter.targets[{index}]", "names no component or category")
         for component, category, subtype in rows:
             if component is not None:
-                alternatives.append(exists + "t.component_id = ?)")
-                params.append(component)
+                if component > MAX_SQL_INT:
+                    raise InvalidRequest(f"filter.targets[{index}]", "component id out of range")
+                components.append(component)
             elif subtype is None:
-                alternatives.append(exists + "t.category = ?)")
-                params.append(category)
+                assert category is not None
+                categories.append(category)
             else:
-                alternatives.append(exists + "t.category = ? AND t.subtype = ?)")
-                params += [category, subtype]
-    where.append(f"({' OR '.join(alternatives)})")
+                assert category is not None
+                pairs.append((category, subtype))
+    alternatives: list[str] = []
+    if components:
+        alternatives.append(f"t.component_id IN ({', '.join('?' * len(components))})")
+        params += components
+    if categories:
+        alternatives.append(f"t.category IN ({', '.join('?' * len(categories))})")
+        params += categories
+    if pairs:
+        alternatives.append(
+            f"(t.category, t.subtype) IN (VALUES {', '.join(['(?, ?)'] * len(pairs))})"
+        )
+        params += [value for pair in pairs for value in pair]
+    where.append(
+        "EXISTS (SELECT 1 FROM dispatch_targets t WHERE t.dispatch_id = d.id AND "
+        f"({' OR '.join(alternatives)}))"
+    )
 
 
 def _queries_sql(queries: list[str], where: list[str], params: list[Any]) -> None:
-    """``#<n>`` matches id n; anything else is a case-insensitive substring of the type."""
-    alternatives: list[str] = []
+    """``#<n>`` matches id n; anything else is a case-insensitive substring of the type.
+
+    Flat ``IN`` and ``VALUES`` lists, not one ``OR`` per query (SQLite's
+    expression depth is 1000).
+    """
+    ids: list[int] = []
+    words: list[str] = []
     for query in queries:
         digits = query[1:]
         if query.startswith("#") and digits.isascii() and digits.isdigit() and len(digits) < 19:
-            alternatives.append("d.id = ?")
-            params.append(int(digits))
+            ids.append(int(digits))
         else:
-            alternatives.append("instr(lower(d.type), lower(?)) > 0")
-            params.append(query)
+            words.append(query)
+    alternatives: list[str] = []
+    if ids:
+        alternatives.append(f"d.id IN ({', '.join('?' * len(ids))})")
+        params += ids
+    if words:
+        alternatives.append(
+            f"EXISTS (SELECT 1 FROM (VALUES {', '.join(['(?)'] * len(words))}) q"
+            " WHERE instr(lower(d.type), lower(q.column1)) > 0)"
+        )
+        params += words
     where.append(f"({' OR '.join(alternatives)})")

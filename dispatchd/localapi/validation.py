@@ -42,6 +42,12 @@ MAX_PAYLOAD_BYTES = 50 * 1024
 MAX_PAYLOAD_DEPTH = 5
 MAX_INTERVAL = 10_000
 MAX_COUNT = 4096
+MAX_TARGET_ITEMS = 10_000
+"""Component ids or categories one dispatch may target."""
+MAX_DISPATCH_BYTES = 128 * 1024
+"""Serialised size of one dispatch's data: a List page always has room for it."""
+MAX_COMPONENT_ID = 2**63 - 1
+"""SQLite's largest integer: the target side table cannot hold larger ids."""
 
 UPDATABLE_PATHS = frozenset(
     {
@@ -254,9 +260,16 @@ def _replace_repeated(
 
 
 def _normalise_recurrence(recurrence: RecurrenceRule) -> None:
-    """An interval of 0 (protobuf's unset) means 1 when a frequency is given."""
+    """An interval of 0 (protobuf's unset) means 1 when a frequency is given;
+    repeated by-values are kept once (first occurrence), so no list outgrows its range."""
     if recurrence.freq != RecurrenceRule.FREQUENCY_UNSPECIFIED and recurrence.interval == 0:
         recurrence.interval = 1
+    for name in ("byminutes", "byhours", "byweekdays", "bymonthdays", "bymonths"):
+        values = getattr(recurrence, name)
+        unique = list(dict.fromkeys(values))
+        if len(unique) != len(values):
+            del values[:]
+            values.extend(unique)
 
 
 def check_dispatch_data(data: DispatchData) -> datetime | None:
@@ -275,6 +288,8 @@ def check_dispatch_data(data: DispatchData) -> datetime | None:
         raise InvalidRequest("duration", "out of range (negative or larger than 2^31-1 seconds)")
     check_target(data.target, "target")
     _check_payload(data.payload)
+    if data.ByteSize() > MAX_DISPATCH_BYTES:
+        raise InvalidRequest("dispatch_data", f"larger than {MAX_DISPATCH_BYTES} bytes serialised")
     check_recurrence(data.recurrence, to_datetime(data.start_time, "start_time"))
     schedule = Schedule.build(_as_model(data))
     if isinstance(schedule, Invalid):
@@ -301,17 +316,32 @@ def check_target(target: TargetComponents, field: str) -> None:
         case None:
             raise InvalidRequest(field, "is required (component ids or categories)")
         case "component_ids":
-            if not target.component_ids.ids:
+            ids = target.component_ids.ids
+            if not ids:
                 raise InvalidRequest(f"{field}.component_ids", "must not be empty")
+            if len(ids) > MAX_TARGET_ITEMS:
+                raise InvalidRequest(f"{field}.component_ids", f"more than {MAX_TARGET_ITEMS}")
+            if max(ids) > MAX_COMPONENT_ID:
+                raise InvalidRequest(
+                    f"{field}.component_ids", f"component id larger than {MAX_COMPONENT_ID}"
+                )
         case "component_categories":
             categories = list(target.component_categories.categories)
             if not categories:
                 raise InvalidRequest(f"{field}.component_categories", "must not be empty")
+            if len(categories) > MAX_TARGET_ITEMS:
+                raise InvalidRequest(
+                    f"{field}.component_categories", f"more than {MAX_TARGET_ITEMS}"
+                )
             _check_categories(categories, f"{field}.component_categories")
         case "component_categories_types":
             pairs = target.component_categories_types.categories
             if not pairs:
                 raise InvalidRequest(f"{field}.component_categories_types", "must not be empty")
+            if len(pairs) > MAX_TARGET_ITEMS:
+                raise InvalidRequest(
+                    f"{field}.component_categories_types", f"more than {MAX_TARGET_ITEMS}"
+                )
             _check_categories(
                 (pair.category for pair in pairs), f"{field}.component_categories_types"
             )
