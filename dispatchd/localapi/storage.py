@@ -43,6 +43,7 @@ from dispatchd.localapi.validation import (
     to_datetime,
     to_micros,
 )
+from dispatchd.store import SchemaTooNew
 
 SCHEMA_VERSION = 1
 
@@ -87,10 +88,6 @@ MAX_FILTER_ITEMS = 1000
 _COLUMNS = "id, microgrid_id, create_time, update_time, end_time, data"
 
 
-class SchemaTooNew(RuntimeError):
-    """The database was written by a newer dispatchd; refusing to guess."""
-
-
 @dataclass(frozen=True, slots=True)
 class StoredDispatch:
     """One dispatch as stored: the client's data plus server-owned metadata.
@@ -133,6 +130,7 @@ class Storage:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
@@ -161,9 +159,7 @@ class Storage:
             row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
             version = row[0] or 0
             if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"database schema version {version} is newer than supported {SCHEMA_VERSION}"
-                )
+                raise SchemaTooNew(self._path, version, SCHEMA_VERSION)
             if version < 1:
                 for statement in _SCHEMA_V1.split(";"):
                     if statement.strip():
