@@ -211,6 +211,22 @@ def test_dispatchd_config_environment_names_the_file(
     assert done.returncode == 0 and "microgrid_ids = [11]" in done.stdout
 
 
+def test_check_config_loads_no_command_module(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """Each command imports its module when it runs: check-config stays quick."""
+    script = (
+        "import sys\n"
+        "from dispatchd import cli\n"
+        "code = cli.main(['check-config'])\n"
+        "heavy = ('dispatchd.daemon', 'dispatchd.tail', 'dispatchd.schedule', 'grpc', 'aio_pika')\n"
+        "print(code, [name for name in heavy if name in sys.modules])\n"
+    )
+    env = {**clean_env, "DISPATCHD_STATE__DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.splitlines()[-1] == "0 []", done.stderr
+
+
 def replace_commands(
     monkeypatch: pytest.MonkeyPatch, make: Callable[[str], Callable[..., int]]
 ) -> None:
