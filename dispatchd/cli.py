@@ -3,17 +3,13 @@
 Exit codes (operations.md): 0 done, 2 bad configuration or arguments, 1 any
 other failure. Expected errors are one line on stderr, never a traceback.
 
-The commands themselves live elsewhere and are found by name, so this module
-stays thin and works while they are being built:
+Each command's module is imported when that command runs, so ``check-config``
+never loads gRPC, aio-pika or the protobuf bindings:
 
-- ``run``: ``dispatchd.daemon.main(settings: Settings) -> int``
-- ``schedule``: ``dispatchd.schedule.main(settings, *, microgrid_id, start, end,
-  dispatch_type, limit) -> int`` (``start``/``end`` aware UTC datetimes,
-  ``dispatch_type`` ``str | None``, ``limit`` the most rows to print)
-- ``tail``: ``dispatchd.tail.main(settings, *, bindings: list[str], raw_json: bool) -> int``
+- ``run``: ``dispatchd.daemon.main``
+- ``schedule``: ``dispatchd.schedule.main``
+- ``tail``: ``dispatchd.tail.main``
 - ``api``: ``dispatchd.localapi.server.LocalApiServer``, driven from here
-
-A module without that function prints "not implemented yet" and exits 1.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import signal
 import sys
@@ -274,27 +269,10 @@ def _toml_value(value: Any) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def _not_yet(name: str) -> int:
-    print(f"dispatchd {name}: not implemented yet", file=sys.stderr)
-    return EXIT_FAILURE
-
-
-def _command_function(module_name: str) -> Callable[..., int] | None:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-    function: Callable[..., int] | None = getattr(module, "main", None)
-    return function
-
-
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    daemon = _command_function("dispatchd.daemon")
-    if daemon is None:
-        return _not_yet("run")
-    return daemon(settings)
+    from dispatchd import daemon
+
+    return daemon.main(settings)
 
 
 def _schedule(settings: Settings, args: argparse.Namespace) -> int:
@@ -302,10 +280,9 @@ def _schedule(settings: Settings, args: argparse.Namespace) -> int:
     end: datetime = args.end or start + timedelta(days=1)
     if end <= start:
         raise _UsageError("--to must be after --from")
-    schedule = _command_function("dispatchd.schedule")
-    if schedule is None:
-        return _not_yet("schedule")
-    return schedule(
+    from dispatchd import schedule
+
+    return schedule.main(
         settings,
         microgrid_id=args.microgrid,
         start=start,
@@ -316,14 +293,12 @@ def _schedule(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    tail = _command_function("dispatchd.tail")
-    if tail is None:
-        return _not_yet("tail")
-    return tail(settings, bindings=list(args.bindings) or ["#"], raw_json=args.json)
+    from dispatchd import tail
+
+    return tail.main(settings, bindings=list(args.bindings) or ["#"], raw_json=args.json)
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> int:
-    # Imported here: grpc and the protobuf bindings are slow to load for other commands.
     from dispatchd.localapi.server import LocalApiServer
 
     server = LocalApiServer.from_config(settings.api.local)

@@ -16,6 +16,8 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -29,9 +31,16 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources import ConfigFileSourceType
 
 __all__ = [
     "ENV_PREFIX",
@@ -289,7 +298,12 @@ class Settings(BaseSettings):
     against the embedded API (which serves any microgrid) works with no file.
     """
 
-    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=_ENV_NESTED,
+    )
 
     microgrid_ids: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     shutdown_timeout: PositiveFloat = 10.0
@@ -308,13 +322,18 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Only what :func:`load_config` passes in: it layers file and environment itself.
+        """Environment over TOML file over defaults, within :func:`load_config`.
 
-        That keeps the environment an argument (tests pass a mapping), lets
-        unknown ``DISPATCHD_*`` names be reported, and reads ``*_file`` secrets
-        before validation so their errors carry their keys.
+        The file and the environment are what that call was given (tests pass a
+        mapping), so they come from its :class:`_Loading` rather than from the
+        library's defaults. Outside it, ``Settings(...)`` is exactly its arguments.
         """
-        return (init_settings,)
+        loading = _LOADING.get()
+        if loading is None:
+            return (init_settings,)
+        toml_file = _TomlFileSource(settings_cls, loading)  # its problems are listed first
+        environment = _EnvironmentSource(settings_cls, loading)
+        return (init_settings, environment, toml_file, _SecretFileSource(settings_cls, loading))
 
     @field_validator("microgrid_ids")
     @classmethod
@@ -322,49 +341,6 @@ class Settings(BaseSettings):
         if len(set(ids)) != len(ids):
             raise ValueError("microgrid ids must not repeat")
         return ids
-
-    @model_validator(mode="after")
-    def _resolve(self) -> Settings:
-        """Make state.dir absolute, put a relative database under it, lend the local API's auth.
-
-        Absolute paths make the printed configuration load back to the same
-        values and keep the daemon independent of later working-directory changes.
-        With ``api.url`` unset the daemon talks to its own local API, so its
-        client credentials default to the local API's accepted key and secret,
-        and contradicting them is an error rather than a silent auth failure.
-        """
-        state = self.state.model_copy(update={"dir": self.state.dir.absolute()})
-        local = self.api.local
-        api = self.api
-        local = local.model_copy(update={"database": state.dir / local.database})
-        if api.url is None:
-            accepted = [key.get_secret_value() for key in local.auth_keys]
-            if api.auth_key is None and accepted:
-                api = api.model_copy(update={"auth_key": local.auth_keys[0]})
-            elif (
-                api.auth_key is not None
-                and accepted
-                and api.auth_key.get_secret_value() not in accepted
-            ):
-                raise ValueError(
-                    "api.auth_key: must be one of api.local.auth_keys "
-                    "when the embedded local API is used (api.url unset)"
-                )
-            if api.sign_secret is None and local.sign_secret is not None:
-                api = api.model_copy(update={"sign_secret": local.sign_secret})
-            elif (
-                api.sign_secret is not None
-                and local.sign_secret is not None
-                and api.sign_secret.get_secret_value() != local.sign_secret.get_secret_value()
-            ):
-                raise ValueError(
-                    "api.sign_secret: must equal api.local.sign_secret "
-                    "when the embedded local API is used (api.url unset)"
-                )
-        api = api.model_copy(update={"local": local})
-        object.__setattr__(self, "api", api)
-        object.__setattr__(self, "state", state)
-        return self
 
     @property
     def embedded_api(self) -> bool:
@@ -400,21 +376,68 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Sett
     ``env`` None means ``os.environ``; tests pass their own mapping.
     """
     environ: Mapping[str, str] = os.environ if env is None else env
-    problems: list[tuple[str, str]] = []
     if path is None and environ.get(_CONFIG_ENV):
         path = Path(environ[_CONFIG_ENV])
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_toml(path, problems)
-    _merge(raw, _from_env(environ, problems))
-    _read_secret_files(raw, problems)
+    loading = _Loading(path, environ)
+    token = _LOADING.set(loading)
     try:
-        settings = Settings(**raw)
+        settings = _resolved(Settings())
     except ValidationError as exc:
-        problems.extend(_describe(error) for error in exc.errors())
-    if problems:
-        raise ConfigError(problems)
+        raise ConfigError([*loading.problems, *map(_describe, exc.errors())]) from None
+    except ConfigError as exc:
+        raise ConfigError([*loading.problems, *exc.problems]) from None
+    finally:
+        _LOADING.reset(token)
+    if loading.problems:
+        raise ConfigError(loading.problems)
     return settings
+
+
+def _resolved(settings: Settings) -> Settings:
+    """Make state.dir absolute, put a relative database under it, lend the local API's auth.
+
+    Absolute paths make the printed configuration load back to the same
+    values and keep the daemon independent of later working-directory changes.
+    With ``api.url`` unset the daemon talks to its own local API, so its
+    client credentials default to the local API's accepted key and secret,
+    and contradicting them is an error rather than a silent auth failure.
+    """
+    state = settings.state.model_copy(update={"dir": settings.state.dir.absolute()})
+    local = settings.api.local.model_copy(
+        update={"database": state.dir / settings.api.local.database}
+    )
+    api = settings.api
+    if api.url is None:
+        api = _lend_local_credentials(api, local)
+    api = api.model_copy(update={"local": local})
+    return settings.model_copy(update={"api": api, "state": state})
+
+
+_UNACCEPTED_AUTH_KEY = (
+    "api.auth_key",
+    "must be one of api.local.auth_keys when the embedded local API is used (api.url unset)",
+)
+_OTHER_SIGN_SECRET = (
+    "api.sign_secret",
+    "must equal api.local.sign_secret when the embedded local API is used (api.url unset)",
+)
+
+
+def _lend_local_credentials(api: ApiConfig, local: LocalApiConfig) -> ApiConfig:
+    accepted = [key.get_secret_value() for key in local.auth_keys]
+    if api.auth_key is None and accepted:
+        api = api.model_copy(update={"auth_key": local.auth_keys[0]})
+    elif api.auth_key is not None and accepted and api.auth_key.get_secret_value() not in accepted:
+        raise ConfigError([_UNACCEPTED_AUTH_KEY])
+    if api.sign_secret is None and local.sign_secret is not None:
+        api = api.model_copy(update={"sign_secret": local.sign_secret})
+    elif (
+        api.sign_secret is not None
+        and local.sign_secret is not None
+        and api.sign_secret.get_secret_value() != local.sign_secret.get_secret_value()
+    ):
+        raise ConfigError([_OTHER_SIGN_SECRET])
+    return api
 
 
 def local_problems(settings: Settings) -> list[tuple[str, str]]:
@@ -498,6 +521,158 @@ def _directory_problem(directory: Path) -> str | None:
     return None
 
 
+@dataclass
+class _Loading:
+    """One :func:`load_config` call: what its sources read, and what they find wrong.
+
+    The sources add problems here instead of raising, so that every problem,
+    theirs and validation's, is reported at once.
+    """
+
+    path: Path | None
+    environ: Mapping[str, str]
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    secret_files: dict[str, Any] = field(default_factory=dict)
+    """``<secret>_file`` values by secret key, from the highest source that set one."""
+
+
+_LOADING: ContextVar[_Loading | None] = ContextVar("dispatchd_config_loading", default=None)
+
+
+class _TomlFileSource(TomlConfigSettingsSource):
+    """The ``--config`` file; missing, unreadable or broken is a problem, not "no file"."""
+
+    def __init__(self, settings_cls: type[BaseSettings], loading: _Loading) -> None:
+        self._loading = loading
+        super().__init__(settings_cls, toml_file=loading.path)
+
+    def _read_files(
+        self, files: ConfigFileSourceType | None, deep_merge: bool = False
+    ) -> dict[str, Any]:
+        path = self._loading.path
+        return {} if path is None else _read_toml(path, self._loading.problems)
+
+    def __call__(self) -> dict[str, Any]:
+        return _take_secret_files(super().__call__(), self._loading)
+
+
+class _EnvironmentSource(EnvSettingsSource):
+    """``DISPATCHD_A__B=v`` from the given mapping; unknown names are problems, not ignored.
+
+    A misspelt variable (one ``_`` instead of ``__``) would otherwise be
+    dropped silently, which is exactly the mistake ``extra="forbid"`` is for.
+    List and table values are JSON (``DISPATCHD_MICROGRID_IDS='[7, 8]'``).
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], loading: _Loading) -> None:
+        self._loading = loading
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        known: dict[str, str | None] = {}
+        for name in sorted(self._loading.environ):
+            value = self._loading.environ[name]
+            if _known_variable(name, value, self._loading.problems):
+                known[name if self.case_sensitive else name.lower()] = value
+        return known
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        """JSON ``null`` stays text for validation to refuse, rather than meaning "not set"."""
+        decoded = super().decode_complex_value(field_name, field, value)
+        return value if decoded is None else decoded
+
+    def __call__(self) -> dict[str, Any]:
+        return _take_secret_files(super().__call__(), self._loading)
+
+
+def _known_variable(name: str, value: str, problems: list[tuple[str, str]]) -> bool:
+    """Whether ``name`` sets a setting with a value of the right shape; else why not."""
+    if not name.upper().startswith(ENV_PREFIX) or name.upper() == _CONFIG_ENV:
+        return False
+    path = name[len(ENV_PREFIX) :].lower().split(_ENV_NESTED)
+    annotation = _env_target(path)
+    if annotation is None:
+        hint = f" (nested keys are separated by '{_ENV_NESTED}')" if len(path) == 1 else ""
+        problems.append((name, f"unknown setting{hint}"))
+        return False
+    if _is_model(annotation) or _is_list(annotation):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            problems.append((name, f"expected JSON, e.g. '[7, 8]': {exc.msg}"))
+            return False
+    return True
+
+
+class _SecretFileSource(PydanticBaseSettingsSource):
+    """Each ``<secret>_file`` as the file's content, trailing newline stripped.
+
+    It comes last, so the sources above have set aside their ``_file`` keys
+    and :attr:`current_state` holds every value they set: a secret given both
+    ways, in any sources, is a problem.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], loading: _Loading) -> None:
+        super().__init__(settings_cls)
+        self._loading = loading
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # secrets are read whole in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key in SECRET_KEYS:
+            if key not in self._loading.secret_files:
+                continue
+            *parents, leaf = key.split(".")
+            if leaf in _section(self.current_state, parents):
+                self._loading.problems.append((key, f"set either {leaf} or {leaf}_file, not both"))
+                continue
+            content = _read_secret_file(
+                f"{key}_file", self._loading.secret_files[key], self._loading.problems
+            )
+            if content is None:
+                continue
+            section = values
+            for part in parents:
+                section = section.setdefault(part, {})
+            if leaf == "auth_keys":
+                section[leaf] = [line.strip() for line in content.splitlines() if line.strip()]
+            else:
+                section[leaf] = content
+        return values
+
+
+def _take_secret_files(data: dict[str, Any], loading: _Loading) -> dict[str, Any]:
+    """``data`` without its ``<secret>_file`` keys, which go to :class:`_SecretFileSource`."""
+    for key in SECRET_KEYS:
+        *parents, leaf = key.split(".")
+        section = _section(data, parents)
+        if f"{leaf}_file" in section:
+            loading.secret_files.setdefault(key, section.pop(f"{leaf}_file"))
+    return data
+
+
+def _section(data: Mapping[str, Any], parents: Sequence[str]) -> dict[str, Any]:
+    """The table at ``parents`` in source data, or an empty one."""
+    section: Any = data
+    for part in parents:
+        section = section.get(part) if isinstance(section, Mapping) else None
+    return section if isinstance(section, dict) else {}
+
+
+def _read_secret_file(file_key: str, file_name: Any, problems: list[tuple[str, str]]) -> str | None:
+    if not isinstance(file_name, str) or not file_name:
+        problems.append((file_key, "must be a file path"))
+        return None
+    try:
+        return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        problems.append((file_key, f"cannot read {file_name}: {reason}"))
+        return None
+
+
 def _read_toml(path: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -522,17 +697,7 @@ def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
         message = "unknown key"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
-    if key == "config" and ": " in message:
-        key, _, message = message.partition(": ")
     return key, message
-
-
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
@@ -547,34 +712,6 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(
         get_origin(arg) is list for arg in get_args(annotation)
     )
-
-
-def _from_env(environ: Mapping[str, str], problems: list[tuple[str, str]]) -> dict[str, Any]:
-    """``DISPATCHD_A__B=v`` as ``{"a": {"b": v}}``; unknown names are problems, not ignored.
-
-    A misspelt variable (one ``_`` instead of ``__``) would otherwise be
-    dropped silently, which is exactly the mistake ``extra="forbid"`` is for.
-    List and table values are JSON (``DISPATCHD_MICROGRID_IDS='[7, 8]'``).
-    """
-    result: dict[str, Any] = {}
-    for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() == _CONFIG_ENV:
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split(_ENV_NESTED)
-        annotation = _env_target(path)
-        if annotation is None:
-            hint = f" (nested keys are separated by '{_ENV_NESTED}')" if len(path) == 1 else ""
-            problems.append((name, f"unknown setting{hint}"))
-            continue
-        value: Any = environ[name]
-        if _is_model(annotation) or _is_list(annotation):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                problems.append((name, f"expected JSON, e.g. '[7, 8]': {exc.msg}"))
-                continue
-        _set(result, path, value)
-    return result
 
 
 def _env_target(path: Sequence[str]) -> Any:
@@ -592,41 +729,6 @@ def _env_target(path: Sequence[str]) -> Any:
             return None
         annotation = fields[part]
     return annotation
-
-
-def _set(target: dict[str, Any], path: Sequence[str], value: Any) -> None:
-    for part in path[:-1]:
-        target = target.setdefault(part, {})
-    target[path[-1]] = value
-
-
-def _read_secret_files(raw: dict[str, Any], problems: list[tuple[str, str]]) -> None:
-    """Replace each ``<secret>_file`` by the file's content, trailing newline stripped."""
-    for key in SECRET_KEYS:
-        *parents, leaf = key.split(".")
-        section: Any = raw
-        for part in parents:
-            section = section.get(part) if isinstance(section, dict) else None
-        if not isinstance(section, dict) or f"{leaf}_file" not in section:
-            continue
-        file_key = f"{key}_file"
-        file_name = section.pop(f"{leaf}_file")
-        if leaf in section:
-            problems.append((key, f"set either {leaf} or {leaf}_file, not both"))
-            continue
-        if not isinstance(file_name, str) or not file_name:
-            problems.append((file_key, "must be a file path"))
-            continue
-        try:
-            content = Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            problems.append((file_key, f"cannot read {file_name}: {reason}"))
-            continue
-        if leaf == "auth_keys":
-            section[leaf] = [line.strip() for line in content.splitlines() if line.strip()]
-        else:
-            section[leaf] = content
 
 
 # --------------------------------------------------------------------------- printing

@@ -38,6 +38,15 @@ class StoreError(Exception):
     exit_code = 1
 
 
+class SchemaTooNew(StoreError):
+    """A SQLite file written by a newer dispatchd; both SQLite stores refuse it."""
+
+    def __init__(self, path: Path, found: int, supported: int) -> None:
+        super().__init__(
+            f"{path}: schema version {found} is newer than this dispatchd understands ({supported})"
+        )
+
+
 class StateDirError(StoreError):
     """``state.dir`` cannot hold the state: a configuration problem (exit 2)."""
 
@@ -190,10 +199,7 @@ class Store:
             row = db.execute("SELECT version FROM schema_version").fetchone()
             version = 0 if row is None else int(row[0])
             if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self._path}: schema version {version} is newer than this dispatchd "
-                    f"understands ({SCHEMA_VERSION})"
-                )
+                raise SchemaTooNew(self._path, version, SCHEMA_VERSION)
             for step in MIGRATIONS[version:]:
                 step(db)
             if row is None:

@@ -43,6 +43,7 @@ from dispatchd.localapi.validation import (
     to_datetime,
     to_micros,
 )
+from dispatchd.store import SchemaTooNew
 
 SCHEMA_VERSION = 1
 
@@ -94,10 +95,6 @@ _ROW_OVERHEAD = 64
 """Bytes a dispatch adds to a page beyond its data: metadata, times, framing."""
 
 
-class SchemaTooNew(RuntimeError):
-    """The database was written by a newer dispatchd; refusing to guess."""
-
-
 @dataclass(frozen=True, slots=True)
 class StoredDispatch:
     """One dispatch as stored: the client's data plus server-owned metadata.
@@ -140,6 +137,7 @@ class Storage:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
@@ -168,9 +166,7 @@ class Storage:
             row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
             version = row[0] or 0
             if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"database schema version {version} is newer than supported {SCHEMA_VERSION}"
-                )
+                raise SchemaTooNew(self._path, version, SCHEMA_VERSION)
             if version < 1:
                 for statement in _SCHEMA_V1.split(";"):
                     if statement.strip():

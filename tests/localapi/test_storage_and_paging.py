@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatchd.localapi import paging
-from dispatchd.localapi.storage import SCHEMA_VERSION, SchemaTooNew, Storage
+from dispatchd.localapi.storage import SCHEMA_VERSION, Storage
 from dispatchd.localapi.validation import InvalidRequest
+from dispatchd.store import SchemaTooNew
 
 MARK = paging.fingerprint(1, DispatchFilter(), SortOptions())
 

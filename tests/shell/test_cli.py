@@ -211,16 +211,28 @@ def test_dispatchd_config_environment_names_the_file(
     assert done.returncode == 0 and "microgrid_ids = [11]" in done.stdout
 
 
-@pytest.mark.parametrize("command", [["run"], ["tail"], ["schedule", "--microgrid", "7"]])
-def test_commands_without_an_implementation_say_so_and_exit_1(
-    command: list[str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    clean_env: dict[str, str],
+def test_check_config_loads_no_command_module(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """Each command imports its module when it runs: check-config stays quick."""
+    script = (
+        "import sys\n"
+        "from dispatchd import cli\n"
+        "code = cli.main(['check-config'])\n"
+        "heavy = ('dispatchd.daemon', 'dispatchd.tail', 'dispatchd.schedule', 'grpc', 'aio_pika')\n"
+        "print(code, [name for name in heavy if name in sys.modules])\n"
+    )
+    env = {**clean_env, "DISPATCHD_STATE__DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.splitlines()[-1] == "0 []", done.stderr
+
+
+def replace_commands(
+    monkeypatch: pytest.MonkeyPatch, make: Callable[[str], Callable[..., int]]
 ) -> None:
-    monkeypatch.setattr(cli, "_command_function", lambda module: None)
-    assert cli.main(command) == 1
-    assert capsys.readouterr().err == f"dispatchd {command[0]}: not implemented yet\n"
+    """Put ``make(module)`` in place of the ``main`` of each command's module."""
+    for module in ("dispatchd.daemon", "dispatchd.schedule", "dispatchd.tail"):
+        monkeypatch.setattr(f"{module}.main", make(module))
 
 
 def fake_command(calls: list[tuple[Any, ...]], result: int = 0) -> Callable[..., int]:
@@ -237,11 +249,14 @@ def test_commands_are_handed_the_settings_and_parsed_arguments(
     calls: list[tuple[Any, ...]] = []
     modules: list[str] = []
 
-    def lookup(module: str) -> Callable[..., int]:
-        modules.append(module)
-        return fake_command(calls, result=len(modules) - 1)
+    def recording(module: str) -> Callable[..., int]:
+        def command(*args: Any, **kwargs: Any) -> int:
+            modules.append(module)
+            return fake_command(calls, result=len(modules) - 1)(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "_command_function", lookup)
+        return command
+
+    replace_commands(monkeypatch, recording)
     assert cli.main(["run"]) == 0
     assert cli.main(["tail", "--bind", "dispatch.running.#", "--bind", "x.y", "--json"]) == 1
     assert cli.main(["tail"]) == 2
@@ -281,7 +296,7 @@ def test_schedule_window_defaults_to_the_next_day(
     monkeypatch: pytest.MonkeyPatch, clean_env: dict[str, str]
 ) -> None:
     calls: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(cli, "_command_function", lambda module: fake_command(calls))
+    replace_commands(monkeypatch, lambda module: fake_command(calls))
     before = datetime.now(UTC)
     assert cli.main(["schedule", "--microgrid", "7"]) == 0
     after = datetime.now(UTC)
@@ -298,7 +313,7 @@ def test_an_unexpected_failure_is_one_line_and_exit_1(
     def broken(*args: Any, **kwargs: Any) -> int:
         raise ConnectionRefusedError("broker at localhost:5672 refused the connection")
 
-    monkeypatch.setattr(cli, "_command_function", lambda module: broken)
+    replace_commands(monkeypatch, lambda module: broken)
     assert cli.main(["tail"]) == 1
     err = capsys.readouterr().err
     assert err == (
@@ -454,7 +469,7 @@ def test_an_unexpected_failure_line_masks_configured_secrets(
     def broken(*args: Any, **kwargs: Any) -> int:
         raise RuntimeError("login Pw9xQz7Lm/x refused at amqp://user:Pw9xQz7Lm/x@broker/")
 
-    monkeypatch.setattr(cli, "_command_function", lambda module: broken)
+    replace_commands(monkeypatch, lambda module: broken)
     assert cli.main(["tail"]) == 1
     err = capsys.readouterr().err
     assert "Pw9xQz7Lm" not in err

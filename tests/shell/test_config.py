@@ -281,6 +281,21 @@ def test_a_secret_and_its_file_together_are_a_problem(tmp_path: Path) -> None:
     assert "api.auth_key" in problems_of(path, {})
 
 
+def test_a_secret_and_its_file_in_different_sources_are_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-file")
+    path = write(tmp_path, f'[api]\nauth_key_file = "{tmp_path / "key"}"\n')
+    problems = problems_of(path, {"DISPATCHD_API__AUTH_KEY": "from-env"})
+    assert problems == {"api.auth_key": "set either auth_key or auth_key_file, not both"}
+
+
+def test_a_secret_file_in_the_environment_wins_over_one_in_the_file(tmp_path: Path) -> None:
+    (tmp_path / "file-key").write_text("from-toml\n")
+    (tmp_path / "env-key").write_text("from-env\n")
+    path = write(tmp_path, f'[api]\nauth_key_file = "{tmp_path / "file-key"}"\n')
+    config = load_config(path, {"DISPATCHD_API__AUTH_KEY_FILE": str(tmp_path / "env-key")})
+    assert config.api.auth_key == SecretStr("from-env")
+
+
 def test_embedded_api_lends_its_credentials_to_the_daemon() -> None:
     env = {
         "DISPATCHD_API__LOCAL__AUTH_KEYS": '["first", "second"]',

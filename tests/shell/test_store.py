@@ -147,6 +147,32 @@ def test_schema_version_is_recorded_and_a_newer_one_is_refused(tmp_path: Path) -
         Store(path)
 
 
+def test_both_sqlite_stores_refuse_a_newer_schema_with_one_error(tmp_path: Path) -> None:
+    from dispatchd.localapi import storage
+    from dispatchd.store import SchemaTooNew
+
+    daemon_path, api_path = tmp_path / "state.sqlite3", tmp_path / "api.sqlite3"
+    Store(daemon_path).close()
+    storage.Storage(api_path).close()
+    for path in (daemon_path, api_path):
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE schema_version SET version = version + 1")
+        db.close()
+    with pytest.raises(SchemaTooNew) as from_daemon:
+        Store(daemon_path)
+    with pytest.raises(SchemaTooNew) as from_api:
+        storage.Storage(api_path)
+    assert isinstance(from_api.value, StoreError)  # the daemon reports both alike
+    for raised, path, supported in (
+        (from_daemon, daemon_path, SCHEMA_VERSION),
+        (from_api, api_path, storage.SCHEMA_VERSION),
+    ):
+        assert str(raised.value) == (
+            f"{path}: schema version {supported + 1} is newer than this dispatchd "
+            f"understands ({supported})"
+        )
+
+
 def test_reopening_does_not_migrate_twice(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     Store(path).close()
