@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from dispatchd.core import wire
 from dispatchd.core.messages import Message, RunningMessage
 from dispatchd.core.model import Dispatch
+from dispatchd.core.wire import routing
 from tests.core.test_wire import (
     FEW,
     any_times,
@@ -139,4 +140,4 @@ def test_non_json_payload_is_still_a_wire_error() -> None:
 def test_epoch_micros_is_exact(moment: datetime) -> None:
     aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
     expected = (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    assert wire._epoch_micros(moment) == expected
+    assert routing._epoch_micros(moment) == expected
