@@ -1,4 +1,4 @@
-"""wire-v1 bodies: the spec's golden example, round trips, times, malformed input.
+"""Message bodies (docs/messages.md § 4): the golden example, round trips, times, malformed input.
 
 The hypothesis strategies here are shared with test_wire_routing and
 test_wire_snapshot.

@@ -1,4 +1,4 @@
-"""wire-v1 routing keys, binding keys and message ids."""
+"""Routing keys, binding keys and message ids (docs/messages.md §§ 2 and 3)."""
 
 from __future__ import annotations
 

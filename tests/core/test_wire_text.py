@@ -1,8 +1,8 @@
 """The text-built bodies and the fast time format equal the plain JSON dump.
 
 ``wire.encode`` writes bodies by splicing the dispatch's JSON text into a
-constant frame; these tests pin that to ``json.dumps`` of the spec's object,
-key by key, for random messages.
+constant frame; these tests pin that to ``json.dumps`` of the body object
+(docs/messages.md § 4), key by key, for random messages.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ SCHEMA = "dispatchd/v1"
 
 
 class WireError(ValueError):
-    """A body or request that does not follow wire-v1 (or cannot be encoded).
+    """A body or request that does not follow docs/messages.md (or cannot be encoded).
 
     ``code`` is the snapshot RPC error code (``malformed``, ``unknown_method``);
     ``key`` is the dotted path of the offending key when there is one.

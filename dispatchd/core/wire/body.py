@@ -125,7 +125,7 @@ DecodedMessage = LifecycleMessage | RunningMessage
 
 
 def decode(body: bytes, headers: Mapping[str, Any] | None = None) -> DecodedMessage:
-    """Parse a wire-v1 message body, ignoring keys it does not know.
+    """Parse a message body, ignoring keys it does not know.
 
     A lifecycle message's ``routing_type`` comes from the ``dispatch_type``
     header when given (it differs from the body's type for the copy of an
