@@ -1,6 +1,6 @@
 """The ``dispatchd`` command line: parse, load the configuration, hand over to a command module.
 
-Exit codes (operations.md): 0 done, 2 bad configuration or arguments, 1 any
+Exit codes (README.md, Commands): 0 done, 2 bad configuration or arguments, 1 any
 other failure. Expected errors are one line on stderr, never a traceback.
 
 Each command's module is imported when that command runs, so ``check-config``
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
-    except Exception as exc:  # one clear line instead of a traceback (operations.md)
+    except Exception as exc:  # one clear line instead of a traceback
         line = f"dispatchd {name}: {type(exc).__name__}: {exc}"
         print(_redacted(line, settings), file=sys.stderr)
         return EXIT_FAILURE

@@ -175,7 +175,7 @@ def _unambiguous_userinfo(url: str) -> None:
 
 
 def _blank_to_none(value: Any) -> Any:
-    """An empty secret means "not set", as in the spec's ``sign_secret = ""``."""
+    """An empty secret means "not set", as in config.example.toml's ``sign_secret = ""``."""
     if value == "" or (isinstance(value, SecretStr) and not value.get_secret_value()):
         return None
     return value

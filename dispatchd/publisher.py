@@ -5,7 +5,7 @@ Messages are fired on one confirm channel without waiting for each confirm
 order. Per dispatch, at most ``max_in_flight_per_dispatch`` (default 1) are
 unconfirmed at a time: the broker may nack message k and accept k+1 (a full
 queue with ``reject-publish`` does exactly that), and republishing k after
-k+1 would break the per-dispatch order of wire-v1 § 5. Dispatches produce
+k+1 would break the per-dispatch order of docs/messages.md § 5. Dispatches produce
 few messages each, so this costs nothing in practice while bursts over many
 dispatches stay fully pipelined.
 

@@ -1,4 +1,4 @@
-"""Snapshot RPC (wire-v1 § 6): late-joining actors ask for the current state.
+"""Snapshot RPC (docs/messages.md § 6): late-joining actors ask for the current state.
 
 Requests arrive on the ``<exchange>.rpc`` queue; each gets at most one reply
 on its ``reply_to`` with its ``correlation_id``: the snapshot, or an error

@@ -389,7 +389,7 @@ _WIRE_HEADERS = ("dispatch_id", "dispatch_type", "event", "microgrid_id", "schem
 
 
 def _headers_text(headers: Mapping[str, int | str]) -> str:
-    """The headers as JSON; wire-v1's five (the usual case) written directly."""
+    """The headers as JSON; the five of docs/messages.md § 3 (the usual case) written directly."""
     if tuple(sorted(headers)) != _WIRE_HEADERS:
         return _HEADERS_ENCODER.encode(headers)
     dispatch_id, microgrid_id = headers["dispatch_id"], headers["microgrid_id"]

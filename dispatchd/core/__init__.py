@@ -3,5 +3,5 @@
 - ``model``: the immutable dispatch value and its protobuf conversion.
 - ``recurrence``: occurrences of a dispatch, built on dateutil's rrule.
 - ``engine``: the state machine turning API changes and time into messages.
-- ``wire``: the wire-v1 encoding of those messages for AMQP.
+- ``wire``: the wire format of those messages for AMQP (docs/messages.md).
 """

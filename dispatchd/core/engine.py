@@ -8,11 +8,11 @@ only the difference (docs/scheduling.md). The caller owns the clock: every entry
 point takes ``now``, and :meth:`Engine.next_deadline` says when to call
 :meth:`Engine.advance` next.
 
-Choices the spec leaves open:
+Choices docs/scheduling.md leaves open:
 
 - ``apply`` and ``relist`` first process every boundary due at ``now``, so an
   update arriving exactly at a boundary gives the same messages whether or
-  not the timer fired first (consequence 16).
+  not the timer fired first (docs/scheduling.md, consequence 16).
 - ``scheduled_for`` is the boundary instant for timer transitions and for
   boundaries that fell into a downtime (``resume``); otherwise ``now``.
 - Start reasons: ``started`` at a boundary or through a stream update,
@@ -68,7 +68,7 @@ Key = tuple[int, int]
 
 _ZERO = timedelta(0)
 _MISSED_LIMIT = 100
-"""wire-v1: ``missed_runs`` holds at most this many starts, oldest first."""
+"""docs/messages.md § 4: ``missed_runs`` holds at most this many starts, oldest first."""
 _NEVER = datetime.max.replace(tzinfo=UTC)
 _ALWAYS = datetime.min.replace(tzinfo=UTC)
 

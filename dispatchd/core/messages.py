@@ -1,7 +1,7 @@
 """What the engine decides to say: lifecycle and running messages.
 
 These are plain values; ``wire`` turns them into AMQP envelopes. They carry
-everything a wire-v1 body needs except the publish timestamp.
+everything a message body (docs/messages.md § 4) needs except the publish timestamp.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dispatchd.core.model import Dispatch
 
 
 class Kind(StrEnum):
-    """The two message families of wire-v1."""
+    """The two message families (docs/messages.md § 1)."""
 
     LIFECYCLE = "lifecycle"
     RUNNING = "running"
@@ -31,7 +31,7 @@ class Event(StrEnum):
 
 
 class Reason(StrEnum):
-    """Why a running message was sent (semantics.md)."""
+    """Why a running message was sent (docs/scheduling.md)."""
 
     STARTED = "started"
     ENDED = "ended"

@@ -385,7 +385,7 @@ class Schedule:
         and end <= b (the daemon was down from a to b).
 
         Oldest first; when more than ``limit`` qualify, the OLDEST ``limit``
-        are kept (wire-v1: oldest first, at most 100).
+        are kept (docs/messages.md § 4: oldest first, at most 100).
         """
         duration = self.duration
         if duration is None or limit <= 0:

@@ -1,4 +1,4 @@
-"""One test per numbered consequence of semantics.md, with exact message sequences.
+"""One test per numbered consequence of docs/scheduling.md, with exact message sequences.
 
 Running summaries are ``("R", id, event, reason, occurrence start, occurrence
 end, until, scheduled_for, emitted_at, sequence, running_state_change_synced)``

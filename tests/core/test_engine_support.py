@@ -1,6 +1,6 @@
 """Shared helpers for the engine tests: a fake clock in seconds and summaries.
 
-Times are seconds after ``T0`` so expected sequences read like semantics.md.
+Times are seconds after ``T0`` so expected sequences read like docs/scheduling.md.
 """
 
 from __future__ import annotations

@@ -333,7 +333,7 @@ def test_infinite_duration_ignores_the_recurrence(
     assert schedule.missed_runs(start - timedelta(days=1), start + timedelta(days=999)) == ()
 
 
-# --- semantics.md consequences ---------------------------------------------------
+# --- docs/scheduling.md consequences --------------------------------------------
 
 
 def test_consequence_1_one_shot() -> None:

@@ -6,7 +6,7 @@ differ. Excluded cases, each for a reason:
 
 - Invalid rules (our ``Invalid``): the library raises from deep inside the
   query (interval 0, dateutil's "invalid combination" errors) or answers
-  None for an UNSPECIFIED weekday; semantics.md makes them never run.
+  None for an UNSPECIFIED weekday; docs/scheduling.md makes them never run.
 - An instant in ``[start_time truncated to the second, start_time)`` of a
   recurring dispatch whose start has microseconds: rrule (both sides) drops
   the microseconds, so the first occurrence starts before ``start_time``; the

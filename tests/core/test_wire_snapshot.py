@@ -1,4 +1,4 @@
-"""wire-v1 snapshot RPC bodies (spec section 6)."""
+"""Snapshot RPC bodies (docs/messages.md § 6)."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ BODY_KEYS = frozenset(
         "missed_runs",
     }
 )
-"""Every key of a wire-v1 body (§4), present in every message."""
+"""Every key of a body (docs/messages.md § 4), present in every message."""
 
 DISPATCH_KEYS = frozenset(
     {
@@ -206,7 +206,7 @@ DISPATCH_KEYS = frozenset(
 
 
 def check_envelope(received: Received) -> None:
-    """Assert wire-v1 §3 for one message: properties, headers, deterministic id, routing key."""
+    """Assert docs/messages.md § 3 for one message: properties, headers, id, routing key."""
     message = received.message
     assert received.content_type == wire.CONTENT_TYPE
     assert received.delivery_mode == 2
@@ -526,7 +526,7 @@ def unique_exchange(prefix: str = "e2e") -> str:
 def check_stream(received: Iterable[Received]) -> None:
     """Invariants of any run without faults, over everything an observer saw.
 
-    Every envelope follows wire-v1 §3, no message id repeats, and per
+    Every envelope follows docs/messages.md § 3, no message id repeats, and per
     dispatch the running sequences count 1, 2, 3, ... in arrival order with
     ``running_state_change_synced`` never going back.
     """

@@ -406,6 +406,6 @@ async def test_graceful_restart_publishes_only_what_changed_while_down(
     assert stopped.running.sequence == 2
     created, running = per_dispatch(after, n)
     assert created == f"{n}:lifecycle.created/None"
-    # Learnt at the restart, already inside its occurrence (semantics.md allows either).
+    # Learnt at the restart, already inside its occurrence (docs/scheduling.md allows either).
     assert running in (f"{n}:running.running/created", f"{n}:running.running/resumed")
     assert [r.short() for r in after][-1] == f"{int(marker.id)}:lifecycle.created/None"

@@ -1,4 +1,4 @@
-"""semantics.md consequences 3, 4 and 5 observed end to end, in real time.
+"""docs/scheduling.md consequences 3, 4 and 5 observed end to end, in real time.
 
 Slow on purpose (about 3.5 minutes): MINUTELY is the smallest recurrence
 frequency, so the occurrences of a recurring dispatch are a minute apart and

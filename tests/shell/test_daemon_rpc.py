@@ -1,4 +1,4 @@
-"""The snapshot RPC of a running daemon (wire-v1 § 6) over RabbitMQ.
+"""The snapshot RPC of a running daemon (docs/messages.md § 6) over RabbitMQ.
 
 Requests go to the default exchange with routing key ``<exchange>.rpc``, as
 an actor's SDK would send them; replies come back on an exclusive queue (and

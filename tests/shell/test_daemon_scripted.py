@@ -1,4 +1,4 @@
-"""semantics.md cases only a scripted dispatch API can produce, observed end to end.
+"""docs/scheduling.md cases only a scripted dispatch API can produce, observed end to end.
 
 The daemon syncs from a :class:`~tests.shell.scripted_api.ScriptedApi` (a real
 gRPC server) whose listing and stream events each test writes: a type change
@@ -6,7 +6,7 @@ gRPC server) whose listing and stream events each test writes: a type change
 vanishes from a re-list without a DELETED event, and changes made while the
 stream is cut. As in test_daemon_semantics.py every test checks the exact
 messages (in order per dispatch: the publisher may interleave different
-dispatches, wire-v1 § 5), proves silence with a quiet period followed by a
+dispatches, docs/messages.md § 5), proves silence with a quiet period followed by a
 marker event that must be the next thing published, and the fixture checks
 every envelope, message id and sequence afterwards (``check_stream``). The
 scripted API pages by 2 so every listing here takes several pages.
@@ -71,7 +71,7 @@ async def expect(observer: QueueObserver, *expected: str) -> list[Received]:
     """The next messages are exactly these (``"<id>:<kind>.<event>/<reason>"``).
 
     In this order per dispatch; different dispatches may interleave, as the
-    publisher pipelines them (wire-v1 § 5 orders per dispatch only). Returned
+    publisher pipelines them (docs/messages.md § 5 orders per dispatch only). Returned
     in the order of ``expected``.
     """
     got = await observer.take(len(expected), WAIT)

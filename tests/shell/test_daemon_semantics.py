@@ -1,4 +1,4 @@
-"""semantics.md consequences 1-18 observed end to end.
+"""docs/scheduling.md consequences 1-18 observed end to end.
 
 A dispatch is changed through the official client against the daemon's
 embedded local API (gRPC); the daemon syncs it, schedules it and publishes to
