@@ -289,12 +289,20 @@ def test_far_from_start_equals_brute_force(
         assert schedule.next_start_after(t) == rule.after(t)
 
 
+_NOT_WALKED_HERE = ("rule too sparse to evaluate", "the interval never lands")
+
+
 def assert_really_empty_or_unevaluable(
     rule: du.rrule | None, start: datetime, invalid: Invalid
 ) -> None:
     """An ``Invalid`` for in-range fields: rrule raises, finds nothing for 100
-    years, or the rule is over the evaluation budget (see test_recurrence_budget)."""
-    if rule is None or invalid.reason.startswith("rule too sparse to evaluate"):
+    years, or the rule is over the evaluation budget (see test_recurrence_budget).
+
+    A rule off its interval's grid is not walked here: dateutil would walk it to
+    the year 9999 (it hung CI); test_recurrence_grid checks that verdict
+    exactly against a brute-force walk of one cycle of the grid.
+    """
+    if rule is None or invalid.reason.startswith(_NOT_WALKED_HERE):
         return
     try:
         found = rule.between(start, start + timedelta(days=365 * 100), inc=True, count=1)
