@@ -79,7 +79,7 @@ def relist_unchanged(engine: Engine, dispatches: list[Dispatch]) -> float:
         by_microgrid.setdefault(dispatch.microgrid_id, []).append(dispatch)
     began = time.perf_counter()
     for microgrid_id, listed in by_microgrid.items():
-        assert engine.relist(microgrid_id, listed, NOW, initial=False) == []
+        assert engine.relist(microgrid_id, listed, NOW, initial=False).messages == []
     return time.perf_counter() - began
 
 
@@ -88,9 +88,7 @@ def memory_per_dispatch(dispatches: list[Dispatch]) -> float:
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    engine, _ = load(dispatches)
-    engine.take_dirty()
-    engine.take_new_invalid()
+    engine, _ = load(dispatches)  # the steps, with their records, are dropped
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     del engine
@@ -127,7 +125,7 @@ def update_cost(engine: Engine, dispatches: list[Dispatch], rng: random.Random) 
 def transition_cost(engine: Engine) -> tuple[float, int]:
     """Mean seconds per due transition over a day with many due, and how many."""
     began = time.perf_counter()
-    messages = engine.advance(NOW + timedelta(days=1))
+    messages = engine.advance(NOW + timedelta(days=1)).messages
     elapsed = time.perf_counter() - began
     return elapsed / max(1, len(messages)), len(messages)
 

@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
-
-RecordKey = tuple[int, int]
-"""``(microgrid_id, dispatch_id)``."""
 
 
 class StoreError(Exception):
@@ -89,7 +87,7 @@ class OutboxItem:
 class Loaded:
     """Everything the store holds, as read at start-up."""
 
-    records: dict[RecordKey, str]
+    records: dict[DispatchKey, str]
     meta: dict[str, Any]
     outbox: list[OutboxItem]
 
@@ -132,7 +130,7 @@ commit that grew it (a first sync of 50k dispatches writes tens of MB at once)."
 _AUTOCHECKPOINT_PAGES = 256
 """SQLite checkpoints on its own every this many pages (1 MiB at 4 KiB pages)."""
 
-_EMPTY_RECORDS: Mapping[RecordKey, str | None] = {}
+_EMPTY_RECORDS: Mapping[DispatchKey, str | None] = {}
 
 
 class Store:
@@ -232,7 +230,7 @@ class Store:
     def commit(
         self,
         *,
-        records: Mapping[RecordKey, str | None] = _EMPTY_RECORDS,
+        records: Mapping[DispatchKey, str | None] = _EMPTY_RECORDS,
         meta: Mapping[str, Any] | None = None,
         envelopes: Sequence[Envelope] = (),
     ) -> list[OutboxItem]:
@@ -253,7 +251,7 @@ class Store:
 
     def _commit(
         self,
-        records: Mapping[RecordKey, str | None],
+        records: Mapping[DispatchKey, str | None],
         meta: Mapping[str, Any] | None,
         envelopes: Sequence[Envelope],
         removing: set[int],

@@ -250,7 +250,7 @@ class FakeDispatcher(Managing):
             create_time=now,
             update_time=now,
         )
-        await self._emit(self._engine.apply(engine.Created(created), now))
+        await self._emit(self._engine.apply(engine.Created(created), now).messages)
         return Dispatch(created, clock=self.clock)
 
     async def update(self, dispatch_id: int, **fields: Any) -> Dispatch:
@@ -263,13 +263,13 @@ class FakeDispatcher(Managing):
             fields["payload"] = dict(fields["payload"])
         version = max(self.now, current.update_time + timedelta(microseconds=1))
         updated = replace(current, update_time=version, **fields)
-        await self._emit(self._engine.apply(engine.Updated(updated), self.now))
+        await self._emit(self._engine.apply(engine.Updated(updated), self.now).messages)
         return Dispatch(updated, clock=self.clock)
 
     async def delete(self, dispatch_id: int) -> None:
         """Delete a dispatch (a running one stops)."""
         current = self._current(dispatch_id)
-        await self._emit(self._engine.apply(engine.Deleted(current), self.now))
+        await self._emit(self._engine.apply(engine.Deleted(current), self.now).messages)
 
     async def advance(self, by: timedelta) -> None:
         """Move the clock by ``by``; see ``advance_to``."""
@@ -288,9 +288,9 @@ class FakeDispatcher(Managing):
             if instant is None or instant > moment:
                 break
             self.clock.set(instant)
-            await self._emit(self._engine.advance(instant))
+            await self._emit(self._engine.advance(instant).messages)
         self.clock.set(moment)
-        await self._emit(self._engine.advance(moment))
+        await self._emit(self._engine.advance(moment).messages)
 
     async def settle(self) -> None:
         """Wait until the receivers and managed actors took everything delivered.

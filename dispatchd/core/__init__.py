@@ -2,6 +2,8 @@
 
 - ``model``: the immutable dispatch value and its protobuf conversion.
 - ``recurrence``: occurrences of a dispatch, built on dateutil's rrule.
-- ``engine``: the state machine turning API changes and time into messages.
+- ``engine``: the state machine turning API changes and time into messages
+  (one ``Step`` per call, with the records to store).
+- ``records``: the stored record of a dispatch and its one codec.
 - ``wire``: the wire format of those messages for AMQP (docs/messages.md).
 """

@@ -34,11 +34,10 @@ boundary, which keeps memory per dispatch around 0.4 KB.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from functools import lru_cache
 from typing import Any
 
 from dispatchd.core.messages import (
@@ -50,21 +49,23 @@ from dispatchd.core.messages import (
     RunningMessage,
 )
 from dispatchd.core.model import Dispatch
+from dispatchd.core.records import (
+    DispatchKey,
+    DispatchRecord,
+    last_seen_from_meta,
+    meta_to_json,
+)
 from dispatchd.core.recurrence import Invalid, Schedule
 
 __all__ = [
     "Change",
     "Created",
     "Deleted",
-    "DispatchRecord",
     "Engine",
-    "Key",
     "SnapshotEntry",
+    "Step",
     "Updated",
 ]
-
-Key = tuple[int, int]
-"""``(microgrid_id, dispatch_id)``: dispatch ids are only unique per microgrid."""
 
 _ZERO = timedelta(0)
 _MISSED_LIMIT = 100
@@ -98,6 +99,23 @@ Change = Created | Updated | Deleted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """What one call of the engine decided, and what must be stored with it.
+
+    The shell writes ``records`` and ``meta`` in the same transaction as the
+    messages, so no change exists without its message.
+    """
+
+    messages: list[Message]
+    records: dict[DispatchKey, DispatchRecord | None]
+    """Every record the call changed (``None``: remove it from the store)."""
+    invalid: list[tuple[DispatchKey, str]]
+    """Versions found invalid in this call (each is reported once)."""
+    meta: dict[str, Any]
+    """The engine-wide state (see ``records.meta_to_json``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SnapshotEntry:
     """What a late-joining actor needs to know about one dispatch."""
 
@@ -106,92 +124,6 @@ class SnapshotEntry:
     until: datetime | None
     sequence: int
     occurrence: Occurrence | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DispatchRecord:
-    """The persisted state of one dispatch.
-
-    ``announced`` is the occurrence last announced as running (``None`` when
-    stopped); the runtime fields announced with it are those of ``dispatch``,
-    because the engine re-announces whenever they change. ``forgotten`` marks
-    a finished dispatch that fell out of the API's list: hidden, but its
-    sequence and version are kept in case it comes back.
-    """
-
-    dispatch: Dispatch
-    announced: Occurrence | None
-    sequence: int
-    last_emitted_at: datetime | None
-    tombstone: bool
-    pending_missed: tuple[datetime, ...] = ()
-    last_pulse: datetime | None = None
-    forgotten: bool = False
-
-    def to_json(self, encode_dispatch: Callable[[Dispatch], Any]) -> dict[str, Any]:
-        """Plain JSON values; the caller supplies the dispatch encoding."""
-        return {
-            "dispatch": encode_dispatch(self.dispatch),
-            "announced": (
-                None
-                if self.announced is None
-                else {
-                    "start": _time_to_json(self.announced.start),
-                    "end": _opt_time_to_json(self.announced.end),
-                }
-            ),
-            "sequence": self.sequence,
-            "last_emitted_at": _opt_time_to_json(self.last_emitted_at),
-            "tombstone": self.tombstone,
-            "pending_missed": [_time_to_json(t) for t in self.pending_missed],
-            "last_pulse": _opt_time_to_json(self.last_pulse),
-            "forgotten": self.forgotten,
-        }
-
-    def to_json_text(self, dispatch_text: str) -> str:
-        """``json.dumps(self.to_json(...))``, compact, around the dispatch's JSON text.
-
-        The other values are numbers, booleans, null or ISO times, which need
-        no escaping; a large step writes thousands of records.
-        """
-        announced = self.announced
-        announced_text = (
-            "null"
-            if announced is None
-            else f'{{"start":"{_time_to_json(announced.start)}","end":{_time_text(announced.end)}}}'
-        )
-        missed = ",".join(f'"{_time_to_json(t)}"' for t in self.pending_missed)
-        return (
-            f'{{"dispatch":{dispatch_text},"announced":{announced_text},'
-            f'"sequence":{self.sequence:d},"last_emitted_at":{_time_text(self.last_emitted_at)},'
-            f'"tombstone":{_BOOL_TEXT[self.tombstone]},"pending_missed":[{missed}],'
-            f'"last_pulse":{_time_text(self.last_pulse)},'
-            f'"forgotten":{_BOOL_TEXT[self.forgotten]}}}'
-        )
-
-    @classmethod
-    def from_json(
-        cls, data: dict[str, Any], decode_dispatch: Callable[[Any], Dispatch]
-    ) -> DispatchRecord:
-        """Inverse of :meth:`to_json`."""
-        announced = data["announced"]
-        return cls(
-            dispatch=decode_dispatch(data["dispatch"]),
-            announced=(
-                None
-                if announced is None
-                else Occurrence(
-                    start=_time_from_json(announced["start"]),
-                    end=_opt_time_from_json(announced["end"]),
-                )
-            ),
-            sequence=int(data["sequence"]),
-            last_emitted_at=_opt_time_from_json(data["last_emitted_at"]),
-            tombstone=bool(data["tombstone"]),
-            pending_missed=tuple(_time_from_json(t) for t in data.get("pending_missed", ())),
-            last_pulse=_opt_time_from_json(data.get("last_pulse")),
-            forgotten=bool(data.get("forgotten", False)),
-        )
 
 
 class _Mode(Enum):
@@ -205,7 +137,7 @@ class _Mode(Enum):
 class _Record:
     """Live state of one dispatch (mutable, engine-internal)."""
 
-    key: Key
+    key: DispatchKey
     dispatch: Dispatch
     schedule: Schedule | None
     """Dropped while idle and rebuilt on demand (see ``_schedule_of``)."""
@@ -250,8 +182,8 @@ class Engine:
         self._scheduled = 0
         self._now: datetime | None = None
         self._down_since: datetime | None = None
-        self._dirty: set[Key] = set()
-        self._new_invalid: list[tuple[Key, str]] = []
+        self._dirty: set[DispatchKey] = set()
+        self._new_invalid: list[tuple[DispatchKey, str]] = []
         self._counts: dict[int, dict[str, int]] = {}
         self._held: set[int] = set()
         """Restored microgrids whose downtime waits for their first list (see :meth:`hold`)."""
@@ -259,7 +191,7 @@ class Engine:
 
     # ------------------------------------------------------------------ input
 
-    def apply(self, change: Change, now: datetime) -> list[Message]:
+    def apply(self, change: Change, now: datetime) -> Step:
         """A stream event: lifecycle message(s), then the running difference."""
         now = self._tick(now)
         out: list[Message] = self._advance(now)
@@ -269,7 +201,7 @@ class Engine:
             out.extend(self._delete(key, dispatch, now))
         else:
             out.extend(self._upsert(dispatch, now, _Mode.CHANGE))
-        return out
+        return self._step(out)
 
     def relist(
         self,
@@ -279,7 +211,7 @@ class Engine:
         *,
         initial: bool,
         unseen_since: datetime | None = None,
-    ) -> list[Message]:
+    ) -> Step:
         """A full list of one microgrid: diff it against the view and converge.
 
         Changes of known dispatches were learnt late (reason ``resumed``). With
@@ -315,11 +247,11 @@ class Engine:
                 self._forget(record)
         if held:
             out.extend(self._resume_microgrids([microgrid_id], now))
-        return out
+        return self._step(out)
 
-    def advance(self, now: datetime) -> list[Message]:
+    def advance(self, now: datetime) -> Step:
         """Every transition due at or before ``now``, in time order."""
-        return self._advance(self._tick(now))
+        return self._step(self._advance(self._tick(now)))
 
     def hold(self, now: datetime) -> None:
         """After a restore: run the clock from ``now``, keep the downtime for the lists.
@@ -343,7 +275,7 @@ class Engine:
         """Microgrids restored and not converged yet."""
         return set(self._held)
 
-    def resume(self, now: datetime, microgrid_id: int | None = None) -> list[Message]:
+    def resume(self, now: datetime, microgrid_id: int | None = None) -> Step:
         """Converge the restored view after a restart (reason ``resumed``).
 
         Occurrences that began and ended while dispatchd was down are kept as
@@ -353,10 +285,10 @@ class Engine:
         """
         now = self._tick(now)
         if microgrid_id is None:
-            return self._resume_microgrids(sorted(self._microgrids), now)
+            return self._step(self._resume_microgrids(sorted(self._microgrids), now))
         out = self._advance(now)
         out.extend(self._resume_microgrids([microgrid_id], now))
-        return out
+        return self._step(out)
 
     def _resume_microgrids(self, microgrid_ids: list[int], now: datetime) -> list[Message]:
         records: list[_Record] = []
@@ -451,28 +383,20 @@ class Engine:
         """
         return {microgrid_id: dict(counts) for microgrid_id, counts in self._counts.items()}
 
-    def invalid_reason(self, key: Key) -> str | None:
+    def invalid_reason(self, key: DispatchKey) -> str | None:
         """Why the dispatch's schedule cannot be evaluated, if it cannot."""
         record = self._get(key)
         return record.invalid if record is not None else None
 
-    def take_new_invalid(self) -> list[tuple[Key, str]]:
-        """Versions found invalid since the last call, so each is logged once."""
-        found, self._new_invalid = self._new_invalid, []
-        return found
-
     # ------------------------------------------------------------ persistence
 
-    def take_dirty(self) -> set[Key]:
-        """Keys whose record changed (or vanished) since the last call."""
-        dirty, self._dirty = self._dirty, set()
-        return dirty
-
-    def export_record(self, key: Key) -> DispatchRecord | None:
+    def export_record(self, key: DispatchKey) -> DispatchRecord | None:
         """The record to persist for ``key``; ``None``: delete it from the store."""
         record = self._get(key)
-        if record is None:
-            return None
+        return None if record is None else self._export(record)
+
+    @staticmethod
+    def _export(record: _Record) -> DispatchRecord:
         return DispatchRecord(
             dispatch=record.dispatch,
             announced=record.announced,
@@ -484,15 +408,21 @@ class Engine:
             last_pulse=record.last_pulse,
         )
 
-    def export_meta(self) -> dict[str, Any]:
-        """Engine-wide state to persist: the last instant it was told about."""
-        return {"last_seen": _opt_time_to_json(self._now)}
+    def export(self) -> tuple[list[DispatchRecord], dict[str, Any]]:
+        """Every record and the meta, as :meth:`restore` takes them: a full export.
+
+        Each :class:`Step` carries only what its call changed.
+        """
+        records = [
+            self._export(record) for by_id in self._microgrids.values() for record in by_id.values()
+        ]
+        return records, meta_to_json(self._now)
 
     @classmethod
     def restore(cls, records: Iterable[DispatchRecord], meta: dict[str, Any]) -> Engine:
         """Rebuild from persisted records; call :meth:`resume` next."""
         engine = cls()
-        last_seen = _opt_time_from_json(meta.get("last_seen"))
+        last_seen = last_seen_from_meta(meta)
         engine._now = last_seen
         engine._down_since = last_seen
         for stored in records:
@@ -519,6 +449,17 @@ class Engine:
 
     # --------------------------------------------------------------- internal
 
+    def _step(self, messages: list[Message]) -> Step:
+        """Hand out the messages with everything the call changed since the last step."""
+        dirty, self._dirty = self._dirty, set()
+        invalid, self._new_invalid = self._new_invalid, []
+        return Step(
+            messages=messages,
+            records={key: self.export_record(key) for key in dirty},
+            invalid=invalid,
+            meta=meta_to_json(self._now),
+        )
+
     def _tick(self, now: datetime) -> datetime:
         """Keep time monotonic: a clock that steps back must not replay."""
         if now.tzinfo is None:
@@ -528,7 +469,7 @@ class Engine:
         self._now = now
         return now
 
-    def _get(self, key: Key) -> _Record | None:
+    def _get(self, key: DispatchKey) -> _Record | None:
         records = self._microgrids.get(key[0])
         return records.get(key[1]) if records is not None else None
 
@@ -588,7 +529,7 @@ class Engine:
         out.extend(self._finish(drafts, now))
         return out
 
-    def _delete(self, key: Key, dispatch: Dispatch, now: datetime) -> list[Message]:
+    def _delete(self, key: DispatchKey, dispatch: Dispatch, now: datetime) -> list[Message]:
         """Tombstone ``key``: lifecycle ``deleted``, then ``stopped`` if running."""
         record = self._get(key)
         if record is None:
@@ -884,7 +825,7 @@ def _due(boundary: datetime | None, since: datetime | None, now: datetime) -> da
 
 def _order_instant(drafts: list[_Draft]) -> list[_Draft]:
     """Starts before stops, by key within each, keeping each dispatch's own order."""
-    phase_of: dict[Key, int] = {}
+    phase_of: dict[DispatchKey, int] = {}
     keyed = []
     for index, draft in enumerate(drafts):
         key = draft.record.key
@@ -935,30 +876,3 @@ def _state_of(record: _Record, now: datetime) -> str:
     if _is_finished(record, now):
         return "finished"
     return "scheduled"
-
-
-@lru_cache(maxsize=4096)
-def _time_to_json(moment: datetime) -> str:
-    """Cached: the records of one step share the same few instants."""
-    return moment.astimezone(UTC).isoformat()
-
-
-def _opt_time_to_json(moment: datetime | None) -> str | None:
-    return None if moment is None else _time_to_json(moment)
-
-
-def _time_text(moment: datetime | None) -> str:
-    """``_opt_time_to_json`` as JSON text."""
-    return "null" if moment is None else f'"{_time_to_json(moment)}"'
-
-
-_BOOL_TEXT = {False: "false", True: "true"}
-
-
-def _time_from_json(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _opt_time_from_json(text: str | None) -> datetime | None:
-    return None if text is None else _time_from_json(text)

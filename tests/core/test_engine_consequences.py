@@ -110,19 +110,19 @@ def test_consequence_09_runtime_change_while_running_reconfigures() -> None:
     target = bump(payload, 2, target=TargetIds(9))
     duration = bump(target, 3, duration=25)
     dry_run = bump(duration, 4, dry_run=True)
-    assert summaries(engine.apply(Updated(payload), at(13))) == [
+    assert summaries(engine.apply(Updated(payload), at(13)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "reconfigured", 10, 30, 30, 13, 13, 2, 10),
     ]
-    assert summaries(engine.apply(Updated(target), at(14))) == [
+    assert summaries(engine.apply(Updated(target), at(14)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "reconfigured", 10, 30, 30, 14, 14, 3, 13),
     ]
-    assert summaries(engine.apply(Updated(duration), at(15))) == [
+    assert summaries(engine.apply(Updated(duration), at(15)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "reconfigured", 10, 35, 35, 15, 15, 4, 14),
     ]
-    reconfigured = engine.apply(Updated(dry_run), at(16))
+    reconfigured = engine.apply(Updated(dry_run), at(16)).messages
     assert summaries(reconfigured) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "reconfigured", 10, 35, 35, 16, 16, 5, 15),
@@ -139,7 +139,7 @@ def test_consequence_10_duration_shortened_into_the_past_stops_now() -> None:
     original = make(start=10, duration=20)
     engine, _ = engine_with(original)
     run_until(engine, 20)
-    assert summaries(engine.apply(Updated(bump(original, 1, duration=5)), at(20))) == [
+    assert summaries(engine.apply(Updated(bump(original, 1, duration=5)), at(20)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "stopped", "ended", 10, 30, None, 20, 20, 2, 10),
     ]
@@ -150,7 +150,7 @@ def test_consequence_11_start_moved_later_stops_now_and_runs_later() -> None:
     original = make(start=10, duration=20)
     engine, _ = engine_with(original)
     run_until(engine, 15)
-    assert summaries(engine.apply(Updated(bump(original, 1, start_time=40)), at(15))) == [
+    assert summaries(engine.apply(Updated(bump(original, 1, start_time=40)), at(15)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "stopped", "ended", 10, 30, None, 15, 15, 2, 10),
     ]
@@ -164,7 +164,7 @@ def test_consequence_12_start_moved_earlier_runs_now() -> None:
     original = make(start=20, duration=20)
     engine, _ = engine_with(original)
     run_until(engine, 5)
-    assert summaries(engine.apply(Updated(bump(original, 1, start_time=0)), at(5))) == [
+    assert summaries(engine.apply(Updated(bump(original, 1, start_time=0)), at(5)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "started", 0, 20, 20, 5, 5, 1, None),
     ]
@@ -178,12 +178,12 @@ def test_consequence_13_deactivate_stops_and_reactivate_starts() -> None:
     engine, _ = engine_with(original)
     run_until(engine, 12)
     inactive = bump(original, 1, active=False)
-    assert summaries(engine.apply(Updated(inactive), at(15))) == [
+    assert summaries(engine.apply(Updated(inactive), at(15)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "stopped", "deactivated", 10, 30, None, 15, 15, 2, 10),
     ]
     assert engine.next_deadline() is None
-    assert summaries(engine.apply(Updated(bump(inactive, 2, active=True)), at(20))) == [
+    assert summaries(engine.apply(Updated(bump(inactive, 2, active=True)), at(20)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "started", 10, 30, 30, 20, 20, 3, 15),
     ]
@@ -197,11 +197,11 @@ def test_consequence_14_deleted_while_running_or_idle() -> None:
     idle = make(2, start=50, duration=20)
     engine, _ = engine_with(running, idle)
     run_until(engine, 15)
-    assert summaries(engine.apply(Deleted(running), at(15))) == [
+    assert summaries(engine.apply(Deleted(running), at(15)).messages) == [
         ("L", 1, "deleted", "PEAK"),
         ("R", 1, "stopped", "deleted", 10, 30, None, 15, 15, 2, 10),
     ]
-    assert summaries(engine.apply(Deleted(idle), at(16))) == [("L", 2, "deleted", "PEAK")]
+    assert summaries(engine.apply(Deleted(idle), at(16)).messages) == [("L", 2, "deleted", "PEAK")]
     assert engine.next_deadline() is None
     assert run_until(engine, 1000) == []
 
@@ -211,7 +211,7 @@ def test_consequence_15_type_change_while_running_stops_old_type_first() -> None
     engine, _ = engine_with(original)
     run_until(engine, 12)
     renamed = bump(original, 1, type="NEW", payload={"power": 2})
-    messages = engine.apply(Updated(renamed), at(15))
+    messages = engine.apply(Updated(renamed), at(15)).messages
     assert summaries(messages) == [
         ("L", 1, "updated", "OLD"),
         ("L", 1, "updated", "NEW"),
@@ -230,7 +230,7 @@ def test_consequence_15_type_change_that_also_stops_is_heard_by_the_old_type() -
     engine, _ = engine_with(original)
     run_until(engine, 12)
     moved = bump(original, 1, type="NEW", start_time=100)
-    messages = engine.apply(Updated(moved), at(15))
+    messages = engine.apply(Updated(moved), at(15)).messages
     assert summaries(messages) == [
         ("L", 1, "updated", "OLD"),
         ("L", 1, "updated", "NEW"),
@@ -252,10 +252,10 @@ def test_consequence_16_update_at_a_boundary_loses_nothing_either_order() -> Non
         ("R", 1, "running", "reconfigured", 10, 30, 30, 10, 10, 2, 10),
     ]
     timer_first, _ = engine_with(original)
-    race = run_until(timer_first, 10) + timer_first.apply(Updated(at_start), at(10))
+    race = run_until(timer_first, 10) + timer_first.apply(Updated(at_start), at(10)).messages
     assert summaries(race) == expected_start
     update_first, _ = engine_with(original)
-    race = update_first.apply(Updated(at_start), at(10)) + run_until(update_first, 10)
+    race = update_first.apply(Updated(at_start), at(10)).messages + run_until(update_first, 10)
     assert summaries(race) == expected_start
 
     at_end = bump(original, 1, duration=40)
@@ -266,11 +266,11 @@ def test_consequence_16_update_at_a_boundary_loses_nothing_either_order() -> Non
     ]
     timer_first, _ = engine_with(original)
     run_until(timer_first, 20)
-    race = run_until(timer_first, 30) + timer_first.apply(Updated(at_end), at(30))
+    race = run_until(timer_first, 30) + timer_first.apply(Updated(at_end), at(30)).messages
     assert summaries(race) == expected_end
     update_first, _ = engine_with(original)
     run_until(update_first, 20)
-    race = update_first.apply(Updated(at_end), at(30)) + run_until(update_first, 30)
+    race = update_first.apply(Updated(at_end), at(30)).messages + run_until(update_first, 30)
     assert summaries(race) == expected_end
 
 
@@ -298,8 +298,10 @@ def test_consequence_18_change_invisible_to_the_actor_is_lifecycle_only() -> Non
     engine, _ = engine_with(original)
     run_until(engine, 65)
     longer = bump(original, 1, recurrence=make(every=60, count=5).recurrence)
-    assert summaries(engine.apply(Updated(longer), at(65))) == [("L", 1, "updated", "PEAK")]
-    assert summaries(engine.apply(Updated(bump(longer, 2)), at(66))) == [
+    assert summaries(engine.apply(Updated(longer), at(65)).messages) == [
+        ("L", 1, "updated", "PEAK")
+    ]
+    assert summaries(engine.apply(Updated(bump(longer, 2)), at(66)).messages) == [
         ("L", 1, "updated", "PEAK")
     ]
     starts = [m for m in run_until(engine, 1000) if m.event.value == "running"]
@@ -315,9 +317,9 @@ def test_idle_payload_change_sends_no_stop() -> None:
     """The library's spurious stop for an idle dispatch is gone (table, last row)."""
     original = make(start=100, duration=20)
     engine, _ = engine_with(original)
-    assert summaries(engine.apply(Updated(bump(original, 1, payload={"x": 1})), at(5))) == [
-        ("L", 1, "updated", "PEAK")
-    ]
+    assert summaries(
+        engine.apply(Updated(bump(original, 1, payload={"x": 1})), at(5)).messages
+    ) == [("L", 1, "updated", "PEAK")]
 
 
 def test_engine_is_reusable_across_microgrids() -> None:

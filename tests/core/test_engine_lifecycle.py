@@ -29,21 +29,23 @@ def test_stale_events_are_ignored_without_a_message() -> None:
     engine, _ = engine_with(original)
     same_time = bump(original, 5, payload={"power": 9})
     older = bump(original, 4, payload={"power": 9})
-    assert engine.apply(Updated(same_time), at(1)) == []
-    assert engine.apply(Created(older), at(2)) == []
+    assert engine.apply(Updated(same_time), at(1)).messages == []
+    assert engine.apply(Created(older), at(2)).messages == []
     assert engine.snapshot(MG)[0].dispatch == original
-    assert engine.relist(MG, [older], at(3), initial=False) == []
+    assert engine.relist(MG, [older], at(3), initial=False).messages == []
 
 
 def test_deleted_ids_stay_deleted() -> None:
     original = make(start=10, duration=20, updated=1)
     engine, _ = engine_with(original)
-    assert summaries(engine.apply(Deleted(original), at(2))) == [("L", 1, "deleted", "PEAK")]
+    assert summaries(engine.apply(Deleted(original), at(2)).messages) == [
+        ("L", 1, "deleted", "PEAK")
+    ]
     newer = bump(original, 9, payload={"power": 2})
-    assert engine.apply(Updated(newer), at(3)) == []
-    assert engine.apply(Created(newer), at(4)) == []
-    assert engine.apply(Deleted(newer), at(5)) == []
-    assert engine.relist(MG, [newer], at(6), initial=False) == []
+    assert engine.apply(Updated(newer), at(3)).messages == []
+    assert engine.apply(Created(newer), at(4)).messages == []
+    assert engine.apply(Deleted(newer), at(5)).messages == []
+    assert engine.relist(MG, [newer], at(6), initial=False).messages == []
     assert engine.snapshot(MG) == []
     assert run_until(engine, 100) == []
 
@@ -53,7 +55,7 @@ def test_delete_carrying_a_missed_type_change_reaches_both_types() -> None:
     engine, _ = engine_with(original)
     run_until(engine, 12)
     last = bump(original, 3, type="NEW")
-    messages = engine.apply(Deleted(last), at(15))
+    messages = engine.apply(Deleted(last), at(15)).messages
     assert summaries(messages) == [
         ("L", 1, "deleted", "OLD"),
         ("L", 1, "deleted", "NEW"),
@@ -66,20 +68,22 @@ def test_delete_carrying_a_missed_type_change_reaches_both_types() -> None:
 def test_delete_of_an_unknown_id_is_silent_but_final() -> None:
     engine = Engine()
     ghost = make(3, start=10, duration=20)
-    assert engine.apply(Deleted(ghost), at(0)) == []
-    assert engine.apply(Created(ghost), at(1)) == []
+    assert engine.apply(Deleted(ghost), at(0)).messages == []
+    assert engine.apply(Created(ghost), at(1)).messages == []
     assert engine.snapshot(MG) == []
 
 
 def test_updated_event_for_an_unknown_id_is_its_creation() -> None:
     engine = Engine()
-    assert summaries(engine.apply(Updated(make(start=10)), at(0))) == [("L", 1, "created", "PEAK")]
+    assert summaries(engine.apply(Updated(make(start=10)), at(0)).messages) == [
+        ("L", 1, "created", "PEAK")
+    ]
 
 
 def test_type_change_while_idle_is_updated_under_both_types_only() -> None:
     original = make(start=100, duration=20, type="A")
     engine, _ = engine_with(original)
-    assert summaries(engine.apply(Updated(bump(original, 1, type="B")), at(5))) == [
+    assert summaries(engine.apply(Updated(bump(original, 1, type="B")), at(5)).messages) == [
         ("L", 1, "updated", "A"),
         ("L", 1, "updated", "B"),
     ]
@@ -96,7 +100,7 @@ def test_relist_diffs_created_updated_deleted_and_forgets_finished() -> None:
     finished = make(4, start=0, duration=5)
     engine = Engine()
     assert summaries(
-        engine.relist(MG, [kept, changed, vanished, finished], at(1), initial=True)
+        engine.relist(MG, [kept, changed, vanished, finished], at(1), initial=True).messages
     ) == [
         ("L", 1, "created", "PEAK"),
         ("L", 2, "created", "PEAK"),
@@ -105,11 +109,11 @@ def test_relist_diffs_created_updated_deleted_and_forgets_finished() -> None:
         ("R", 4, "running", "created", 0, 5, 5, 1, 1, 1, None),
     ]
     run_until(engine, 15)
-    engine.take_dirty()
     newcomer = make(5, start=12, duration=20)
-    messages = engine.relist(
+    step = engine.relist(
         MG, [kept, bump(changed, 1, dry_run=True), newcomer], at(15), initial=False
     )
+    messages = step.messages
     assert summaries(messages) == [
         ("L", 2, "updated", "PEAK"),
         ("L", 5, "created", "PEAK"),
@@ -117,7 +121,7 @@ def test_relist_diffs_created_updated_deleted_and_forgets_finished() -> None:
         ("L", 3, "deleted", "PEAK"),
     ]
     assert [entry.dispatch.id for entry in engine.snapshot(MG)] == [1, 2, 5]
-    assert (MG, 4) in engine.take_dirty()
+    assert (MG, 4) in step.records
     ghost = engine.export_record((MG, 4))
     assert ghost is not None and ghost.forgotten and not ghost.tombstone
     assert engine.counts(at(15))[MG]["finished"] == 0
@@ -130,11 +134,13 @@ def test_forgotten_dispatch_that_comes_back_continues_its_sequence() -> None:
     engine = Engine()
     engine.relist(MG, [finished], at(1), initial=True)
     run_until(engine, 10)
-    assert engine.relist(MG, [], at(10), initial=False) == []
+    assert engine.relist(MG, [], at(10), initial=False).messages == []
     assert engine.snapshot(MG) == []
-    assert engine.apply(Updated(finished), at(11)) == []
+    assert engine.apply(Updated(finished), at(11)).messages == []
     revived = bump(finished, 1, start_time=20)
-    assert summaries(engine.apply(Updated(revived), at(12))) == [("L", 1, "updated", "PEAK")]
+    assert summaries(engine.apply(Updated(revived), at(12)).messages) == [
+        ("L", 1, "updated", "PEAK")
+    ]
     assert summaries(run_until(engine, 100)) == [
         ("R", 1, "running", "started", 20, 25, 25, 20, 20, 3, 5),
         ("R", 1, "stopped", "ended", 20, 25, None, 25, 25, 4, 20),
@@ -145,7 +151,7 @@ def test_relist_deletes_a_running_dispatch_with_a_stop() -> None:
     running = make(1, start=10, duration=20)
     engine, _ = engine_with(running)
     run_until(engine, 12)
-    assert summaries(engine.relist(MG, [], at(13), initial=False)) == [
+    assert summaries(engine.relist(MG, [], at(13), initial=False).messages) == [
         ("L", 1, "deleted", "PEAK"),
         ("R", 1, "stopped", "deleted", 10, 30, None, 13, 13, 2, 10),
     ]
@@ -155,7 +161,7 @@ def test_relist_change_learnt_late_is_resumed() -> None:
     original = make(start=100, duration=20)
     engine, _ = engine_with(original)
     moved = bump(original, 1, start_time=10)
-    assert summaries(engine.relist(MG, [moved], at(15), initial=False)) == [
+    assert summaries(engine.relist(MG, [moved], at(15), initial=False).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "running", "resumed", 10, 30, 30, 15, 15, 1, None),
     ]
@@ -165,7 +171,9 @@ def test_relist_of_one_microgrid_leaves_the_others_alone() -> None:
     engine = Engine()
     engine.apply(Created(make(1, microgrid_id=1)), at(0))
     engine.apply(Created(make(1, microgrid_id=2)), at(0))
-    assert summaries(engine.relist(1, [], at(1), initial=False)) == [("L", 1, "deleted", "PEAK")]
+    assert summaries(engine.relist(1, [], at(1), initial=False).messages) == [
+        ("L", 1, "deleted", "PEAK")
+    ]
     assert len(engine.snapshot(2)) == 1
 
 
@@ -184,15 +192,16 @@ def test_relist_rejects_a_dispatch_of_another_microgrid() -> None:
 
 def test_invalid_dispatch_never_runs_and_is_reported_once() -> None:
     broken = make(start=10, duration=20, interval=0)
-    engine, created = engine_with(broken)
+    engine = Engine()
+    step = engine.apply(Created(broken), at(0))
+    created = step.messages
     assert summaries(created) == [("L", 1, "created", "PEAK")]
     reason = engine.invalid_reason((MG, 1))
     assert reason
-    assert engine.take_new_invalid() == [((MG, 1), reason)]
-    assert summaries(engine.apply(Updated(bump(broken, 1, payload={"x": 1})), at(15))) == [
-        ("L", 1, "updated", "PEAK")
-    ]
-    assert engine.take_new_invalid() == []
+    assert step.invalid == [((MG, 1), reason)]
+    updated = engine.apply(Updated(bump(broken, 1, payload={"x": 1})), at(15))
+    assert summaries(updated.messages) == [("L", 1, "updated", "PEAK")]
+    assert updated.invalid == []
     assert run_until(engine, 1000) == []
     assert engine.counts(at(20))[MG]["invalid"] == 1
 
@@ -204,11 +213,13 @@ def test_by_rules_without_a_frequency_never_run_like_interval_0() -> None:
         recurrence=Recurrence(frequency=Frequency.UNSPECIFIED, byhours=(8,)),
     )
     received = Dispatch.from_protobuf(malformed.to_protobuf(), MG)
-    engine, created = engine_with(received)
+    engine = Engine()
+    step = engine.apply(Created(received), at(0))
+    created = step.messages
     assert summaries(created) == [("L", 1, "created", "PEAK")]
     reason = engine.invalid_reason((MG, 1))
     assert reason is not None and "frequency" in reason
-    assert engine.take_new_invalid() == [((MG, 1), reason)]
+    assert step.invalid == [((MG, 1), reason)]
     assert run_until(engine, 1000) == []
     assert engine.counts(at(20))[MG]["invalid"] == 1
 
@@ -218,7 +229,7 @@ def test_running_dispatch_made_invalid_stops() -> None:
     engine, _ = engine_with(original)
     run_until(engine, 15)
     broken = bump(original, 1, recurrence=make(interval=0).recurrence)
-    assert summaries(engine.apply(Updated(broken), at(16))) == [
+    assert summaries(engine.apply(Updated(broken), at(16)).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("R", 1, "stopped", "ended", 10, 30, None, 16, 16, 2, 10),
     ]
@@ -240,10 +251,10 @@ def test_restore_then_relist_publishes_only_real_changes() -> None:
     persist(engine, store)
 
     restored = reload(store)
-    assert restored.resume(at(16)) == []
-    assert restored.relist(MG, [a, b, c], at(16), initial=True) == []
+    assert restored.resume(at(16)).messages == []
+    assert restored.relist(MG, [a, b, c], at(16), initial=True).messages == []
     assert summaries(
-        restored.relist(MG, [a, bump(b, 1, payload={"x": 2})], at(17), initial=True)
+        restored.relist(MG, [a, bump(b, 1, payload={"x": 2})], at(17), initial=True).messages
     ) == [
         ("L", 2, "updated", "PEAK"),
         ("L", 3, "deleted", "PEAK"),
@@ -268,7 +279,7 @@ def test_resume_dates_missed_boundaries_and_reports_missed_runs() -> None:
     persist(engine, store)
 
     restored = reload(store)
-    resumed = restored.resume(at(185))
+    resumed = restored.resume(at(185)).messages
     assert summaries(resumed) == [
         ("R", 1, "running", "resumed", 180, 190, 190, 180, 185, 2, 60),
         ("R", 2, "stopped", "ended", 10, 110, None, 110, 185, 2, 10),
@@ -290,7 +301,7 @@ def test_resume_inside_the_announced_occurrence_says_nothing() -> None:
     store: dict[Any, Any] = {}
     persist(engine, store)
     restored = reload(store)
-    assert restored.resume(at(500)) == []
+    assert restored.resume(at(500)).messages == []
     assert summaries(run_until(restored, 2000)) == [
         ("R", 1, "stopped", "ended", 10, 1010, None, 1010, 1010, 2, 10),
     ]
@@ -302,9 +313,9 @@ def test_initial_relist_after_restart_reports_missed_runs_of_changed_dispatches(
     store: dict[Any, Any] = {}
     persist(engine, store)
     restored = reload(store)
-    assert restored.resume(at(200)) == []
+    assert restored.resume(at(200)).messages == []
     moved = bump(original, 1, start_time=60)
-    assert summaries(restored.relist(MG, [moved], at(200), initial=True)) == [
+    assert summaries(restored.relist(MG, [moved], at(200), initial=True).messages) == [
         ("L", 1, "updated", "PEAK"),
     ]
     following = run_until(restored, 250)
@@ -326,12 +337,12 @@ def test_export_restore_round_trip_mid_run_gives_the_same_future() -> None:
     store: dict[Any, Any] = {}
     persist(engine, store)
     restored = reload(store)
-    assert restored.resume(at(130)) == []
+    assert restored.resume(at(130)).messages == []
 
     def future(e: Engine) -> list[Message]:
         out = run_until(e, 200)
-        out += e.apply(Updated(bump(dispatches[1], 1, payload={"p": 3})), at(200))
-        out += e.apply(Deleted(dispatches[4]), at(210))
+        out += e.apply(Updated(bump(dispatches[1], 1, payload={"p": 3})), at(200)).messages
+        out += e.apply(Deleted(dispatches[4]), at(210)).messages
         out += run_until(e, 1000)
         return out
 
@@ -344,14 +355,20 @@ def test_export_restore_round_trip_mid_run_gives_the_same_future() -> None:
 # --- persistence and queries -------------------------------------------------------
 
 
-def test_take_dirty_is_incremental() -> None:
-    engine, _ = engine_with(make(1, start=10), make(2, start=100), make(3, start=200))
-    assert engine.take_dirty() == {(MG, 1), (MG, 2), (MG, 3)}
-    assert engine.take_dirty() == set()
-    engine.apply(Updated(bump(make(2, start=100), 1, payload={"a": 1})), at(1))
-    assert engine.take_dirty() == {(MG, 2)}
-    run_until(engine, 15)
-    assert engine.take_dirty() == {(MG, 1)}
+def test_each_step_carries_only_the_records_it_changed() -> None:
+    engine = Engine()
+    changed: set[tuple[int, int]] = set()
+    for dispatch in (make(1, start=10), make(2, start=100), make(3, start=200)):
+        changed |= engine.apply(Created(dispatch), at(0)).records.keys()
+    assert changed == {(MG, 1), (MG, 2), (MG, 3)}
+    assert set(engine.advance(at(0)).records) == set()
+    step = engine.apply(Updated(bump(make(2, start=100), 1, payload={"a": 1})), at(1))
+    assert set(step.records) == {(MG, 2)}
+    changed = set()
+    while (deadline := engine.next_deadline()) is not None and deadline <= at(15):
+        changed |= engine.advance(deadline).records.keys()
+    changed |= engine.advance(at(15)).records.keys()
+    assert changed == {(MG, 1)}
 
 
 def test_snapshot_and_counts() -> None:
@@ -379,8 +396,8 @@ def test_snapshot_and_counts() -> None:
 def test_clock_stepping_back_does_not_replay() -> None:
     engine, _ = engine_with(make(start=10, duration=20))
     assert len(run_until(engine, 15)) == 1
-    assert engine.advance(at(5)) == []
-    assert engine.advance(at(14)) == []
+    assert engine.advance(at(5)).messages == []
+    assert engine.advance(at(14)).messages == []
 
 
 def test_heap_stays_compact_under_many_updates() -> None:
@@ -398,7 +415,7 @@ def _dispatch_times(messages: list[Message]) -> list[datetime]:
 
 def test_advance_catches_up_in_order_with_lateness_visible() -> None:
     engine, _ = engine_with(make(1, start=10, duration=20), make(2, start=20, duration=5))
-    late = engine.advance(at(100))
+    late = engine.advance(at(100)).messages
     assert summaries(late) == [
         ("R", 1, "running", "started", 10, 30, 30, 10, 100, 1, None),
         ("R", 2, "running", "started", 20, 25, 25, 20, 100, 1, None),
@@ -420,13 +437,14 @@ def test_tombstones_and_forgotten_dispatches_survive_a_restart() -> None:
     persist(engine, store)
 
     restored = reload(store)
-    assert restored.resume(at(11)) == []
-    assert restored.take_new_invalid() == []
-    assert restored.apply(Created(bump(deleted, 5)), at(12)) == []
-    assert restored.apply(Updated(finished), at(12)) == []
-    assert summaries(restored.apply(Updated(bump(finished, 5, start_time=20)), at(13))) == [
-        ("L", 2, "updated", "PEAK")
-    ]
+    resumed = restored.resume(at(11))
+    assert resumed.messages == []
+    assert resumed.invalid == []
+    assert restored.apply(Created(bump(deleted, 5)), at(12)).messages == []
+    assert restored.apply(Updated(finished), at(12)).messages == []
+    assert summaries(
+        restored.apply(Updated(bump(finished, 5, start_time=20)), at(13)).messages
+    ) == [("L", 2, "updated", "PEAK")]
     assert summaries(run_until(restored, 22)) == [
         ("R", 2, "running", "started", 20, 25, 25, 20, 20, 3, 5),
     ]
@@ -438,13 +456,13 @@ def test_missed_runs_of_two_downtimes_accumulate_across_restarts() -> None:
     store: dict[Any, Any] = {}
     persist(engine, store)
     first = reload(store)
-    assert first.resume(at(135)) == []  # down (0, 135]: 60 and 120 missed
+    assert first.resume(at(135)).messages == []  # down (0, 135]: 60 and 120 missed
     persist(first, store)
     second = reload(store)
-    assert second.resume(at(200)) == []  # down again (135, 200]: 180 missed
+    assert second.resume(at(200)).messages == []  # down again (135, 200]: 180 missed
     persist(second, store)
     third = reload(store)
-    assert third.resume(at(201)) == []
+    assert third.resume(at(201)).messages == []
     following = run_until(third, 245)
     assert summaries(following)[0][:5] == ("R", 1, "running", "started", 240)
     assert isinstance(following[0], RunningMessage)
@@ -458,7 +476,7 @@ def test_a_pulse_is_not_repeated_after_a_restart_at_the_same_instant() -> None:
     store: dict[Any, Any] = {}
     persist(engine, store)
     restored = reload(store)
-    assert restored.resume(at(30)) == []
-    assert summaries(restored.apply(Updated(bump(pulse, 1)), at(30))) == [
+    assert restored.resume(at(30)).messages == []
+    assert summaries(restored.apply(Updated(bump(pulse, 1)), at(30)).messages) == [
         ("L", 1, "updated", "PEAK")
     ]

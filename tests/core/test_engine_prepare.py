@@ -8,8 +8,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatchd.core.engine import Change, Engine
-from dispatchd.core.messages import Message
+from dispatchd.core.engine import Change, Engine, Step
 from dispatchd.core.model import Dispatch
 from tests.core.test_engine_properties import Harness, Lockstep, operations
 from tests.core.test_engine_support import MG, at, make
@@ -36,17 +35,17 @@ class Preparing(Engine):
         assert sorted(d.id for d in prepared) == sorted(d.id for d in expected)
         assert all(any(p is e for e in expected) for p in prepared)
 
-    def advance(self, now: datetime) -> list[Message]:
+    def advance(self, now: datetime) -> Step:
         self._ahead(now)
         return super().advance(now)
 
-    def apply(self, change: Change, now: datetime) -> list[Message]:
+    def apply(self, change: Change, now: datetime) -> Step:
         self._ahead(now)
         return super().apply(change, now)
 
     def relist(
         self, microgrid_id: int, dispatches: list[Dispatch], now: datetime, *, initial: bool
-    ) -> list[Message]:
+    ) -> Step:
         self._ahead(now)
         return super().relist(microgrid_id, dispatches, now, initial=initial)
 

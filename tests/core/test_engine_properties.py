@@ -189,19 +189,19 @@ class Harness:
 
     def pre_advance(self, wanted: bool) -> None:
         if wanted:
-            self.replay.feed(self.engine.advance(at(self.now)), at(self.now))
+            self.replay.feed(self.engine.advance(at(self.now)).messages, at(self.now))
 
     def step(self, operation: tuple[Any, ...]) -> None:
         kind = operation[0]
         now = at(self.now)
         if kind == "wait":
             self.now += operation[1]
-            self.replay.feed(self.engine.advance(at(self.now)), at(self.now))
+            self.replay.feed(self.engine.advance(at(self.now)).messages, at(self.now))
         elif kind == "tick":
             deadline = self.engine.next_deadline()
             if deadline is not None and deadline >= now:
                 self.now = (deadline - at(0)).total_seconds()
-                self.replay.feed(self.engine.advance(deadline), deadline)
+                self.replay.feed(self.engine.advance(deadline).messages, deadline)
         elif kind == "upsert":
             _, dispatch_id, shape, stale, pre = operation
             self.upsert(dispatch_id, shape, stale, pre)
@@ -210,7 +210,7 @@ class Harness:
             self.pre_advance(pre)
             known = self.held.get(dispatch_id) or self.forgotten.pop(dispatch_id, None)
             victim = known or make(dispatch_id, updated=self.stamp())
-            messages = self.engine.apply(Deleted(victim), now)
+            messages = self.engine.apply(Deleted(victim), now).messages
             self.replay.feed(messages, now)
             mine = [m for m in messages if m.dispatch.id == dispatch_id]
             if pre:
@@ -236,7 +236,7 @@ class Harness:
             down_since = now
             self.now += operation[1]
             self.expect_missed(down_since, at(self.now))
-            resumed = restored.resume(at(self.now))
+            resumed = restored.resume(at(self.now)).messages
             self.replay.feed(resumed, at(self.now))
             assert all(isinstance(m, RunningMessage) for m in resumed)
             if operation[1] == 0:
@@ -260,13 +260,13 @@ class Harness:
             assert known is not None
             updated = (known.update_time - at(0)).total_seconds() - (self.clock % 2)
             candidate = shape.version(dispatch_id, updated)
-            messages = self.engine.apply(Updated(candidate), now)
+            messages = self.engine.apply(Updated(candidate), now).messages
             self.replay.feed(messages, now)
             if pre:
                 assert messages == []
             return
         candidate = shape.version(dispatch_id, self.stamp())
-        messages = self.engine.apply(Created(candidate), now)
+        messages = self.engine.apply(Created(candidate), now).messages
         self.replay.feed(messages, now)
         mine = [m for m in messages if m.dispatch.id == dispatch_id]
         if pre:
@@ -330,7 +330,7 @@ class Harness:
         candidate = replace(known, update_time=at(self.stamp()), **{name: changes[name]})
         now = at(self.now)
         self.pre_advance(pre)
-        messages = self.engine.apply(Updated(candidate), now)
+        messages = self.engine.apply(Updated(candidate), now).messages
         self.replay.feed(messages, now)
         self.check_change_order([m for m in messages if m.dispatch.id == dispatch_id], "updated")
         self.held[dispatch_id] = candidate
@@ -354,7 +354,7 @@ class Harness:
                     listed.append(self.held[dispatch_id])
             else:
                 listed.append(shape.version(dispatch_id, self.stamp()))
-        messages = self.engine.relist(MG, listed, now, initial=False)
+        messages = self.engine.relist(MG, listed, now, initial=False).messages
         self.replay.feed(messages, now)
         listed_ids = {d.id for d in listed}
         for dispatch in listed:
@@ -399,7 +399,7 @@ class Harness:
             assert self.replay.announced.get(dispatch_id) is None
         assert self.engine.counts(now).get(MG, {}) == self.expected_counts(now)
         # nothing more is due now
-        assert self.engine.advance(now) == []
+        assert self.engine.advance(now).messages == []
         deadline = self.engine.next_deadline()
         assert deadline is None or deadline > now
 
@@ -425,6 +425,6 @@ def test_boundaries_fire_exactly_on_time(versions: list[tuple[int, Shape]]) -> N
         engine.apply(Created(shape.version(dispatch_id, float(index))), at(0))
     horizon = at(0) + timedelta(hours=1)
     while (deadline := engine.next_deadline()) is not None and deadline <= horizon:
-        for message in engine.advance(deadline):
+        for message in engine.advance(deadline).messages:
             assert isinstance(message, RunningMessage)
             assert message.scheduled_for == message.emitted_at == deadline

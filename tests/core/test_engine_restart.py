@@ -42,7 +42,7 @@ def test_changes_made_while_down_get_no_running_for_the_stale_occurrence() -> No
         bump(deactivated, 1, active=False),
         bump(extended, 1, duration=500),
     ]
-    assert summaries(restored.relist(MG, listed, at(122), initial=True)) == [
+    assert summaries(restored.relist(MG, listed, at(122), initial=True).messages) == [
         ("L", 1, "updated", "PEAK"),
         ("L", 3, "updated", "PEAK"),
         ("L", 4, "updated", "PEAK"),
@@ -72,7 +72,7 @@ def test_while_held_later_boundaries_are_on_time_and_the_downtime_waits() -> Non
         ("R", 3, "stopped", "ended", 150, 160, None, 160, 160, 2, 150),
         ("R", 1, "stopped", "ended", 10, 200, None, 200, 200, 2, 10),
     ]
-    resumed = restored.resume(at(260), MG)
+    resumed = restored.resume(at(260), MG).messages
     assert summaries(resumed) == [
         ("R", 2, "stopped", "ended", 10, 60, None, 60, 260, 2, 10),
     ]
@@ -84,7 +84,7 @@ def test_a_finished_dispatch_missing_from_the_first_list_is_stopped_then_forgott
     engine, _ = engine_with(ended)
     run_until(engine, 20)
     restored = _restarted(engine, 100)
-    assert summaries(restored.relist(MG, [], at(101), initial=True)) == [
+    assert summaries(restored.relist(MG, [], at(101), initial=True).messages) == [
         ("R", 1, "stopped", "ended", 10, 60, None, 60, 101, 2, 10),
     ]
     assert restored.snapshot(MG) == []
@@ -99,7 +99,7 @@ def test_missed_runs_while_held_go_with_the_next_running_message() -> None:
     assert isinstance(following[0], RunningMessage)
     assert following[0].occurrence.start == at(240)
     assert following[0].missed_runs == (at(60), at(120), at(180))
-    assert restored.relist(MG, [recurring], at(246), initial=True) == []
+    assert restored.relist(MG, [recurring], at(246), initial=True).messages == []
 
 
 def test_relist_after_a_lost_stream_reports_runs_missed_by_a_dispatch_created_meanwhile() -> None:
@@ -108,7 +108,9 @@ def test_relist_after_a_lost_stream_reports_runs_missed_by_a_dispatch_created_me
     engine, _ = engine_with(make(1, start=1000, duration=10))
     created_meanwhile = make(2, start=120, duration=10, every=60, count=5, updated=110)
     listed = [make(1, start=1000, duration=10), created_meanwhile]
-    assert summaries(engine.relist(MG, listed, at(200), initial=False, unseen_since=at(100))) == [
+    assert summaries(
+        engine.relist(MG, listed, at(200), initial=False, unseen_since=at(100)).messages
+    ) == [
         ("L", 2, "created", "PEAK"),
     ]
     following = run_until(engine, 245)

@@ -10,9 +10,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dispatchd.core.engine import Created, DispatchRecord, Engine
+from dispatchd.core.engine import Created, Engine
 from dispatchd.core.messages import LifecycleMessage, Message, RunningMessage
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds
+from dispatchd.core.records import record_from_text, record_to_text
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MG = 7
@@ -108,8 +109,8 @@ def run_until(engine: Engine, horizon: float) -> list[Message]:
     """Fire the timer at every deadline up to ``horizon``, like the daemon."""
     out: list[Message] = []
     while (deadline := engine.next_deadline()) is not None and deadline <= at(horizon):
-        out.extend(engine.advance(deadline))
-    out.extend(engine.advance(at(horizon)))
+        out.extend(engine.advance(deadline).messages)
+    out.extend(engine.advance(at(horizon)).messages)
     return out
 
 
@@ -118,32 +119,20 @@ def engine_with(*dispatches: Dispatch, now: float = 0) -> tuple[Engine, list[Mes
     engine = Engine()
     out: list[Message] = []
     for dispatch in dispatches:
-        out.extend(engine.apply(Created(dispatch), at(now)))
+        out.extend(engine.apply(Created(dispatch), at(now)).messages)
     return engine, out
 
 
 def persist(engine: Engine, store: dict[Any, Any]) -> None:
-    """What a store does: write the dirty records through JSON, drop vanished ones."""
-    dispatches: dict[int, Dispatch] = store.setdefault("dispatches", {})
-    for key in engine.take_dirty():
-        record = engine.export_record(key)
-        if record is None:
-            store.pop(key, None)
-            continue
-
-        def encode(dispatch: Dispatch) -> int:
-            dispatches[id(dispatch)] = dispatch
-            return id(dispatch)
-
-        store[key] = json.loads(json.dumps(record.to_json(encode)))
-    store["meta"] = json.loads(json.dumps(engine.export_meta()))
+    """What a store does: every record and the meta through their stored text."""
+    records, meta = engine.export()
+    for record in records:
+        store[(record.dispatch.microgrid_id, record.dispatch.id)] = record_to_text(record)
+    store["meta"] = json.loads(json.dumps(meta))
 
 
 def reload(store: dict[Any, Any]) -> Engine:
-    dispatches = store["dispatches"]
     records = [
-        DispatchRecord.from_json(data, dispatches.__getitem__)
-        for key, data in store.items()
-        if isinstance(key, tuple)
+        record_from_text(text, key[0]) for key, text in store.items() if isinstance(key, tuple)
     ]
     return Engine.restore(records, store["meta"])

@@ -16,7 +16,9 @@ import pytest
 
 from dispatchd.apisync import ApiSync, SyncItem
 from dispatchd.core.engine import Engine
-from dispatchd.daemon import Daemon
+from dispatchd.loop import Loop
+from dispatchd.publisher import Publisher
+from dispatchd.store import Store
 from tests.core.test_engine_support import MG, at, make
 from tests.shell.daemon_harness import daemon_settings
 
@@ -53,20 +55,24 @@ async def test_api_sync_stopped_as_the_stream_is_accepted_stops() -> None:
 
 
 async def test_daemon_loop_stopped_as_an_item_arrives_stops(tmp_path: Path) -> None:
-    daemon = Daemon(daemon_settings(tmp_path, "amqp://unused", "unused"), clock=lambda: at(0))
+    settings = daemon_settings(tmp_path, "amqp://unused", "unused")
     engine = Engine()
     engine.relist(MG, [make(1, start=3600)], at(0), initial=True)
-    daemon._engine = engine  # a deadline in an hour, so the loop waits with a timeout
+    store = Store(tmp_path / "state.sqlite3")
+    publisher = Publisher(amqp_url="amqp://unused", exchange="unused", store=store)
+    # A deadline in an hour, so the loop waits with a timeout.
+    loop = Loop(settings, engine, store, publisher, clock=lambda: at(0), ready=asyncio.Event())
     steps: list[SyncItem | None] = []
 
     async def step(item: SyncItem | None) -> None:
         steps.append(item)
 
-    daemon._step = step  # type: ignore[method-assign]
-    task = asyncio.create_task(daemon._loop())
+    loop._step = step  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(loop.run())
     await asyncio.sleep(0)  # waiting for an item or the deadline now
-    daemon._inbox.put_nowait(object())  # type: ignore[arg-type]
+    loop.inbox.put_nowait(object())  # type: ignore[arg-type]
     task.cancel()
     await _stopped(task)
+    store.close()
     assert steps == []
-    assert daemon._inbox.qsize() == 1  # a cancelled get leaves the item where it was
+    assert loop.inbox.qsize() == 1  # a cancelled get leaves the item where it was

@@ -2,7 +2,7 @@
 
 Shortly before a deadline the daemon encodes the dispatches due (``_prepare``);
 a change made after that must still be published with its new data.
-``Daemon._commit_in_parts`` cuts a burst so the first messages are on the wire
+``Loop._commit_in_parts`` cuts a burst so the first messages are on the wire
 while the rest are still encoded and committed. These tests pin the cutting
 rule (``_parts``), a burst split into several parts end to end, and a crash
 between two parts: the restart must converge the dispatches of the later
@@ -24,10 +24,11 @@ from frequenz.client.dispatch.types import TargetIds
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatchd import daemon as daemon_module
+from dispatchd import loop as loop_module
 from dispatchd.core.messages import Message
 from dispatchd.core.wire import TYPE_RUNNING, Envelope
-from dispatchd.daemon import Daemon, _parts
+from dispatchd.daemon import Daemon
+from dispatchd.loop import Loop, _parts
 from dispatchd.store import OutboxItem, Store
 from tests.shell.daemon_harness import (
     MG,
@@ -137,7 +138,7 @@ async def test_a_burst_is_published_in_parts(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(daemon_module, "FIRST_PART", 2)
+    monkeypatch.setattr(loop_module, "FIRST_PART", 2)
     exchange = unique_name("parts")
     async with (
         QueueObserver(amqp_url, exchange) as observer,
@@ -164,7 +165,7 @@ async def test_a_crash_between_parts_loses_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(daemon_module, "FIRST_PART", 2)
+    monkeypatch.setattr(loop_module, "FIRST_PART", 2)
     exchange = unique_name("parts-crash")
     async with QueueObserver(amqp_url, exchange) as observer:
         settings = daemon_settings(tmp_path, amqp_url, exchange)
@@ -216,14 +217,14 @@ async def test_a_change_after_the_dispatch_was_readied_is_published_as_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     readied = asyncio.Event()
-    prepare = Daemon._prepare
+    prepare = Loop._prepare
 
-    def spy(self: Daemon) -> None:
+    def spy(self: Loop) -> None:
         prepare(self)
         if self._prepared:
             readied.set()
 
-    monkeypatch.setattr(Daemon, "_prepare", spy)
+    monkeypatch.setattr(Loop, "_prepare", spy)
     exchange = unique_name("prepared")
     async with (
         QueueObserver(amqp_url, exchange) as observer,

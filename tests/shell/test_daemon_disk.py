@@ -121,7 +121,9 @@ async def test_full_state_volume_keeps_running_says_so_and_catches_up(
                 for dispatch_id in created:  # late, not lost: the transitions due meanwhile too
                     await observer.seen(lambda r, d=dispatch_id: r.is_(d, "created"), WAIT)
                     await observer.seen(lambda r, d=dispatch_id: r.is_(d, "stopped"), WAIT)
-                await poll(lambda: handle.daemon._store_problem is None, WAIT)
+                loop = handle.daemon.loop
+                assert loop is not None
+                await poll(lambda: loop.store_problem is None, WAIT)
                 status, missing = await readyz(handle.http_port)
                 assert (status, missing) == (200, [])
                 after = await direct.create(mg(), "AFTER", soon(600), None, TargetIds(1))

@@ -1,4 +1,4 @@
-"""The daemon's shared dispatch text: records and bodies as if encoded separately."""
+"""The loop's shared dispatch text: records and bodies as if encoded separately."""
 
 from __future__ import annotations
 
@@ -7,41 +7,25 @@ from dataclasses import replace
 from datetime import datetime
 
 from hypothesis import given
-from hypothesis import strategies as st
 
 from dispatchd.core import wire
-from dispatchd.core.engine import DispatchRecord
-from dispatchd.core.messages import Event, LifecycleMessage, Occurrence
+from dispatchd.core.messages import Event, LifecycleMessage
 from dispatchd.core.model import Dispatch
-from dispatchd.daemon import _DispatchTexts, _record_to_text
-from tests.core.test_wire import FEW, any_times, dispatches, spec_dispatch
-
-
-@st.composite
-def records(draw: st.DrawFn) -> DispatchRecord:
-    optional_times = st.one_of(st.none(), any_times)
-    announced = draw(st.one_of(st.none(), st.builds(Occurrence, any_times, optional_times)))
-    return DispatchRecord(
-        dispatch=draw(dispatches()),
-        announced=announced,
-        sequence=draw(st.integers(min_value=0, max_value=2**63)),
-        last_emitted_at=draw(optional_times),
-        tombstone=draw(st.booleans()),
-        pending_missed=tuple(draw(st.lists(any_times, max_size=3))),
-        last_pulse=draw(optional_times),
-        forgotten=draw(st.booleans()),
-    )
+from dispatchd.core.records import DispatchRecord, record_to_json
+from dispatchd.loop import DispatchTexts
+from tests.core.test_records import records
+from tests.core.test_wire import FEW, spec_dispatch
 
 
 def _separately(record: DispatchRecord) -> str:
-    return json.dumps(record.to_json(wire.dispatch_to_json), separators=(",", ":"))
+    return json.dumps(record_to_json(record), separators=(",", ":"))
 
 
 @FEW
 @given(records())
 def test_record_text_is_what_encoding_it_alone_gives(record: DispatchRecord) -> None:
-    texts = _DispatchTexts()
-    assert _record_to_text(record, texts) == _separately(record)
+    texts = DispatchTexts()
+    assert texts.record_text(record) == _separately(record)
     # The body text cached for the same dispatch is the one encode would make.
     assert texts.body_text(record.dispatch) == wire.dispatch_json_text(record.dispatch)
 
@@ -54,8 +38,8 @@ def _record_of(dispatch: Dispatch) -> DispatchRecord:
 
 def test_text_is_computed_once_per_dispatch_object() -> None:
     dispatch = spec_dispatch()
-    texts = _DispatchTexts()
-    record_text = _record_to_text(_record_of(dispatch), texts)
+    texts = DispatchTexts()
+    record_text = texts.record_text(_record_of(dispatch))
     body_text = texts.body_text(dispatch)
     assert record_text.startswith('{"dispatch":' + body_text + ",")
     assert texts.body_text(dispatch) is body_text
@@ -65,9 +49,9 @@ def test_escapes_that_differ_between_record_and_body_are_kept_apart() -> None:
     """Records escape non-ASCII and DEL as ``\\uXXXX``; bodies write them raw."""
     for odd in ("Wärme", "del\x7f", "snow ☃ \U0001f600"):
         dispatch = replace(spec_dispatch(), type=odd, payload={odd: odd})
-        texts = _DispatchTexts()
+        texts = DispatchTexts()
         record = _record_of(dispatch)
-        assert _record_to_text(record, texts) == _separately(record)
+        assert texts.record_text(record) == _separately(record)
         message = LifecycleMessage(
             event=Event.CREATED,
             dispatch=dispatch,
@@ -82,4 +66,4 @@ def test_escapes_that_differ_between_record_and_body_are_kept_apart() -> None:
 def test_a_payload_no_body_can_carry_still_gets_its_record() -> None:
     dispatch = replace(spec_dispatch(), payload={"x": float("nan")})
     record = _record_of(dispatch)
-    assert _record_to_text(record, _DispatchTexts()) == _separately(record)
+    assert DispatchTexts().record_text(record) == _separately(record)

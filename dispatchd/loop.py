@@ -1,0 +1,481 @@
+"""The daemon's one loop: inbox or deadline -> engine step -> one commit -> publisher.
+
+``Loop.run`` waits for the next ``apisync`` item or the engine's next
+deadline, whichever comes first, and hands it to ``core.engine.Engine``. The
+engine returns one ``Step``: the messages and the records and meta to store
+with them. ``Loop._commit`` encodes the messages with ``core.wire`` and the
+records with ``core.records`` and writes both in one transaction of
+``store.Store``; the committed outbox items go to ``publisher.Publisher``.
+
+Only this loop touches the engine, so the engine needs no locks; the RPC and
+HTTP handlers only read it between steps. The fast paths live here too:
+dispatches due soon are readied ahead (``PREPARE_LEAD``), a burst is
+committed in parts, each dispatch is encoded once for its record and its
+messages, and a step the store refuses (disk full) is kept and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from frequenz.client.common.streaming import Event as StreamEvent
+
+from dispatchd import metrics, status
+from dispatchd.apisync import Backoff, Listed, Streamed, SyncItem, gc_paused
+from dispatchd.config import Settings
+from dispatchd.core import wire
+from dispatchd.core.engine import Change, Created, Deleted, Engine, Step, Updated
+from dispatchd.core.messages import Message, Reason, RunningMessage
+from dispatchd.core.model import Dispatch
+from dispatchd.core.records import DispatchKey, DispatchRecord, record_from_text, record_to_text
+from dispatchd.publisher import Publisher
+from dispatchd.store import Store, StoreWriteError
+
+_log = structlog.get_logger(__name__)
+
+FIRST_PART = 100
+"""Messages in the first part of a burst committed in parts (see ``_commit_in_parts``)."""
+HANDOFF_YIELDS = 3
+"""Loop turns given to the publisher after each part: its sender starts the
+publishes, they queue their frames, aiormq's writer puts them on the socket."""
+PREPARE_LEAD = 0.5
+"""Seconds before a deadline at which its dispatches are readied (see ``Engine.prepare``)."""
+_SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
+"""Running messages caused by a boundary of the schedule (their lateness is measured)."""
+STORE_RETRY = Backoff(initial=0.5, maximum=5.0)
+"""Backoff between attempts to write a step the state store refused (disk full...)."""
+STORE_ERROR_EVERY = 60.0
+"""Seconds between the ERROR lines repeated while the state store refuses writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstSyncDue:
+    """``api.first_sync_timeout`` has passed since start-up."""
+
+
+InboxItem = SyncItem | _FirstSyncDue
+
+
+@dataclass(slots=True)
+class _Unsaved:
+    """Steps the store refused, merged in order, waiting to be written."""
+
+    records: dict[DispatchKey, str | None]
+    meta: dict[str, Any] | None
+    envelopes: list[wire.Envelope]
+
+    def add(
+        self,
+        records: dict[DispatchKey, str | None],
+        meta: dict[str, Any] | None,
+        envelopes: list[wire.Envelope],
+    ) -> None:
+        self.records.update(records)
+        if meta is not None:
+            self.meta = meta
+        self.envelopes.extend(envelopes)
+
+
+def restore_engine(store: Store) -> Engine:
+    """The engine as the store left it (call ``Engine.hold`` before the first step)."""
+    loaded = store.load()
+    records = [
+        record_from_text(text, microgrid_id) for (microgrid_id, _), text in loaded.records.items()
+    ]
+    if records or loaded.outbox:
+        _log.info(
+            "restored state",
+            dispatches=len(records),
+            outbox=len(loaded.outbox),
+            last_seen=loaded.meta.get("last_seen"),
+        )
+    return Engine.restore(records, loaded.meta)
+
+
+class Loop:
+    """Owns the engine between start-up and shutdown; feeds it and stores what it decides."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        store: Store,
+        publisher: Publisher,
+        *,
+        clock: Callable[[], datetime],
+        ready: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self.engine = engine
+        self._store = store
+        self._publisher = publisher
+        self._clock = clock
+        self._ready = ready
+        self.inbox: asyncio.Queue[InboxItem] = asyncio.Queue()
+        """Where each microgrid's ``ApiSync`` puts what it learnt."""
+        self.synced: set[int] = set()
+        self.first_synced_at: dict[int, datetime] = {}
+        self.overdue: dict[int, bool] = {}
+        """Microgrids whose first list did not come within ``api.first_sync_timeout``,
+        and whether they were then converged from the stored state."""
+        self.recent = status.RecentMessages()
+        """The last messages queued for publishing, for the status page."""
+        self.store_problem: str | None = None
+        """Why the last write of the state store failed, while it fails."""
+        self._prepared = DispatchTexts()
+        """Texts of the dispatches due by ``_prepared_until``, encoded ahead."""
+        self._prepared_until = datetime.min.replace(tzinfo=UTC)
+        self._unsaved: _Unsaved | None = None
+        self._store_retry = asyncio.Event()
+
+    def first_sync_due(self) -> None:
+        """``api.first_sync_timeout`` has passed: converge the microgrids still not listed."""
+        self.inbox.put_nowait(_FirstSyncDue())
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        """Wait for the next API item or the engine's next deadline, whichever first.
+
+        One timer (the ``asyncio.timeout`` around the inbox) and no polling:
+        between deadlines and API events the daemon sleeps. The timer goes off twice per
+        deadline: ``PREPARE_LEAD`` before it, to ready what is due (so a
+        burst of starts costs less at its instant), and at the deadline.
+        """
+        while True:
+            deadline = self.engine.next_deadline()
+            timeout = None
+            preparing = False
+            if deadline is not None:
+                left = (deadline - self._clock()).total_seconds()
+                if deadline > self._prepared_until:
+                    if left > PREPARE_LEAD:
+                        left -= PREPARE_LEAD  # wake first to prepare
+                        preparing = True
+                    else:
+                        self._prepare()
+                timeout = max(0.0, left)
+            item: InboxItem | None = None
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a
+            # cancellation that arrives with an item, and a stop would then hang.
+            # A get cancelled by the timeout leaves its item in the queue.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    item = await self.inbox.get()
+            if item is None and preparing:
+                self._prepare()
+            else:
+                await self._step(item)
+
+    def _prepare(self) -> None:
+        """Build the schedules and encode the dispatches due within ``PREPARE_LEAD``."""
+        until = self._clock() + timedelta(seconds=PREPARE_LEAD)
+        self._prepared_until = until
+        for dispatch in self.engine.prepare(until):
+            self._prepared.body_text(dispatch)
+
+    async def _step(self, item: InboxItem | None) -> None:
+        now = self._clock()
+        engine = self.engine
+        match item:
+            case _FirstSyncDue():
+                messages = self._first_sync_due(now)
+            case None:
+                step = engine.advance(now)
+                await self._commit_in_parts(step)
+                messages = step.messages
+                if self._prepared and now >= self._prepared_until:
+                    self._prepared = DispatchTexts()  # its window has passed
+            case Listed(microgrid_id, dispatches, initial, unseen_since):
+                with gc_paused():
+                    step = engine.relist(
+                        microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
+                    )
+                    self._commit(step)
+                messages = step.messages
+                self._after_listed(item, now)
+            case Streamed(_, event, dispatch):
+                change = _CHANGES.get(event)
+                if change is None:
+                    _log.warning("ignored stream event", event=str(event), dispatch_id=dispatch.id)
+                    return
+                step = engine.apply(change(dispatch), now)
+                self._commit(step)
+                messages = step.messages
+        _log_messages(messages)
+        self.recent.extend(messages)
+
+    def _after_listed(self, item: Listed, now: datetime) -> None:
+        """The first listing of a microgrid marks it synced; all synced is ready."""
+        if item.microgrid_id not in self.synced:
+            self.synced.add(item.microgrid_id)
+            self.first_synced_at[item.microgrid_id] = now
+            counts = self.engine.counts(now).get(item.microgrid_id, {})
+            _log.info(
+                "first sync done",
+                microgrid_id=item.microgrid_id,
+                dispatches=len(item.dispatches),
+                **counts,
+            )
+            if self.synced.issuperset(self._settings.microgrid_ids):
+                self._ready.set()
+
+    def _first_sync_due(self, now: datetime) -> list[Message]:
+        """Converge, from what is known, each microgrid whose first list has not come."""
+        messages: list[Message] = []
+        held = self.engine.held()
+        timeout = self._settings.api.first_sync_timeout
+        for microgrid_id in sorted(held - set(self._settings.microgrid_ids)):
+            step = self.engine.resume(now, microgrid_id)  # stored, no longer configured
+            self._commit(step)
+            messages.extend(step.messages)
+        for microgrid_id in self._settings.microgrid_ids:
+            if microgrid_id in self.synced:
+                continue
+            converged = self.overdue[microgrid_id] = microgrid_id in held
+            if converged:
+                step = self.engine.resume(now, microgrid_id)
+                self._commit(step)
+                messages.extend(step.messages)
+            _log.warning(
+                "first sync with the dispatch API not done in time"
+                + ("; converged from the stored state" if converged else ""),
+                microgrid_id=microgrid_id,
+                first_sync_timeout=timeout,
+            )
+        return messages
+
+    # ---------------------------------------------------------- committing
+
+    def _commit(self, step: Step) -> None:
+        """One transaction for the step's records and the messages they caused, then publish."""
+        _log_invalid(step.invalid)
+        self._write(step.messages, step.records, step.meta)
+
+    async def _commit_in_parts(self, step: Step) -> None:
+        """Commit a burst of due transitions in growing parts, publishing each at once.
+
+        Between parts the publisher runs, so the first messages of a burst
+        are on the wire while the rest are encoded and committed. A part holds
+        whole dispatches (all their messages of this step with their records),
+        so a crash between parts is like a crash before the step for the
+        dispatches of the later parts: the restart converges them.
+        """
+        _log_invalid(step.invalid)
+        records = dict(step.records)
+        parts = _parts(step.messages, FIRST_PART)
+        for index, part in enumerate(parts):
+            if index == len(parts) - 1:
+                self._write(part, records, step.meta)
+                return
+            keys = {_dispatch_key(message) for message in part}
+            self._write(part, {key: records.pop(key) for key in keys if key in records}, None)
+            for _ in range(HANDOFF_YIELDS):
+                await asyncio.sleep(0)
+        self._write([], records, step.meta)
+
+    def _write(
+        self,
+        messages: list[Message],
+        records: Mapping[DispatchKey, DispatchRecord | None],
+        meta: dict[str, Any] | None,
+    ) -> None:
+        """Encode and store ``messages`` with ``records`` (and ``meta``), then publish them."""
+        texts = DispatchTexts(self._prepared)
+        record_texts = {
+            key: None if record is None else texts.record_text(record)
+            for key, record in records.items()
+        }
+        if not record_texts and not messages:
+            return
+        envelopes = [
+            wire.encode(message, dispatch_text=texts.body_text(message.dispatch))
+            for message in messages
+        ]
+        if self._unsaved is not None:  # keep the order: after what is waiting
+            self._unsaved.add(record_texts, meta, envelopes)
+            return
+        try:
+            items = self._store.commit(records=record_texts, meta=meta, envelopes=envelopes)
+        except StoreWriteError as error:
+            self._unsaved = _Unsaved(record_texts, meta, envelopes)
+            self.store_problem = str(error)
+            self._store_retry.set()
+            return
+        self._publisher.submit(items)
+
+    async def save_unsaved(self) -> None:
+        """Write what the store refused, with backoff; one ERROR line a minute meanwhile.
+
+        The publisher keeps sending what was committed before; the refused
+        steps' messages follow, late but in order, once a write succeeds.
+        """
+        rng = random.Random()
+        while True:
+            await self._store_retry.wait()
+            self._store_retry.clear()
+            attempt = 0
+            logged_at: float | None = None
+            while self._unsaved is not None:
+                now = time.monotonic()
+                if logged_at is None or now - logged_at >= STORE_ERROR_EVERY:
+                    logged_at = now
+                    _log.error(
+                        "cannot write the state store; publishing what it holds, retrying",
+                        error=self.store_problem,
+                        unsaved_messages=len(self._unsaved.envelopes),
+                    )
+                await asyncio.sleep(STORE_RETRY.delay(attempt, rng) + STORE_RETRY.initial / 2)
+                attempt += 1
+                if self._write_unsaved():
+                    _log.info("state store writable again", path=str(self._store.path))
+
+    def save_before_stop(self) -> None:
+        """At shutdown: a last attempt to write what the store refused."""
+        if self._unsaved is not None and not self._write_unsaved():
+            _log.warning(
+                "state store still refuses writes: the next start converges what was not saved",
+                messages=len(self._unsaved.envelopes),
+                error=self.store_problem,
+            )
+
+    def _write_unsaved(self) -> bool:
+        """One attempt to write the waiting steps; whether nothing waits any more."""
+        unsaved = self._unsaved
+        if unsaved is None:
+            return True
+        try:
+            items = self._store.commit(
+                records=unsaved.records, meta=unsaved.meta, envelopes=unsaved.envelopes
+            )
+        except StoreWriteError as error:
+            self.store_problem = str(error)
+            return False
+        self._unsaved = None
+        self.store_problem = None
+        self._publisher.submit(items)
+        return True
+
+
+_CHANGES: dict[StreamEvent, Callable[..., Change]] = {
+    StreamEvent.CREATED: Created,
+    StreamEvent.UPDATED: Updated,
+    StreamEvent.DELETED: Deleted,
+}
+
+
+def _dispatch_key(message: Message) -> DispatchKey:
+    return message.dispatch.microgrid_id, message.dispatch.id
+
+
+def _parts(messages: list[Message], first: int) -> list[list[Message]]:
+    """Consecutive runs of ``messages``, the first about ``first`` long, each next twice as long.
+
+    A cut is made only where no dispatch has messages on both sides of it.
+    """
+    last_of: dict[DispatchKey, int] = {
+        _dispatch_key(message): index for index, message in enumerate(messages)
+    }
+    parts: list[list[Message]] = []
+    start, size, reach = 0, first, 0
+    for index, message in enumerate(messages):
+        reach = max(reach, last_of[_dispatch_key(message)])
+        if reach == index and index + 1 - start >= size:
+            parts.append(messages[start : index + 1])
+            start, size = index + 1, size * 2
+    if start < len(messages):
+        parts.append(messages[start:])
+    return parts
+
+
+class DispatchTexts:
+    """The JSON text of each dispatch of one step, computed once for record and body.
+
+    Keyed by identity: records and messages of a step share the engine's
+    ``Dispatch`` objects, which are kept alive here so no id is reused.
+    """
+
+    def __init__(self, ahead: DispatchTexts | None = None) -> None:
+        self._texts: dict[int, tuple[Dispatch, str | None]] = {}
+        self._ahead = ahead
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def body_text(self, dispatch: Dispatch) -> str:
+        text = self._get(dispatch)
+        return wire.dispatch_json_text(dispatch) if text is None else text
+
+    def record_text(self, record: DispatchRecord) -> str:
+        """The record as stored, around the body's dispatch text when that is also the record's."""
+        return record_to_text(record, self._record_dispatch_text(record.dispatch))
+
+    def _record_dispatch_text(self, dispatch: Dispatch) -> str | None:
+        """The body's text when it is also the record's (ASCII without DEL: both escape alike)."""
+        text = self._get(dispatch)
+        return text if text is not None and text.isascii() and "\x7f" not in text else None
+
+    def _get(self, dispatch: Dispatch) -> str | None:
+        cached = self._texts.get(id(dispatch))
+        if cached is None and self._ahead is not None:
+            cached = self._ahead._texts.get(id(dispatch))
+        if cached is not None:
+            return cached[1]
+        try:
+            text: str | None = wire.dispatch_json_text(dispatch)
+        except wire.WireError:
+            text = None  # not valid in a body; the record has its own, laxer encoding
+        self._texts[id(dispatch)] = (dispatch, text)
+        return text
+
+
+def _log_invalid(invalid: list[tuple[DispatchKey, str]]) -> None:
+    for (microgrid_id, dispatch_id), reason in invalid:
+        _log.warning(
+            "invalid dispatch will never run",
+            microgrid_id=microgrid_id,
+            dispatch_id=dispatch_id,
+            reason=reason,
+        )
+
+
+_BATCH_LOG_THRESHOLD = 20
+"""Above this many messages in one step (a large sync), log counts, not each message."""
+
+
+def _log_messages(messages: list[Message]) -> None:
+    for message in messages:
+        if isinstance(message, RunningMessage) and message.reason in _SCHEDULED_REASONS:
+            lateness = (message.emitted_at - message.scheduled_for).total_seconds()
+            metrics.TRANSITION_LATENESS.labels(kind="running").observe(lateness)
+    if len(messages) > _BATCH_LOG_THRESHOLD:
+        counts: dict[str, int] = {}
+        for message in messages:
+            name = f"{message.kind}.{message.event}"
+            counts[name] = counts.get(name, 0) + 1
+        _log.info("messages", total=len(messages), **counts)
+        return
+    for message in messages:
+        _log_message(message)
+
+
+def _log_message(message: Message) -> None:
+    dispatch = message.dispatch
+    fields: dict[str, object] = {
+        "microgrid_id": dispatch.microgrid_id,
+        "dispatch_id": dispatch.id,
+        "type": message.routing_type,
+        "message": f"{message.kind}.{message.event}",
+    }
+    if isinstance(message, RunningMessage):
+        lateness = (message.emitted_at - message.scheduled_for).total_seconds()
+        fields.update(reason=str(message.reason), sequence=message.sequence, lateness=lateness)
+    _log.info("queued for publishing", **fields)
