@@ -423,8 +423,8 @@ class Publisher:
                 async with asyncio.timeout(CLOSE_GRACE):
                     await self._connection.close()
         metrics.BROKER_UP.set(0)
-        if self._window:
-            log.info("publisher closed, unconfirmed kept in the outbox", count=len(self._window))
+        if self.unconfirmed:
+            log.info("publisher closed, unconfirmed kept in the outbox", count=self.unconfirmed)
 
     async def _stop_tasks(self) -> None:
         """Cancel sending and connecting; the flusher is left to finish its last batch."""
@@ -465,7 +465,7 @@ class Publisher:
         return len(self._window)
 
     def _update_idle(self) -> None:
-        if not self._window and not self._done:
+        if not self.unconfirmed and not self._done:
             self._idle.set()
 
     # --- the send loop -----------------------------------------------------
