@@ -131,11 +131,12 @@ class SendWindow(Generic[T, K]):
             if item is None:
                 continue
             key = self._dispatch_of(item)
-            busy = self._busy.get(key, 0)
-            if not released and (key in self._held or busy >= self._max_per_dispatch):
+            if not released and (
+                key in self._held or self._busy.get(key, 0) >= self._max_per_dispatch
+            ):
                 self._held.setdefault(key, collections.deque()).append(seq)
                 continue
-            self._busy[key] = busy + 1
+            self._busy[key] = self._busy.get(key, 0) + 1
             self.in_flight += 1
             if self.in_flight > self.peak_in_flight:
                 self.peak_in_flight = self.in_flight
