@@ -195,10 +195,12 @@ class Model:
             if self.now >= until:
                 del self.waiting_until[dispatch]
         while (item := self.win.take(self.now)) is not None:
-            assert item.dispatch not in self.waiting_until
             assert item.seq not in {i.seq for i in self.in_flight}
             if self.per_dispatch == 1:
-                # Nothing of a dispatch goes before every earlier message of it is confirmed.
+                # A refused dispatch waits; nothing of a dispatch goes before every
+                # earlier message of it is confirmed. (A wider window gives up that order:
+                # what was let go before the nack still goes.)
+                assert item.dispatch not in self.waiting_until
                 assert item.seq == self.unconfirmed(item.dispatch)[0]
             self.in_flight.append(item)
             self.sends[item.seq] = self.sends.get(item.seq, 0) + 1
