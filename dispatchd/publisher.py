@@ -14,6 +14,9 @@ A nack (the broker refused one message, e.g. a full queue with
 message is republished after a backoff of its own (``reconnect_interval``,
 doubling per consecutive nack of the dispatch, up to ``max_backoff``) with
 the dispatch's later messages behind it, while every other dispatch goes on.
+Which message may go when is decided by the pure ``core.sendwindow.SendWindow``;
+this module is the connection shell around it: connecting, sending,
+confirms, timers and the outbox clean-up.
 
 On any other failure (confirm timeout, channel or connection lost) the
 publisher stops sending, lets the in-flight publishes settle, waits for the
@@ -32,7 +35,6 @@ it as unroutable (no queue bound: topic semantics, counted, never retried).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ssl
 import time
@@ -54,6 +56,7 @@ from aio_pika.exceptions import (
 from aiormq.exceptions import ChannelAccessRefused
 
 from dispatchd import metrics
+from dispatchd.core.sendwindow import SendWindow
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.store import OutboxItem, Store
 
@@ -90,6 +93,9 @@ def _kind(envelope: Envelope) -> str:
 
 def _dispatch_key(item: OutboxItem) -> tuple[int, int]:
     return (item.envelope.microgrid_id, item.envelope.dispatch_id)
+
+
+OutboxWindow = SendWindow[OutboxItem, tuple[int, int]]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -169,14 +175,17 @@ class Publisher:
         refused_retry: float = REFUSED_RETRY,
         on_declare: DeclareHook | None = None,
     ) -> None:
-        if max_in_flight < 1 or max_in_flight_per_dispatch < 1:
-            raise ValueError("max_in_flight and max_in_flight_per_dispatch must be at least 1")
+        self._window = OutboxWindow(
+            dispatch_of=_dispatch_key,
+            max_in_flight=max_in_flight,
+            max_per_dispatch=max_in_flight_per_dispatch,
+            retry_interval=reconnect_interval,
+            max_retry_interval=max_backoff,
+        )
         self._url = amqp_url
         self._exchange_name = exchange
         self._store = store
         self._publish_timeout = publish_timeout
-        self._max_in_flight = max_in_flight
-        self._max_per_dispatch = max_in_flight_per_dispatch
         self._reconnect_interval = reconnect_interval
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
@@ -196,27 +205,14 @@ class Publisher:
         self.retry_in: float | None = None
         """Seconds until the next connection attempt while not connected (None once connected)."""
 
-        # Submitted and not yet confirmed, keyed (and ordered) by seq.
-        self._pending: dict[int, OutboxItem] = {}
-        self._queue: collections.deque[int] = collections.deque()
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Per (microgrid_id, dispatch_id): unconfirmed count, and seqs held back behind them.
-        self._busy: dict[tuple[int, int], int] = {}
-        self._held: dict[tuple[int, int], collections.deque[int]] = {}
-        self._ready: collections.deque[int] = collections.deque()
-        # Per dispatch: consecutive nacks, and the timer ending its backoff after one.
-        self._nacks: dict[tuple[int, int], int] = {}
-        self._backoff: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        # Wakes the sender when the earliest dispatch waiting after a nack may go again.
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._nacks_unlogged = 0
         self._nack_logged_at = -NACK_LOG_INTERVAL
         self._round_failed = False
         self._round_confirmed = 0
         self._wake = asyncio.Event()
-        # Observability for tests and the benchmark: the most publishes ever
-        # unconfirmed at once, how many send rounds ran (1 + republishes), nacks.
-        self.peak_in_flight = 0
-        self.rounds = 0
-        self.nacked = 0
 
         # Confirmed (or returned) and not yet removed from the store.
         self._done: list[int] = []
@@ -253,6 +249,11 @@ class Publisher:
     def fatal_error(self) -> ExchangeTypeMismatch | None:
         """Set when a connection made in the background found the exchange mismatched."""
         return self._fatal
+
+    @property
+    def window(self) -> OutboxWindow:
+        """What is unconfirmed and may be sent; its counters (rounds, peak in flight, nacks)."""
+        return self._window
 
     @property
     def connection(self) -> AbstractRobustConnection | None:
@@ -422,12 +423,12 @@ class Publisher:
                 async with asyncio.timeout(CLOSE_GRACE):
                     await self._connection.close()
         metrics.BROKER_UP.set(0)
-        if self._pending:
-            log.info("publisher closed, unconfirmed kept in the outbox", count=len(self._pending))
+        if self.unconfirmed:
+            log.info("publisher closed, unconfirmed kept in the outbox", count=self.unconfirmed)
 
     async def _stop_tasks(self) -> None:
         """Cancel sending and connecting; the flusher is left to finish its last batch."""
-        self._cancel_backoffs()
+        self._cancel_retry_timer()
         tasks = self._tasks + list(self._in_flight)
         self._tasks = []
         for task in tasks:
@@ -442,11 +443,8 @@ class Publisher:
             return  # they are in the outbox: the next start publishes them
         added = 0
         for item in items:
-            if item.seq in self._pending or item.seq in self._done_set:
-                continue
-            self._pending[item.seq] = item
-            self._queue.append(item.seq)
-            added += 1
+            if item.seq not in self._done_set and self._window.add(item):
+                added += 1
         if added:
             self._idle.clear()
             self._counted += added
@@ -464,10 +462,10 @@ class Publisher:
 
     @property
     def unconfirmed(self) -> int:
-        return len(self._pending)
+        return len(self._window)
 
     def _update_idle(self) -> None:
-        if not self._pending and not self._done:
+        if not self.unconfirmed and not self._done:
             self._idle.set()
 
     # --- the send loop -----------------------------------------------------
@@ -482,7 +480,7 @@ class Publisher:
                 backoff = self._reconnect_interval
             log.warning(
                 "republishing unconfirmed messages",
-                count=len(self._pending),
+                count=len(self._window),
                 error=self._last_error,
                 retry_in_seconds=backoff,
             )
@@ -491,12 +489,9 @@ class Publisher:
 
     async def _send_round(self) -> None:
         """Send everything pending in seq order, then whatever is submitted, until a failure."""
-        self._queue = collections.deque(sorted(self._pending))
-        self._busy.clear()
-        self._held.clear()
-        self._ready.clear()
-        self._cancel_backoffs()  # a new round republishes the nacked ones in seq order
-        self.rounds += 1
+        window = self._window
+        window.start_round()
+        self._cancel_retry_timer()
         self._round_failed = False
         self._round_confirmed = 0
         assert self._channel is not None
@@ -508,72 +503,25 @@ class Publisher:
             self._fail_round(f"channel not open: {describe_error(exc)}")
             return
         assert isinstance(channel, aiormq.Channel)
+        loop = asyncio.get_running_loop()
         while not self._round_failed:
-            if len(self._in_flight) < self._max_in_flight:
-                item = self._next_to_send()
-                if item is not None:
-                    key = _dispatch_key(item)
-                    self._busy[key] = self._busy.get(key, 0) + 1
-                    task = asyncio.create_task(self._publish(item, channel))
-                    self._in_flight.add(task)
-                    self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
-                    continue
+            item = window.take(loop.time())
+            if item is not None:
+                task = asyncio.create_task(self._publish(item, channel))
+                self._in_flight.add(task)
+                continue
+            self._arm_retry_timer()
             self._wake.clear()
             await self._wake.wait()
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
-    def _next_to_send(self) -> OutboxItem | None:
-        """The next item in seq order whose dispatch has room; others are held back in order."""
-        while self._ready or self._queue:
-            released = bool(self._ready)
-            seq = self._ready.popleft() if released else self._queue.popleft()
-            item = self._pending.get(seq)
-            if item is None:
-                continue
-            key = _dispatch_key(item)
-            if not released and (
-                key in self._held or self._busy.get(key, 0) >= self._max_per_dispatch
-            ):
-                self._held.setdefault(key, collections.deque()).append(seq)
-                continue
-            return item
-        return None
-
-    def _release(self, item: OutboxItem) -> None:
-        """A publish of this dispatch settled: let its next held item go (unless backing off)."""
-        key = _dispatch_key(item)
-        count = self._busy.get(key, 0) - 1
-        if count > 0:
-            self._busy[key] = count
-        else:
-            self._busy.pop(key, None)
-        if key not in self._backoff:
-            self._release_held(key)
-
-    def _release_held(self, key: tuple[int, int]) -> None:
-        held = self._held.get(key)
-        if held:
-            self._ready.append(held.popleft())
-            if not held:
-                del self._held[key]
-
     # --- a nack holds back its own dispatch only ----------------------------
 
     def _on_nacked(self, item: OutboxItem, exc: DeliveryError) -> None:
         """Put the message back in front of its dispatch, which waits out its own backoff."""
-        key = _dispatch_key(item)
-        nacks = self._nacks.get(key, 0) + 1
-        self._nacks[key] = nacks
-        held = self._held.get(key)
-        # Later messages of the dispatch are held behind it, in seq order.
-        self._held[key] = collections.deque(sorted([item.seq, *held]) if held else [item.seq])
-        delay = min(self._reconnect_interval * 2 ** min(nacks - 1, 16), self._max_backoff)
-        if key not in self._backoff:
-            loop = asyncio.get_running_loop()
-            self._backoff[key] = loop.call_later(delay, self._end_backoff, key)
+        delay = self._window.nack(item, asyncio.get_running_loop().time())
         metrics.PUBLISH_NACKED.labels(kind=_kind(item.envelope)).inc()
-        self.nacked += 1
         self._last_error = f"broker refused a message: {describe_error(exc)}"
         self._nacks_unlogged += 1
         now = time.monotonic()
@@ -582,7 +530,7 @@ class Publisher:
                 "broker refused messages (a queue with overflow reject-publish is full?); "
                 "only their dispatches wait and retry",
                 refused=self._nacks_unlogged,
-                dispatches_waiting=len(self._backoff),
+                dispatches_waiting=self._window.waiting_dispatches,
                 microgrid_id=item.envelope.microgrid_id,
                 dispatch_id=item.envelope.dispatch_id,
                 routing_key=item.envelope.routing_key,
@@ -591,16 +539,26 @@ class Publisher:
             self._nack_logged_at = now
             self._nacks_unlogged = 0
 
-    def _end_backoff(self, key: tuple[int, int]) -> None:
-        self._backoff.pop(key, None)
-        if self._busy.get(key, 0) < self._max_per_dispatch:
-            self._release_held(key)
+    def _arm_retry_timer(self) -> None:
+        """Wake the sender when the earliest waiting dispatch may go (one timer for all)."""
+        retry_at = self._window.next_retry_at
+        if retry_at is None:
+            return
+        timer = self._retry_timer
+        if timer is not None and timer.when() <= retry_at:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._retry_timer = asyncio.get_running_loop().call_at(retry_at, self._on_retry_timer)
+
+    def _on_retry_timer(self) -> None:
+        self._retry_timer = None
         self._wake.set()
 
-    def _cancel_backoffs(self) -> None:
-        for handle in self._backoff.values():
-            handle.cancel()
-        self._backoff.clear()
+    def _cancel_retry_timer(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
 
     async def _publish(self, item: OutboxItem, channel: aiormq.Channel) -> None:
         envelope = item.envelope
@@ -614,6 +572,7 @@ class Publisher:
             headers=dict[str, Any](envelope.headers),
         )
         task = asyncio.current_task()
+        answered = False
         try:
             # wait=False: hand the frames to the connection's writer and wait only for
             # the confirm; waiting for each socket drain under the channel lock (what
@@ -631,8 +590,10 @@ class Publisher:
             )
         except PublishError:
             metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
+            answered = True
             self._finish(item)
         except DeliveryError as exc:
+            answered = True
             self._on_nacked(item, exc)
         except asyncio.CancelledError:
             if task is not None and task.cancelling():
@@ -644,11 +605,13 @@ class Publisher:
             self._fail_round(f"publish failed: {describe_error(exc)}")
         else:
             self._count_published(envelope)
+            answered = True
             self._finish(item)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
-            self._release(item)
+            if not answered:
+                self._window.abandon(item)
             self._wake.set()
             if self._done and (not self._in_flight or len(self._done) >= FLUSH_BATCH):
                 self._flush_wake.set()
@@ -663,8 +626,7 @@ class Publisher:
         counter.inc()
 
     def _finish(self, item: OutboxItem) -> None:
-        self._nacks.pop(_dispatch_key(item), None)
-        if self._pending.pop(item.seq, None) is None:
+        if not self._window.confirm(item):
             return
         self._round_confirmed += 1
         self._done.append(item.seq)

@@ -191,8 +191,8 @@ async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
 
     assert len(consumer.messages) == 1000  # no failure, so no duplicate either
     assert_in_order_without_loss(consumer, dispatches=10, per_dispatch=100)
-    assert 1 < publisher.peak_in_flight <= 10  # one per dispatch at a time
-    assert publisher.rounds == 1
+    assert 1 < publisher.window.peak_in_flight <= 10  # one per dispatch at a time
+    assert publisher.window.rounds == 1
     assert store.outbox_size() == 0
 
 
@@ -222,7 +222,7 @@ async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
     await consumer.wait_ids(e.message_id for e in burst)
     await publisher.close(5)
 
-    assert publisher.rounds == 1
+    assert publisher.window.rounds == 1
     # No removal (a commit with an fsync, in a thread) competes with the sends mid-burst.
     assert [sorted(batch) for batch in store.removed_batches] == [[i.seq for i in items]]
     assert store.outbox_size() == 0
@@ -242,13 +242,13 @@ async def test_in_flight_is_bounded_globally_and_per_dispatch(
     many_dispatches = [make_envelope(d, 0) for d in range(1000)]
     publisher.submit(commit(store, many_dispatches))
     assert await publisher.wait_idle(60)
-    assert publisher.peak_in_flight == 200
+    assert publisher.window.peak_in_flight == 200
 
-    publisher.peak_in_flight = 0
+    publisher.window.peak_in_flight = 0
     one_dispatch = [make_envelope(1000, n) for n in range(60)]
     publisher.submit(commit(store, one_dispatch))
     assert await publisher.wait_idle(60)
-    assert publisher.peak_in_flight == 3
+    assert publisher.window.peak_in_flight == 3
     await consumer.wait_ids(e.message_id for e in many_dispatches + one_dispatch)
     await publisher.close(5)
     assert len(consumer.messages) == 1060
@@ -272,7 +272,7 @@ async def test_unroutable_messages_are_counted_and_removed(
         - published_before
     )
     assert (unroutable, published) == (3, 0)
-    assert publisher.rounds == 1  # returned messages are not retried
+    assert publisher.window.rounds == 1  # returned messages are not retried
 
 
 async def test_an_exchange_of_another_type_is_a_clear_start_error(
@@ -325,7 +325,7 @@ async def test_broker_cut_while_publishing_loses_nothing_and_keeps_order(
         assert sample("dispatchd_broker_up") == 1
         await publisher.close(5)
 
-    assert publisher.rounds >= 2
+    assert publisher.window.rounds >= 2
     assert_in_order_without_loss(consumer, dispatches, per_dispatch)
     assert store.outbox_size() == 0
     assert sample("dispatchd_outbox_messages") == 0
@@ -433,7 +433,7 @@ async def test_a_broker_that_stops_confirming_times_out_and_gets_everything_repu
         assert await publisher.wait_idle(10)
         proxy.pause()  # publishes reach the broker, its confirms do not come back
         publisher.submit(commit(store, [make_envelope(0, n) for n in range(5, 10)]))
-        await poll(lambda: publisher.rounds >= 3)
+        await poll(lambda: publisher.window.rounds >= 3)
         assert publisher.last_error is not None
         assert "no confirm" in publisher.last_error
         assert store.outbox_size() == 5
@@ -484,7 +484,7 @@ async def test_nacked_messages_are_republished_in_order(
     await publisher.close(5)
     assert_in_order_without_loss(consumer, dispatches=1, per_dispatch=25)
     assert store.outbox_size() == 0
-    assert publisher.rounds == 1  # a nack is retried by its dispatch, not by a new round
+    assert publisher.window.rounds == 1  # a nack is retried by its dispatch, not by a new round
 
 
 async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
@@ -531,7 +531,7 @@ async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
         took.append(loop.time() - started)
     # The refused dispatch waits out a 2 s backoff; the others must not wait with it.
     assert max(took) < 1.5, took
-    assert publisher.rounds == 1
+    assert publisher.window.rounds == 1
 
     drained = Consumer()
     await full_queue.consume(drained.on_message, no_ack=True)
@@ -544,10 +544,10 @@ async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
         e.message_id for e in others
     )  # no duplicate of any other dispatch's message
     refused = sample("dispatchd_publish_nacked_total", kind="running") - nacked_before
-    assert refused == publisher.nacked >= 1
+    assert refused == publisher.window.nacked >= 1
     stuck_arrivals = [m for m in arrivals if m.startswith("7-0-")]
     assert list(dict.fromkeys(stuck_arrivals)) == [e.message_id for e in stuck]  # in order
-    assert len(stuck_arrivals) - len(stuck) == publisher.nacked  # one copy per refusal only
+    assert len(stuck_arrivals) - len(stuck) == publisher.window.nacked  # one copy per refusal only
     assert store.outbox_size() == 0
 
 
