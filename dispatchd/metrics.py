@@ -1,6 +1,6 @@
 """Prometheus metric definitions, one place for every ``dispatchd_`` name.
 
-The names, types and labels are the contract of docs/operations.md § Metrics;
+The names, types and labels are the contract of docs/monitoring.md § Metrics;
 every module imports its metrics from here so none is defined twice. They
 live on a dedicated registry so tests and embedders never collide with the
 process-wide default registry.

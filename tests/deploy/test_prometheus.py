@@ -55,7 +55,7 @@ def test_every_alert_is_tested_and_has_a_runbook() -> None:
     quiet = {case["alertname"] for case in cases if not case["exp_alerts"]}
     assert firing == set(alert_names())
     assert quiet == set(alert_names())
-    runbook = (REPO / "docs" / "operations.md").read_text()
+    runbook = (REPO / "docs" / "monitoring.md").read_text()
     for group in rules()["groups"]:
         for rule in group["rules"]:
             anchor = rule["annotations"]["runbook"].split("#", 1)[1]
