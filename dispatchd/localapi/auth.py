@@ -186,9 +186,15 @@ def _denial(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandle
     async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # A generator, so wrappers that iterate the stream handler see one.
+        await deny(request, context)
+        return
+        yield
+
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            deny, request_deserializer=handler.request_deserializer
+            deny_stream, request_deserializer=handler.request_deserializer
         )
     return grpc.unary_unary_rpc_method_handler(
         deny, request_deserializer=handler.request_deserializer

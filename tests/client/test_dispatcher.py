@@ -218,6 +218,11 @@ async def test_republished_messages_are_dropped(
         first = await create(daemon.client, start_in=0.2, duration=0.3)
         await take(running, 2)
         await take(lifecycle, 1)
+        # The observer's queue is not the SDK's: wait for its copy of the stop.
+        await observer.seen(
+            lambda r: r.dispatch_id == int(first.id) and ".running.stopped." in r.routing_key,
+            5,
+        )
         originals = observer.of(int(first.id))
         assert len(originals) == 3
         async with await aio_pika.connect(amqp_url) as connection:
