@@ -9,7 +9,7 @@ start reason.
 from __future__ import annotations
 
 import heapq
-from datetime import UTC, datetime
+from datetime import datetime
 
 from dispatchd.core.engine.state import (
     _MISSED_LIMIT,
@@ -30,6 +30,7 @@ from dispatchd.core.engine.steps import Step
 from dispatchd.core.messages import Event, Message, Occurrence, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchKey, DispatchRecord, meta_to_json
+from dispatchd.core.times import utc
 
 
 class _Converger:
@@ -122,8 +123,7 @@ class _Converger:
 
     def _tick(self, now: datetime) -> datetime:
         """Keep time monotonic: a clock that steps back must not replay."""
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=UTC)
+        now = utc(now)
         if self._now is not None and now < self._now:
             return self._now
         self._now = now

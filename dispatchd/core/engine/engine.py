@@ -12,7 +12,6 @@ from typing import Any
 
 from dispatchd.core.engine.convergence import _Converger
 from dispatchd.core.engine.state import (
-    _ALWAYS,
     _build,
     _Draft,
     _finished_from,
@@ -32,6 +31,7 @@ from dispatchd.core.records import (
     last_seen_from_meta,
     meta_to_json,
 )
+from dispatchd.core.times import EARLIEST
 
 
 class Engine(_Converger):
@@ -235,7 +235,7 @@ class Engine(_Converger):
             if last_seen is not None:
                 engine._reschedule(record, last_seen)
             else:
-                engine._recount(record, _ALWAYS)
+                engine._recount(record, EARLIEST)
         engine._dirty.clear()
         return engine
 
@@ -323,7 +323,7 @@ class Engine(_Converger):
         """
         record.forgotten = True
         record.schedule = None
-        self._reschedule(record, _ALWAYS)
+        self._reschedule(record, EARLIEST)
         self._dirty.add(record.key)
 
     @staticmethod

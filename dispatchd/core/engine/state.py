@@ -7,7 +7,7 @@ counts and the numbering of messages live in ``convergence``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 
 from dispatchd.core.messages import (
@@ -20,12 +20,11 @@ from dispatchd.core.messages import (
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.recurrence import Invalid, Schedule
+from dispatchd.core.times import EARLIEST, LATEST
 
 _ZERO = timedelta(0)
 _MISSED_LIMIT = 100
 """docs/messages.md § 4: ``missed_runs`` holds at most this many starts, oldest first."""
-_NEVER = datetime.max.replace(tzinfo=UTC)
-_ALWAYS = datetime.min.replace(tzinfo=UTC)
 
 
 class _Mode(Enum):
@@ -54,7 +53,7 @@ class _Record:
     deadline: datetime | None = None
     version: int = 0
     finished_from: datetime | None = None
-    """From when the schedule is finished (``_NEVER``: infinite or endless)."""
+    """From when the schedule is finished (``LATEST``: infinite or endless)."""
     counted: str | None = None
     """The metric state this record is counted in (``None``: hidden)."""
 
@@ -141,14 +140,14 @@ def _finished_from(schedule: Schedule | None) -> datetime | None:
     last_end = schedule.last_end()
     if last_end is not None:
         return last_end
-    if schedule.next_run_after(_ALWAYS) is None:
-        return _ALWAYS  # no occurrence at all
-    return _NEVER
+    if schedule.next_run_after(EARLIEST) is None:
+        return EARLIEST  # no occurrence at all
+    return LATEST
 
 
 def _is_finished(record: _Record, now: datetime) -> bool:
     finished_from = record.finished_from
-    return finished_from is not None and finished_from <= now and finished_from != _NEVER
+    return finished_from is not None and finished_from <= now and finished_from != LATEST
 
 
 def _state_of(record: _Record, now: datetime) -> str:

@@ -9,8 +9,9 @@ from math import gcd
 from typing import TYPE_CHECKING, Final
 
 from dispatchd.core.model import Frequency
-from dispatchd.core.recurrence.parts import _MAX, _UNIT, _month_add, _Parts
+from dispatchd.core.recurrence.parts import _UNIT, _month_add, _Parts
 from dispatchd.core.recurrence.walk import EVALUATION_BUDGET, _Steps, _Walk
+from dispatchd.core.times import LATEST
 
 if TYPE_CHECKING:
     from dispatchd.core.recurrence.schedule import Schedule
@@ -71,7 +72,7 @@ def _probe_horizon(dtstart: datetime) -> datetime:
     try:
         return dtstart.replace(year=dtstart.year + _PROBE_YEARS, day=min(dtstart.day, 28))
     except ValueError:
-        return _MAX
+        return LATEST
 
 
 def _count_last(schedule: Schedule, first: datetime, count: int) -> datetime | None:
@@ -126,7 +127,7 @@ def _weekly_periodic(
         boundary = schedule._boundary(1)
         span = timedelta(seconds=span_seconds)
         span_end = boundary + span
-        if span_end.year > _MAX.year - 1:
+        if span_end.year > LATEST.year - 1:
             return None
     except OverflowError:
         return None

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Final
 
 from dateutil import rrule as du
 
 from dispatchd.core.model import Frequency, Recurrence, Weekday
-
-_MAX: Final = datetime.max.replace(tzinfo=UTC)
-_MIN: Final = datetime.min.replace(tzinfo=UTC)
+from dispatchd.core.times import EARLIEST, LATEST
 
 _FREQ: Final[dict[Frequency, int]] = {
     Frequency.MINUTELY: du.MINUTELY,
@@ -41,21 +39,12 @@ _WEEKDAY: Final[dict[Weekday, int]] = {
 }
 
 
-def _utc(moment: datetime) -> datetime:
-    """Aware UTC, treating a naive datetime as UTC, so comparisons never raise."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    if moment.utcoffset() == timedelta(0):
-        return moment
-    return moment.astimezone(UTC)
-
-
 def _add(moment: datetime, delta: timedelta) -> datetime:
     """``moment + delta`` clamped to the representable range."""
     try:
         return moment + delta
     except OverflowError:
-        return _MAX if delta > timedelta(0) else _MIN
+        return LATEST if delta > timedelta(0) else EARLIEST
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,10 +22,10 @@ from dispatchd.core.recurrence.parts import (
     _add,
     _month_add,
     _Parts,
-    _utc,
 )
 from dispatchd.core.recurrence.validation import _validate
 from dispatchd.core.recurrence.walk import EVALUATION_BUDGET, OverBudget, _Steps, _Walk
+from dispatchd.core.times import utc
 
 _ANCHOR_BUDGET: Final = 16
 """Roughly how many candidate occurrences a query may iterate past the anchor
@@ -77,7 +77,7 @@ class Schedule:
         problem = _validate(dispatch)
         if problem is not None:
             return Invalid(problem)
-        start = _utc(dispatch.start_time)
+        start = utc(dispatch.start_time)
         rule = dispatch.recurrence
         if dispatch.duration is None or rule is None:
             return Schedule(duration=dispatch.duration, first=start, last=start)
@@ -88,15 +88,15 @@ class Schedule:
     def next_run_after(self, t: datetime) -> datetime | None:
         """First occurrence start >= t (inclusive), like the client's
         ``Dispatch.next_run_after``."""
-        return next(self._starts_from(_utc(t), inclusive=True), None)
+        return next(self._starts_from(utc(t), inclusive=True), None)
 
     def next_start_after(self, t: datetime) -> datetime | None:
         """First occurrence start strictly after t."""
-        return next(self._starts_from(_utc(t), inclusive=False), None)
+        return next(self._starts_from(utc(t), inclusive=False), None)
 
     def last_start_at_or_before(self, t: datetime) -> datetime | None:
         """Latest occurrence start <= t."""
-        t = _utc(t)
+        t = utc(t)
         first = self._first
         if first is None or t < first:
             return None
@@ -121,7 +121,7 @@ class Schedule:
         All occurrences last equally long, so the latest start at or before t
         is the only candidate: it also ends last.
         """
-        t = _utc(t)
+        t = utc(t)
         duration = self.duration
         if duration is None:
             start = self.last_start_at_or_before(t)
@@ -139,8 +139,8 @@ class Schedule:
 
     def occurrences_between(self, a: datetime, b: datetime) -> Iterator[Occurrence]:
         """Occurrences whose start is in [a, b), in order."""
-        b = _utc(b)
-        for start in self._starts_from(_utc(a), inclusive=True):
+        b = utc(b)
+        for start in self._starts_from(utc(a), inclusive=True):
             if start >= b:
                 return
             end = None if self.duration is None else _add(start, self.duration)
@@ -156,9 +156,9 @@ class Schedule:
         duration = self.duration
         if duration is None or limit <= 0:
             return ()
-        b = _utc(b)
+        b = utc(b)
         missed: list[datetime] = []
-        for start in self._starts_from(_utc(a), inclusive=False):
+        for start in self._starts_from(utc(a), inclusive=False):
             if len(missed) >= limit or _add(start, duration) > b:
                 break
             missed.append(start)
@@ -348,7 +348,7 @@ def _build_recurring(rule: Recurrence, start: datetime, duration: timedelta) -> 
     """Probe the rule once (errors, emptiness) and pin down its last start,
     within ``EVALUATION_BUDGET`` steps for each of the three searches."""
     dtstart = start.replace(microsecond=0)
-    until = _utc(rule.until) if rule.until is not None else None
+    until = utc(rule.until) if rule.until is not None else None
     parts = _Parts.of(rule, dtstart)
     horizon = _probe_horizon(dtstart)
     try:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import calendar
 from datetime import timedelta
 
-from dispatchd.core.model import Dispatch, Recurrence
+from dispatchd.core.model import Dispatch
 from dispatchd.core.recurrence.parts import (
     _FREQ,
     _WEEKDAY,
 )
+from dispatchd.core.times import some_month_has_day
 
 
 def _validate(dispatch: Dispatch) -> str | None:
@@ -41,19 +41,9 @@ def _validate(dispatch: Dispatch) -> str | None:
     bad_days = [d for d in rule.byweekdays if d not in _WEEKDAY]
     if bad_days:
         return f"byweekdays must be MONDAY..SUNDAY, got {[str(d) for d in bad_days]}"
-    if rule.bymonthdays and not _some_month_has_day(rule):
+    if rule.bymonthdays and not some_month_has_day(rule.bymonths, rule.bymonthdays):
         return (
             f"bymonthdays {list(rule.bymonthdays)} never fall in "
             f"bymonths {list(rule.bymonths) or 'any'}"
         )
     return None
-
-
-def _some_month_has_day(rule: Recurrence) -> bool:
-    """Whether some month of ``bymonths`` has one of ``bymonthdays`` (Feb: leap)."""
-    months = rule.bymonths or tuple(range(1, 13))
-    for month in months:
-        length = calendar.monthrange(2000, month)[1]
-        if any(-length <= day <= length for day in rule.bymonthdays):
-            return True
-    return False

@@ -9,9 +9,9 @@ from typing import Final
 
 from dispatchd.core.model import Frequency
 from dispatchd.core.recurrence.parts import (
-    _MAX,
     _Parts,
 )
+from dispatchd.core.times import LATEST
 
 EVALUATION_BUDGET: Final = 100_000
 """Steps ``Schedule.build`` may spend on one rule before calling it invalid.
@@ -79,7 +79,7 @@ class _Walk:
         )
         self._minute_set = frozenset(self._minutes)
 
-    def forward(self, t: datetime, stop: datetime = _MAX) -> Iterator[datetime]:
+    def forward(self, t: datetime, stop: datetime = LATEST) -> Iterator[datetime]:
         """Starts in [t, stop], ascending."""
         t = max(t, self._dtstart)
         month = t.year * 12 + t.month - 1
