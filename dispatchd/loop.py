@@ -219,7 +219,7 @@ class Loop:
         if item.microgrid_id not in self.synced:
             self.synced.add(item.microgrid_id)
             self.first_synced_at[item.microgrid_id] = now
-            counts = self.engine.counts(now).get(item.microgrid_id, {})
+            counts = self.engine.counts().get(item.microgrid_id, {})
             _log.info(
                 "first sync done",
                 microgrid_id=item.microgrid_id,

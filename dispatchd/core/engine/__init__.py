@@ -32,14 +32,8 @@ boundary, which keeps memory per dispatch around 0.4 KB.
 """
 
 from dispatchd.core.engine.engine import Engine
-from dispatchd.core.engine.steps import (
-    Change,
-    Created,
-    Deleted,
-    SnapshotEntry,
-    Step,
-    Updated,
-)
+from dispatchd.core.engine.steps import Change, Created, Deleted, Step, Updated
+from dispatchd.core.messages import SnapshotEntry
 
 __all__ = [
     "Change",

@@ -22,8 +22,8 @@ from dispatchd.core.engine.state import (
     _Record,
     _schedule_of,
 )
-from dispatchd.core.engine.steps import Change, Deleted, SnapshotEntry, Step
-from dispatchd.core.messages import Event, Message, Reason
+from dispatchd.core.engine.steps import Change, Deleted, Step
+from dispatchd.core.messages import Event, Message, Reason, SnapshotEntry
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import (
     DispatchKey,
@@ -183,13 +183,11 @@ class Engine(_Converger):
             )
         return entries
 
-    def counts(self, now: datetime) -> dict[int, dict[str, int]]:
-        """Per microgrid, how many dispatches are in each metric state.
+    def counts(self) -> dict[int, dict[str, int]]:
+        """Per microgrid, how many dispatches are in each metric state, as of the last step.
 
         Kept up to date at every step (a dispatch only changes state at one of
-        its boundaries or through a change), so this is O(microgrids). The
-        counts are those of the last step; ``now`` is accepted so callers need
-        not know that.
+        its boundaries or through a change), so this is O(microgrids).
         """
         return {microgrid_id: dict(counts) for microgrid_id, counts in self._counts.items()}
 

@@ -1,12 +1,11 @@
-"""What goes into the engine (a stream change) and what comes out (a step, a snapshot entry)."""
+"""What goes into the engine (a stream change) and what comes out of it (a step)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from dispatchd.core.messages import Message, Occurrence
+from dispatchd.core.messages import Message
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchKey, DispatchRecord
 
@@ -50,14 +49,3 @@ class Step:
     """Versions found invalid in this call (each is reported once)."""
     meta: dict[str, Any]
     """The engine-wide state (see ``records.meta_to_json``)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SnapshotEntry:
-    """What a late-joining actor needs to know about one dispatch."""
-
-    dispatch: Dispatch
-    running: bool
-    until: datetime | None
-    sequence: int
-    occurrence: Occurrence | None
