@@ -22,7 +22,7 @@ from dispatchd.client import (
 )
 from dispatchd.client.testing import FakeClock
 from tests.client.helpers import T0, announced, core
-from tests.client.support import create
+from tests.client.receiver_helpers import create
 from tests.shell.daemon_harness import MG, DaemonHandle, mg, soon
 
 WAIT = 10.0

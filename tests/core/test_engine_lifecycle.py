@@ -9,7 +9,7 @@ from typing import Any
 from dispatchd.core.engine import Created, Deleted, Engine, Updated
 from dispatchd.core.messages import Message, RunningMessage
 from dispatchd.core.model import Dispatch, Frequency, Recurrence
-from tests.core.test_engine_support import (
+from tests.core.engine_helpers import (
     MG,
     at,
     bump,

@@ -22,7 +22,7 @@ from dispatchd.core.messages import (
 )
 from dispatchd.core.model import Dispatch, Frequency, Recurrence
 from dispatchd.core.recurrence import Invalid, Schedule
-from tests.core.test_engine_support import MG, at, make, persist, reload
+from tests.core.engine_helpers import MG, at, make, persist, reload
 
 IDS = (1, 2, 3, 4)
 

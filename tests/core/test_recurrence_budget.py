@@ -17,7 +17,7 @@ from dispatchd.core.model import Dispatch, Frequency, Recurrence, Weekday
 from dispatchd.core.recurrence import EVALUATION_BUDGET, Invalid, OverBudget, Schedule
 from dispatchd.core.recurrence.parts import _Parts
 from dispatchd.core.recurrence.walk import _Steps, _Walk
-from tests.core.test_recurrence import dispatch
+from tests.core.recurrence_helpers import dispatch
 
 CALL_BOUND = 4 * EVALUATION_BUDGET
 """Python function calls one build may make: three budgeted searches of at

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatchd.core.times import EARLIEST, LATEST, epoch_micros, some_month_has_day, utc
-from tests.core.test_wire import FEW, any_times, zoned_times
+from tests.core.wire_helpers import FEW, any_times, zoned_times
 
 naive_times = st.datetimes(
     min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31), timezones=st.none()

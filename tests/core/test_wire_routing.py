@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dispatchd.core import wire
 from dispatchd.core.messages import Event, Kind, LifecycleMessage, Message, RunningMessage
-from tests.core.test_wire import (
+from tests.core.wire_helpers import (
     FEW,
     lifecycle_messages,
     messages,
