@@ -26,6 +26,7 @@ from dispatchd.core.messages import (
     RunningMessage,
 )
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds, Weekday
+from dispatchd.core.records import DispatchRecord
 
 # ------------------------------------------------------------------ strategies
 
@@ -235,4 +236,20 @@ def spec_message() -> RunningMessage:
         sequence=3,
         running_state_change_synced=datetime(2026, 11, 22, 10, 15, tzinfo=UTC),
         missed_runs=(),
+    )
+
+
+@st.composite
+def records(draw: st.DrawFn) -> DispatchRecord:
+    optional_times = st.one_of(st.none(), any_times)
+    announced = draw(st.one_of(st.none(), st.builds(Occurrence, any_times, optional_times)))
+    return DispatchRecord(
+        dispatch=draw(dispatches()),
+        announced=announced,
+        sequence=draw(st.integers(min_value=0, max_value=2**63)),
+        last_emitted_at=draw(optional_times),
+        tombstone=draw(st.booleans()),
+        pending_missed=tuple(draw(st.lists(any_times, max_size=3))),
+        last_pulse=draw(optional_times),
+        forgotten=draw(st.booleans()),
     )
