@@ -26,8 +26,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Coroutine, Iterable, Mapping
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import (
@@ -39,12 +38,13 @@ from aio_pika.abc import (
 from frequenz.channels import Receiver
 from frequenz.client.dispatch import DispatchApiClient
 
-from dispatchd.client._actors import ActorDispatcher, Managing
+from dispatchd.client._actors import ActorDispatcher
 from dispatchd.client._dispatch import Dispatch
 from dispatchd.client._events import DispatchEvent
-from dispatchd.client._fanout import DeliveryCounts, FanOut, ReceiverFetcher
+from dispatchd.client._fanout import DeliveryCounts, FanOut
 from dispatchd.client._feed import Feed
-from dispatchd.client._merge import MergeStrategy, RunningMerger
+from dispatchd.client._interface import DispatcherInterface
+from dispatchd.client._merge import MergeStrategy
 from dispatchd.client._snapshot import request_snapshot
 from dispatchd.core import wire
 from dispatchd.core.messages import Kind
@@ -184,7 +184,7 @@ class _Subscription:
         await message.ack()
 
 
-class Dispatcher(Managing):
+class Dispatcher(DispatcherInterface):
     """Lifecycle events and running-state changes of one microgrid, from dispatchd.
 
     ``queue=None`` declares a private queue (exclusive, auto-delete) that
@@ -282,51 +282,10 @@ class Dispatcher(Managing):
         if self._client is not None:
             await self._client.disconnect()
 
-    async def __aenter__(self) -> Self:
-        """``start()``."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """``stop()``."""
-        await self.stop()
-
     # --- the actor's interface --------------------------------------------------
 
-    @property
-    def lifecycle_events(self) -> ReceiverFetcher[DispatchEvent]:
-        """``Created``/``Updated``/``Deleted`` of every dispatch of the microgrid.
-
-        Events that arrive while no receiver exists (up to 1000, e.g. the
-        backlog of a durable queue) go to the next receiver created.
-        """
-        return ReceiverFetcher(self._lifecycle)
-
-    def new_lifecycle_events_receiver(
-        self, type: str, *, name: str | None = None, limit: int = 50
-    ) -> Receiver[DispatchEvent]:
-        """Lifecycle events of one type (``frequenz.dispatch``'s method, filtered here).
-
-        Unlike running states, lifecycle events of all types share the main
-        queue, so this filter runs in Python.
-        """
-        return self._lifecycle.new_receiver(name=name, limit=limit).filter(
-            lambda event: event.dispatch.type == type
-        )
-
-    @property
-    def running_status_change(self) -> ReceiverFetcher[Dispatch]:
-        """Running-state changes of every type.
-
-        A new receiver starts with every dispatch running now (from the
-        snapshot, or the last running message since), then every transition.
-        """
-        return ReceiverFetcher(self._main.running)
+    def _all_running(self) -> FanOut[Dispatch]:
+        return self._main.running
 
     async def new_running_state_event_receiver(
         self,
@@ -359,10 +318,7 @@ class Dispatcher(Managing):
                 )
                 await subscription.open(connection)
                 self._typed[type] = subscription
-        merger = RunningMerger(merge_strategy, type) if merge_strategy is not None else None
-        return subscription.running.new_receiver(
-            name=name, limit=limit, transform=merger.apply if merger is not None else None
-        )
+        return self._typed_receiver(subscription.running, type, merge_strategy, name, limit)
 
     @property
     def client(self) -> DispatchApiClient:

@@ -41,7 +41,7 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Transform = Callable[[T], Iterable[T]]
-Key = Callable[[T], Hashable]
+KeyFunc = Callable[[T], Hashable]
 
 
 @dataclass(slots=True)
@@ -71,12 +71,12 @@ class _Pending(Generic[T]):
     """A FIFO bounded by ``limit``: drops the oldest, or coalesces by ``key``."""
 
     def __init__(
-        self, name: str, limit: int, key: Key[T] | None, counts: DeliveryCounts | None
+        self, name: str, limit: int, key: KeyFunc[T] | None, counts: DeliveryCounts | None
     ) -> None:
         """``counts=None``: losses are not a receiver's (a hold), logged at DEBUG only."""
         self.name = name
         self._limit = max(1, limit)
-        self._key = key
+        self._key_of = key
         self._counts = counts
         self._items: deque[T] = deque()
         self._per_key: Counter[Hashable] = Counter()
@@ -94,13 +94,13 @@ class _Pending(Generic[T]):
         if len(self._items) >= self._limit:
             self._make_room(item)
         self._items.append(item)
-        if self._key is not None:
-            self._per_key[self._key(item)] += 1
+        if self._key_of is not None:
+            self._per_key[self._key_of(item)] += 1
 
     def pop(self) -> T:
         item = self._items.popleft()
-        if self._key is not None:
-            self._forget(self._key(item))
+        if self._key_of is not None:
+            self._forget(self._key_of(item))
         return item
 
     def clear(self) -> None:
@@ -113,7 +113,7 @@ class _Pending(Generic[T]):
             del self._per_key[key]
 
     def _make_room(self, incoming: T) -> None:
-        key = self._key
+        key = self._key_of
         counts = self._counts
         level = logging.WARNING if counts is not None else logging.DEBUG
         if key is None:
@@ -220,7 +220,7 @@ class FanOut(Generic[T]):
         prime: Callable[[], Iterable[T]] = tuple,
         *,
         hold: int = 0,
-        key: Key[T] | None = None,
+        key: KeyFunc[T] | None = None,
         counts: DeliveryCounts | None = None,
     ) -> None:
         """``prime`` gives what a new receiver gets first (before live messages);
@@ -228,7 +228,7 @@ class FanOut(Generic[T]):
         receiver; ``key`` (the dispatch id) makes full buffers coalesce."""
         self._name = name
         self._prime = prime
-        self._key = key
+        self._key_of = key
         self._counts = counts if counts is not None else DeliveryCounts()
         self._outlets: list[_Outlet[T]] = []
         self._held: _Pending[T] | None = (
@@ -246,7 +246,8 @@ class FanOut(Generic[T]):
         """
         if self._closed:
             raise RuntimeError(f"{self._name}: the dispatcher is stopped")
-        receiver = _BufferedReceiver(_Pending(name or self._name, limit, self._key, self._counts))
+        pending = _Pending(name or self._name, limit, self._key_of, self._counts)
+        receiver = _BufferedReceiver(pending)
         outlet = _Outlet(weakref.ref(receiver), transform)
         held: list[T] = []
         superseded: set[Hashable] = set()
@@ -254,7 +255,7 @@ class FanOut(Generic[T]):
             held = list(self._held)
             superseded = self._held.keys()
             self._held.clear()
-        key = self._key
+        key = self._key_of
         for item in self._prime():
             if key is None or key(item) not in superseded:
                 outlet.push(item)

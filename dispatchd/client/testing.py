@@ -33,18 +33,18 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from frequenz.channels import Receiver
 from frequenz.client.dispatch.recurrence import RecurrenceRule
 
-from dispatchd.client._actors import ActorDispatcher, Managing, Timer
+from dispatchd.client._actors import ActorDispatcher, Timer
 from dispatchd.client._dispatch import Dispatch
 from dispatchd.client._events import DispatchEvent
-from dispatchd.client._fanout import DeliveryCounts, FanOut, ReceiverFetcher
+from dispatchd.client._fanout import DeliveryCounts, FanOut
 from dispatchd.client._feed import Feed
-from dispatchd.client._merge import MergeStrategy, RunningMerger
+from dispatchd.client._interface import DispatcherInterface
+from dispatchd.client._merge import MergeStrategy
 from dispatchd.core import engine, wire
 from dispatchd.core.messages import LifecycleMessage, Message
 from dispatchd.core.model import Dispatch as CoreDispatch
@@ -101,7 +101,7 @@ class FakeClock:
                 future.set_result(None)
 
 
-class FakeDispatcher(Managing):
+class FakeDispatcher(DispatcherInterface):
     """``Dispatcher``'s interface fed by the test, through dispatchd's engine.
 
     ``create``, ``update``, ``delete`` and ``advance`` return once everything
@@ -149,37 +149,8 @@ class FakeDispatcher(Managing):
             await feed.close()
         await self._lifecycle.close()
 
-    async def __aenter__(self) -> Self:
-        """``start()``."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """``stop()``."""
-        await self.stop()
-
-    @property
-    def lifecycle_events(self) -> ReceiverFetcher[DispatchEvent]:
-        """``Created``/``Updated``/``Deleted`` of every dispatch."""
-        return ReceiverFetcher(self._lifecycle)
-
-    def new_lifecycle_events_receiver(
-        self, type: str, *, name: str | None = None, limit: int = 50
-    ) -> Receiver[DispatchEvent]:
-        """Lifecycle events of one type."""
-        return self._lifecycle.new_receiver(name=name, limit=limit).filter(
-            lambda event: event.dispatch.type == type
-        )
-
-    @property
-    def running_status_change(self) -> ReceiverFetcher[Dispatch]:
-        """Running-state changes of every type (starting with what runs now)."""
-        return ReceiverFetcher(self._main.running)
+    def _all_running(self) -> FanOut[Dispatch]:
+        return self._main.running
 
     async def new_running_state_event_receiver(
         self,
@@ -196,10 +167,7 @@ class FakeDispatcher(Managing):
         if feed is None:
             feed = self._typed[type] = self._feed(f"running:{type}", lifecycle=None)
             await feed.apply_snapshot(self._snapshot(type))
-        merger = RunningMerger(merge_strategy, type) if merge_strategy is not None else None
-        return feed.running.new_receiver(
-            name=name, limit=limit, transform=merger.apply if merger is not None else None
-        )
+        return self._typed_receiver(feed.running, type, merge_strategy, name, limit)
 
     @property
     def client(self) -> Any:
@@ -325,15 +293,7 @@ class FakeDispatcher(Managing):
             microgrid_id=self.microgrid_id,
             as_of=self.now,
             synced=True,
-            entries=tuple(
-                wire.SnapshotEntry(
-                    dispatch=entry.dispatch,
-                    running=entry.running,
-                    until=entry.until,
-                    sequence=entry.sequence,
-                )
-                for entry in entries
-            ),
+            entries=tuple(entries),
         )
 
     def _current(self, dispatch_id: int) -> CoreDispatch:

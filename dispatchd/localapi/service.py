@@ -179,10 +179,11 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
             def change(stored: DispatchData) -> Prepared:
                 return prepare_update(stored, request, now)
 
-            updated = self._storage.update(request.microgrid_id, request.dispatch_id, change, now)
-            if updated is None:
-                raise NotFound(request.microgrid_id, request.dispatch_id)
-            return updated
+            return _found(
+                self._storage.update(request.microgrid_id, request.dispatch_id, change, now),
+                request.microgrid_id,
+                request.dispatch_id,
+            )
 
         stored = await self._guard(context, "UpdateMicrogridDispatch", run)
         _log.info(
@@ -201,10 +202,11 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
 
         def run() -> StoredDispatch:
             _check_ids(request.microgrid_id, request.dispatch_id)
-            stored = self._storage.get(request.microgrid_id, request.dispatch_id)
-            if stored is None:
-                raise NotFound(request.microgrid_id, request.dispatch_id)
-            return stored
+            return _found(
+                self._storage.get(request.microgrid_id, request.dispatch_id),
+                request.microgrid_id,
+                request.dispatch_id,
+            )
 
         stored = await self._guard(context, "GetMicrogridDispatch", run)
         return GetMicrogridDispatchResponse(
@@ -218,10 +220,11 @@ class DispatchService(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
 
         def run() -> StoredDispatch:
             _check_ids(request.microgrid_id, request.dispatch_id)
-            deleted = self._storage.delete(request.microgrid_id, request.dispatch_id)
-            if deleted is None:
-                raise NotFound(request.microgrid_id, request.dispatch_id)
-            return deleted
+            return _found(
+                self._storage.delete(request.microgrid_id, request.dispatch_id),
+                request.microgrid_id,
+                request.dispatch_id,
+            )
 
         stored = await self._guard(context, "DeleteMicrogridDispatch", run)
         _log.info("dispatch deleted", microgrid_id=stored.microgrid_id, dispatch_id=stored.id)
@@ -248,6 +251,13 @@ def _check_ids(microgrid_id: int, dispatch_id: int | None = None) -> None:
         raise InvalidRequest("microgrid_id", "out of range")
     if dispatch_id is not None and not 0 < dispatch_id <= MAX_SQL_INT:
         raise NotFound(microgrid_id, dispatch_id)
+
+
+def _found(stored: StoredDispatch | None, microgrid_id: int, dispatch_id: int) -> StoredDispatch:
+    """What the storage returned for an existing dispatch, else NOT_FOUND."""
+    if stored is None:
+        raise NotFound(microgrid_id, dispatch_id)
+    return stored
 
 
 def _fill_dispatches(

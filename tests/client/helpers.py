@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from frequenz.client.dispatch.types import TargetIds
 
 from dispatchd.client import Announcement, Dispatch
-from dispatchd.core import model
+from dispatchd.core import model, wire
 from dispatchd.core.messages import Event, Occurrence, Reason, RunningMessage
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository's root (the examples run from there)."""
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -80,4 +84,22 @@ def announced(
             until=None,
         ),
         clock=lambda: at(clock_at),
+    )
+
+
+def snapshot(*entries: tuple[int, bool, int], type: str = "T") -> wire.SnapshotReply:
+    """A reply listing (dispatch id, running, sequence)."""
+    return wire.SnapshotReply(
+        microgrid_id=7,
+        as_of=at(0),
+        synced=True,
+        entries=tuple(
+            wire.SnapshotEntry(
+                dispatch=core(dispatch_id, type=type),
+                running=running,
+                until=at(40) if running else None,
+                sequence=sequence,
+            )
+            for dispatch_id, running, sequence in entries
+        ),
     )

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from pathlib import Path
 
 from frequenz.client.dispatch.types import TargetIds
 
-from tests.client.support import create
+from tests.client.helpers import ROOT
+from tests.client.receiver_helpers import create
 from tests.shell.daemon_harness import MG, DaemonHandle, mg, soon
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def start_example(

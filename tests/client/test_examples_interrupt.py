@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.client.test_examples import ROOT
+from tests.client.helpers import ROOT
 from tests.shell.daemon_harness import MG, DaemonHandle
 
 

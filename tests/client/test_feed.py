@@ -5,8 +5,7 @@ from __future__ import annotations
 from dispatchd.client._fanout import DeliveryCounts
 from dispatchd.client._feed import Feed
 from dispatchd.core.messages import Event, Reason
-from tests.client.helpers import core, running_message
-from tests.client.test_state import snapshot
+from tests.client.helpers import core, running_message, snapshot
 
 
 def feed() -> Feed:

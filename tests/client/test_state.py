@@ -7,27 +7,8 @@ from hypothesis import strategies as st
 
 from dispatchd.client import Created, Deleted, Updated
 from dispatchd.client._state import LifecycleFilter, RunningTracker
-from dispatchd.core import wire
 from dispatchd.core.messages import Event, LifecycleMessage, Reason
-from tests.client.helpers import at, core, running_message
-
-
-def snapshot(*entries: tuple[int, bool, int], type: str = "T") -> wire.SnapshotReply:
-    """A reply listing (dispatch id, running, sequence)."""
-    return wire.SnapshotReply(
-        microgrid_id=7,
-        as_of=at(0),
-        synced=True,
-        entries=tuple(
-            wire.SnapshotEntry(
-                dispatch=core(dispatch_id, type=type),
-                running=running,
-                until=at(40) if running else None,
-                sequence=sequence,
-            )
-            for dispatch_id, running, sequence in entries
-        ),
-    )
+from tests.client.helpers import at, core, running_message, snapshot
 
 
 def test_start_up_snapshot_delivers_the_running_ones_then_live_duplicates_drop() -> None:

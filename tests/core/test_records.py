@@ -7,10 +7,8 @@ import re
 from datetime import UTC, datetime
 
 from hypothesis import given
-from hypothesis import strategies as st
 
 from dispatchd.core import wire
-from dispatchd.core.messages import Occurrence
 from dispatchd.core.records import (
     DispatchRecord,
     last_seen_from_meta,
@@ -20,25 +18,9 @@ from dispatchd.core.records import (
     record_to_json,
     record_to_text,
 )
-from tests.core.test_wire import FEW, any_times, dispatches, spec_dispatch
+from tests.core.wire_helpers import FEW, records, spec_dispatch
 
 _OFFSET = re.compile(r"\d[+-]\d\d:\d\d\"")
-
-
-@st.composite
-def records(draw: st.DrawFn) -> DispatchRecord:
-    optional_times = st.one_of(st.none(), any_times)
-    announced = draw(st.one_of(st.none(), st.builds(Occurrence, any_times, optional_times)))
-    return DispatchRecord(
-        dispatch=draw(dispatches()),
-        announced=announced,
-        sequence=draw(st.integers(min_value=0, max_value=2**63)),
-        last_emitted_at=draw(optional_times),
-        tombstone=draw(st.booleans()),
-        pending_missed=tuple(draw(st.lists(any_times, max_size=3))),
-        last_pulse=draw(optional_times),
-        forgotten=draw(st.booleans()),
-    )
 
 
 @FEW
