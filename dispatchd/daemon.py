@@ -38,7 +38,7 @@ from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
 from dispatchd.loop import Loop, restore_engine
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
-from dispatchd.rpc import SnapshotRpc
+from dispatchd.rpc import ExchangeTaken, SnapshotRpc
 from dispatchd.store import Store, StoreError
 
 _log = structlog.get_logger(__name__)
@@ -60,7 +60,7 @@ async def _run_until_signal(settings: Settings) -> int:
     daemon = Daemon(settings)
     try:
         await daemon.run(stop)
-    except ExchangeTypeMismatch as error:
+    except (ExchangeTypeMismatch, ExchangeTaken) as error:
         _log.error("cannot start", error=str(error))
         return 1
     except StoreError as error:
@@ -101,20 +101,21 @@ class Daemon:
             store.close()
             raise
         local_api = await self._start_local_api()
-        publisher = self.publisher = Publisher(
-            amqp_url=settings.amqp.url.get_secret_value(),
-            exchange=settings.amqp.exchange,
-            store=store,
-        )
-        loop = self.loop = Loop(
-            settings, engine, store, publisher, clock=self._clock, ready=self.ready
-        )
         rpc = SnapshotRpc(
             amqp_url=settings.amqp.url.get_secret_value(),
             exchange=settings.amqp.exchange,
             microgrid_ids=settings.microgrid_ids,
             snapshot=engine.snapshot,
             synced=lambda microgrid_id: microgrid_id in loop.synced,
+        )
+        publisher = self.publisher = Publisher(
+            amqp_url=settings.amqp.url.get_secret_value(),
+            exchange=settings.amqp.exchange,
+            store=store,
+            may_send=rpc.consuming,
+        )
+        loop = self.loop = Loop(
+            settings, engine, store, publisher, clock=self._clock, ready=self.ready
         )
         http = HttpServer(
             settings.http.listen,
@@ -127,7 +128,9 @@ class Daemon:
         client: DispatchApiClient | None = None
         try:
             await publisher.start()
-            # Its own connections: a reply can never cut the publisher's.
+            # Its own connections: a reply can never cut the publisher's. Holding its
+            # consumer is what lets the publisher send (one writer per exchange): a
+            # second dispatchd on the exchange stops here, before any sync or publish.
             await rpc.start(wait=publisher.connected)
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
@@ -147,16 +150,20 @@ class Daemon:
             )
             tasks.append(asyncio.create_task(_cancel_on_exit(first_sync_due), name="first-sync"))
             fatal = asyncio.create_task(publisher.wait_fatal())
+            taken = asyncio.create_task(rpc.wait_fatal())
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
-                {fatal, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED
+                {fatal, taken, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED
             )
             fatal.cancel()
+            taken.cancel()
             stopping.cancel()
             for task in done & set(tasks):
                 task.result()  # an unexpected crash of a loop surfaces here
             if fatal in done:
                 raise fatal.result()
+            if taken in done:
+                raise taken.result()
         finally:
             await self._shutdown(tasks, client, rpc, publisher, http, local_api, loop, store)
 

@@ -174,6 +174,7 @@ class Publisher:
         connect_timeout: float = 10.0,
         refused_retry: float = REFUSED_RETRY,
         on_declare: DeclareHook | None = None,
+        may_send: asyncio.Event | None = None,
     ) -> None:
         self._window = OutboxWindow(
             dispatch_of=_dispatch_key,
@@ -191,6 +192,9 @@ class Publisher:
         self._connect_timeout = connect_timeout
         self._refused_retry = refused_retry
         self.on_declare = on_declare
+        # The daemon's RPC consumer: a second dispatchd on the exchange must be refused
+        # before it publishes anything (docs/running-a-cluster.md, "One writer per exchange").
+        self._may_send = may_send
 
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -406,7 +410,7 @@ class Publisher:
 
         What is not confirmed by then stays in the outbox for the next start.
         """
-        if self._connection is not None and not self._closing:
+        if self._connection is not None and not self._closing and self._sending_allowed:
             await self.wait_idle(timeout)
         self._closing = True
         await self._stop_tasks()
@@ -470,7 +474,13 @@ class Publisher:
 
     # --- the send loop -----------------------------------------------------
 
+    @property
+    def _sending_allowed(self) -> bool:
+        return self._may_send is None or self._may_send.is_set()
+
     async def _sender(self) -> None:
+        if self._may_send is not None:
+            await self._may_send.wait()
         backoff = self._reconnect_interval
         while True:
             assert self._channel is not None
