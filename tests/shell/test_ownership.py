@@ -10,20 +10,15 @@ from dispatchd.ownership import Acquired, OwnershipEvent, SoloOwnership
 async def test_solo_ownership_acquires_every_microgrid_once_and_ends_when_closed() -> None:
     ownership = SoloOwnership([3, 1, 2])
     assert ownership.terms() == {3: 0, 1: 0, 2: 0}
-    seen: list[OwnershipEvent] = []
-
-    async def collect() -> None:
-        async for event in ownership.events():
-            seen.append(event)
-
-    task = asyncio.create_task(collect())
+    events = ownership.events()
     async with asyncio.timeout(5):
-        while len(seen) < 3:
-            await asyncio.sleep(0)
-    assert not task.done()  # it stands by: nothing is ever lost in this mode
+        seen: list[OwnershipEvent] = [await anext(events) for _ in range(3)]
+    standing_by = asyncio.create_task(anext(events, None))
+    await asyncio.sleep(0.05)
+    assert not standing_by.done()  # it stands by: nothing is ever lost in this mode
     await ownership.close()
     async with asyncio.timeout(5):
-        await task
+        assert await standing_by is None
     assert seen == [Acquired(3, 0, None), Acquired(1, 0, None), Acquired(2, 0, None)]
 
 
