@@ -39,7 +39,7 @@ from dispatchd.logs import configure_from_settings
 from dispatchd.loop import Loop, restore_engine
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import ExchangeTaken, SnapshotRpc
-from dispatchd.store import Store, StoreError
+from dispatchd.store import SqliteStore, Store, StoreError
 
 _log = structlog.get_logger(__name__)
 
@@ -94,11 +94,12 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, serve until ``stop`` is set, then stop gracefully."""
         settings = self._settings
-        store = self.store = Store(settings.state.dir / STATE_FILE)
+        store: Store = SqliteStore(settings.state.dir / STATE_FILE)
+        self.store = store
         try:
-            engine = restore_engine(store)
+            engine = await restore_engine(store, settings.microgrid_ids)
         except BaseException:
-            store.close()
+            await store.close()
             raise
         local_api = await self._start_local_api()
         rpc = SnapshotRpc(
@@ -208,8 +209,8 @@ class Daemon:
         await http.close()
         if local_api is not None:
             await local_api.stop(max(0.0, budget - (time.monotonic() - started)))
-        loop.save_before_stop()
-        store.close()
+        await loop.save_before_stop()
+        await store.close()
         _log.info(
             "stopped",
             outbox_left=publisher.unconfirmed,

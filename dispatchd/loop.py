@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,7 +35,13 @@ from dispatchd.core import wire
 from dispatchd.core.engine import Change, Created, Deleted, Engine, Step, Updated
 from dispatchd.core.messages import Message, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
-from dispatchd.core.records import DispatchKey, DispatchRecord, record_from_text, record_to_text
+from dispatchd.core.records import (
+    DispatchKey,
+    DispatchRecord,
+    last_seen_from_meta,
+    record_from_text,
+    record_to_text,
+)
 from dispatchd.publisher import Publisher
 from dispatchd.store import Store, StoreWriteError
 
@@ -84,20 +90,36 @@ class _Unsaved:
         self.envelopes.extend(envelopes)
 
 
-def restore_engine(store: Store) -> Engine:
-    """The engine as the store left it (call ``Engine.hold`` before the first step)."""
-    loaded = store.load()
-    records = [
-        record_from_text(text, microgrid_id) for (microgrid_id, _), text in loaded.records.items()
-    ]
-    if records or loaded.outbox:
+async def restore_engine(store: Store, microgrid_ids: Iterable[int] = ()) -> Engine:
+    """The engine as the store left it (call ``Engine.hold`` before the first step).
+
+    Loads every stored microgrid and ``microgrid_ids``; the engine's clock
+    starts from the latest ``last_seen`` among them (one process wrote them all).
+    """
+    records: list[DispatchRecord] = []
+    outbox = 0
+    meta: dict[str, Any] = {}
+    for microgrid_id in sorted(await store.microgrids() | set(microgrid_ids)):
+        loaded = await store.load(microgrid_id)
+        records.extend(
+            record_from_text(text, microgrid_id) for (_, _), text in loaded.records.items()
+        )
+        outbox += len(loaded.outbox)
+        if _last_seen(loaded.meta) >= _last_seen(meta):
+            meta = loaded.meta
+    if records or outbox:
         _log.info(
             "restored state",
             dispatches=len(records),
-            outbox=len(loaded.outbox),
-            last_seen=loaded.meta.get("last_seen"),
+            outbox=outbox,
+            last_seen=meta.get("last_seen"),
         )
-    return Engine.restore(records, loaded.meta)
+    return Engine.restore(records, meta)
+
+
+def _last_seen(meta: Mapping[str, Any]) -> datetime:
+    """``last_seen`` for comparing (never seen: the earliest instant)."""
+    return last_seen_from_meta(meta) or datetime.min.replace(tzinfo=UTC)
 
 
 class Loop:
@@ -187,7 +209,7 @@ class Loop:
         engine = self.engine
         match item:
             case _FirstSyncDue():
-                messages = self._first_sync_due(now)
+                messages = await self._first_sync_due(now)
             case None:
                 step = engine.advance(now)
                 await self._commit_in_parts(step)
@@ -199,7 +221,7 @@ class Loop:
                     step = engine.relist(
                         microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
                     )
-                    self._commit(step)
+                    await self._commit(step)
                 messages = step.messages
                 self._after_listed(item, now)
             case Streamed(_, event, dispatch):
@@ -208,7 +230,7 @@ class Loop:
                     _log.warning("ignored stream event", event=str(event), dispatch_id=dispatch.id)
                     return
                 step = engine.apply(change(dispatch), now)
-                self._commit(step)
+                await self._commit(step)
                 messages = step.messages
         _log_messages(messages)
         self.recent.extend(messages)
@@ -228,14 +250,14 @@ class Loop:
             if self.synced.issuperset(self._settings.microgrid_ids):
                 self._ready.set()
 
-    def _first_sync_due(self, now: datetime) -> list[Message]:
+    async def _first_sync_due(self, now: datetime) -> list[Message]:
         """Converge, from what is known, each microgrid whose first list has not come."""
         messages: list[Message] = []
         held = self.engine.held()
         timeout = self._settings.api.first_sync_timeout
         for microgrid_id in sorted(held - set(self._settings.microgrid_ids)):
             step = self.engine.resume(now, microgrid_id)  # stored, no longer configured
-            self._commit(step)
+            await self._commit(step)
             messages.extend(step.messages)
         for microgrid_id in self._settings.microgrid_ids:
             if microgrid_id in self.synced:
@@ -243,7 +265,7 @@ class Loop:
             converged = self.overdue[microgrid_id] = microgrid_id in held
             if converged:
                 step = self.engine.resume(now, microgrid_id)
-                self._commit(step)
+                await self._commit(step)
                 messages.extend(step.messages)
             _log.warning(
                 "first sync with the dispatch API not done in time"
@@ -255,10 +277,10 @@ class Loop:
 
     # ---------------------------------------------------------- committing
 
-    def _commit(self, step: Step) -> None:
+    async def _commit(self, step: Step) -> None:
         """One transaction for the step's records and the messages they caused, then publish."""
         _log_invalid(step.invalid)
-        self._write(step.messages, step.records, step.meta)
+        await self._write(step.messages, step.records, step.meta)
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -274,15 +296,15 @@ class Loop:
         parts = _parts(step.messages, FIRST_PART)
         for index, part in enumerate(parts):
             if index == len(parts) - 1:
-                self._write(part, records, step.meta)
+                await self._write(part, records, step.meta)
                 return
             keys = {_dispatch_key(message) for message in part}
-            self._write(part, {key: records.pop(key) for key in keys if key in records}, None)
+            await self._write(part, {key: records.pop(key) for key in keys if key in records}, None)
             for _ in range(HANDOFF_YIELDS):
                 await asyncio.sleep(0)
-        self._write([], records, step.meta)
+        await self._write([], records, step.meta)
 
-    def _write(
+    async def _write(
         self,
         messages: list[Message],
         records: Mapping[DispatchKey, DispatchRecord | None],
@@ -304,13 +326,25 @@ class Loop:
             self._unsaved.add(record_texts, meta, envelopes)
             return
         try:
-            items = self._store.commit(records=record_texts, meta=meta, envelopes=envelopes)
+            items = await self._store.commit(
+                records=record_texts, meta=self._meta(meta, record_texts), envelopes=envelopes
+            )
         except StoreWriteError as error:
             self._unsaved = _Unsaved(record_texts, meta, envelopes)
             self.store_problem = str(error)
             self._store_retry.set()
             return
         self._publisher.submit(items)
+
+    def _meta(
+        self, meta: dict[str, Any] | None, records: Mapping[DispatchKey, object]
+    ) -> dict[int, dict[str, Any]] | None:
+        """The engine-wide meta as the store keeps it: the same for every microgrid it runs."""
+        if meta is None:
+            return None
+        microgrid_ids = set(self._settings.microgrid_ids)
+        microgrid_ids.update(microgrid_id for microgrid_id, _ in records)
+        return dict.fromkeys(microgrid_ids, meta)
 
     async def save_unsaved(self) -> None:
         """Write what the store refused, with backoff; one ERROR line a minute meanwhile.
@@ -335,26 +369,28 @@ class Loop:
                     )
                 await asyncio.sleep(STORE_RETRY.delay(attempt, rng) + STORE_RETRY.initial / 2)
                 attempt += 1
-                if self._write_unsaved():
-                    _log.info("state store writable again", path=str(self._store.path))
+                if await self._write_unsaved():
+                    _log.info("state store writable again", path=self._store.location)
 
-    def save_before_stop(self) -> None:
+    async def save_before_stop(self) -> None:
         """At shutdown: a last attempt to write what the store refused."""
-        if self._unsaved is not None and not self._write_unsaved():
+        if self._unsaved is not None and not await self._write_unsaved():
             _log.warning(
                 "state store still refuses writes: the next start converges what was not saved",
                 messages=len(self._unsaved.envelopes),
                 error=self.store_problem,
             )
 
-    def _write_unsaved(self) -> bool:
+    async def _write_unsaved(self) -> bool:
         """One attempt to write the waiting steps; whether nothing waits any more."""
         unsaved = self._unsaved
         if unsaved is None:
             return True
         try:
-            items = self._store.commit(
-                records=unsaved.records, meta=unsaved.meta, envelopes=unsaved.envelopes
+            items = await self._store.commit(
+                records=unsaved.records,
+                meta=self._meta(unsaved.meta, unsaved.records),
+                envelopes=unsaved.envelopes,
             )
         except StoreWriteError as error:
             self.store_problem = str(error)

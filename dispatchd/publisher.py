@@ -292,7 +292,7 @@ class Publisher:
         run) so it is republished first. Raises ExchangeTypeMismatch when the
         exchange exists with another type.
         """
-        self.submit(self._store.outbox())
+        self.submit(await self._store.outbox())
         self._flusher_task = asyncio.create_task(self._flusher(), name="publisher-flusher")
         try:
             await self._connect()
@@ -662,7 +662,7 @@ class Publisher:
             self._done = []
             if batch:
                 try:
-                    await asyncio.to_thread(self._remove, batch)
+                    await self._remove(batch)
                 except Exception as exc:
                     log.error(
                         "cannot remove confirmed messages from the outbox",
@@ -679,8 +679,8 @@ class Publisher:
             if self._closing and not self._done:
                 return
 
-    def _remove(self, seqs: list[int]) -> None:
-        self._store.remove_from_outbox(seqs)
+    async def _remove(self, seqs: list[int]) -> None:
+        await self._store.remove_from_outbox(seqs)
         # Every row was counted in by submit(); a count(*) here would scan the
         # whole outbox per batch (quadratic over a 50k burst) under the store lock.
         self._counted -= len(seqs)

@@ -18,7 +18,7 @@ import pytest
 
 from dispatchd.publisher import Publisher
 from dispatchd.rpc import ExchangeTaken, SnapshotRpc
-from dispatchd.store import Store
+from dispatchd.store import SqliteStore
 from tests.shell.test_publisher import BROKER_URL, commit, make_envelope
 
 
@@ -101,8 +101,8 @@ async def test_the_publisher_sends_nothing_while_another_process_holds_the_excha
     exchange: str, tmp_path: Path
 ) -> None:
     holder = make_rpc(exchange, exclusive=True)
-    store = Store(tmp_path / "state.sqlite3")
-    left_by_a_previous_run = commit(store, [make_envelope(d, 0) for d in range(50)])
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    left_by_a_previous_run = await commit(store, [make_envelope(d, 0) for d in range(50)])
     assert len(left_by_a_previous_run) == 50
     await holder.start()
     rpc = make_rpc(exchange, exclusive=True)
@@ -118,5 +118,5 @@ async def test_the_publisher_sends_nothing_while_another_process_holds_the_excha
         await publisher.close(1)
         await rpc.close()
         await holder.close()
-    assert store.outbox_size() == 50
-    store.close()
+    assert await store.outbox_size() == 50
+    await store.close()
