@@ -33,10 +33,13 @@ from dispatchd import __version__, metrics, status
 from dispatchd.apisync import ApiSync, api_client, api_url
 from dispatchd.config import Settings
 from dispatchd.core import wire
+from dispatchd.core.engine import Engine
 from dispatchd.http import HttpServer, QueryParams
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
-from dispatchd.loop import Loop, restore_engine
+from dispatchd.loop import Loop
+from dispatchd.microgrids import Microgrids
+from dispatchd.ownership import Ownership, SoloOwnership
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import ExchangeTaken, SnapshotRpc
 from dispatchd.store import SqliteStore, Store, StoreError
@@ -78,7 +81,9 @@ class Daemon:
         self._settings = settings
         self._clock = clock
         self._started_at = clock()
-        self._syncs: list[ApiSync] = []
+        self.microgrids: Microgrids | None = None
+        """Starts and stops each microgrid as ownership changes."""
+        self.ownership: Ownership | None = None
         self.ready = asyncio.Event()
         """Set when every microgrid has finished its first sync (for tests and /readyz)."""
         self.api_url: str | None = None
@@ -89,6 +94,11 @@ class Daemon:
         self.loop: Loop | None = None
         """The loop that owns the engine, from start-up on."""
 
+    @property
+    def _syncs(self) -> list[ApiSync]:
+        """The API syncs running now, one per microgrid this process runs."""
+        return self.microgrids.syncs if self.microgrids is not None else []
+
     # ------------------------------------------------------------- lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -97,10 +107,15 @@ class Daemon:
         store: Store = SqliteStore(settings.state.dir / STATE_FILE)
         self.store = store
         try:
-            engine = await restore_engine(store, settings.microgrid_ids)
+            configured = set(settings.microgrid_ids)
+            # Stored and no longer configured: converged from the stored state and
+            # published (e.g. their stops), never synced.
+            unconfigured = await store.microgrids() - configured
         except BaseException:
             await store.close()
             raise
+        ownership = self.ownership = SoloOwnership([*settings.microgrid_ids, *sorted(unconfigured)])
+        engine = Engine()
         local_api = await self._start_local_api()
         rpc = SnapshotRpc(
             amqp_url=settings.amqp.url.get_secret_value(),
@@ -116,7 +131,14 @@ class Daemon:
             may_send=rpc.consuming,
         )
         loop = self.loop = Loop(
-            settings, engine, store, publisher, clock=self._clock, ready=self.ready
+            settings,
+            engine,
+            store,
+            publisher,
+            clock=self._clock,
+            ready=self.ready,
+            terms=ownership.terms,
+            on_fenced=self._fenced,
         )
         http = HttpServer(
             settings.http.listen,
@@ -127,29 +149,26 @@ class Daemon:
         )
         tasks: list[asyncio.Task[None]] = []
         client: DispatchApiClient | None = None
+        microgrids: Microgrids | None = None
         try:
-            await publisher.start()
+            # Each microgrid's outbox is republished when it is started (microgrids.py).
+            await publisher.start(submit_outbox=False)
             # Its own connections: a reply can never cut the publisher's. Holding its
             # consumer is what lets the publisher send (one writer per exchange): a
             # second dispatchd on the exchange stops here, before any sync or publish.
             await rpc.start(wait=publisher.connected)
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
-            # Restart order: load (above), republish the outbox (publisher.start),
-            # re-list, then converge: the stored view is not announced before its
-            # microgrid's first list, which may show it changed while we were down.
-            engine.hold(self._clock())
             client = api_client(self._settings, self.local_api_port)
-            for microgrid_id in settings.microgrid_ids:
-                sync = ApiSync(client, microgrid_id, loop.inbox.put)
-                self._syncs.append(sync)
-                tasks.append(asyncio.create_task(sync.run(), name=f"sync-{microgrid_id}"))
+            # Restart order per microgrid: load, republish its outbox, re-list, then
+            # converge: the stored view is not announced before the microgrid's first
+            # list, which may show it changed while it ran nowhere.
+            microgrids = self.microgrids = Microgrids(
+                settings, ownership, store, loop, publisher, client, without_sync=unconfigured
+            )
             tasks.append(asyncio.create_task(loop.run(), name="engine"))
             tasks.append(asyncio.create_task(loop.save_unsaved(), name="store-retry"))
-            first_sync_due = asyncio.get_running_loop().call_later(
-                settings.api.first_sync_timeout, loop.first_sync_due
-            )
-            tasks.append(asyncio.create_task(_cancel_on_exit(first_sync_due), name="first-sync"))
+            tasks.append(asyncio.create_task(microgrids.run(), name="microgrids"))
             fatal = asyncio.create_task(publisher.wait_fatal())
             taken = asyncio.create_task(rpc.wait_fatal())
             stopping = asyncio.create_task(stop.wait())
@@ -166,11 +185,14 @@ class Daemon:
             if taken in done:
                 raise taken.result()
         finally:
-            await self._shutdown(tasks, client, rpc, publisher, http, local_api, loop, store)
+            await self._shutdown(
+                tasks, microgrids, client, rpc, publisher, http, local_api, loop, store
+            )
 
     async def _shutdown(
         self,
         tasks: list[asyncio.Task[None]],
+        microgrids: Microgrids | None,
         client: DispatchApiClient | None,
         rpc: SnapshotRpc,
         publisher: Publisher,
@@ -187,6 +209,8 @@ class Daemon:
             return max(0.0, budget - (time.monotonic() - started))
 
         _log.info("stopping", shutdown_timeout=budget)
+        if microgrids is not None:
+            tasks = [*microgrids.stop_syncs(), *tasks]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -240,6 +264,17 @@ class Daemon:
         assert self.loop is not None
         return self.loop
 
+    def _fenced(self, microgrid_ids: frozenset[int]) -> None:
+        if self.microgrids is not None:
+            self.microgrids.fenced(microgrid_ids)
+
+    def _owned(self) -> list[int]:
+        """The configured microgrids this process runs (all of them with the SQLite store)."""
+        held = self.ownership.terms() if self.ownership is not None else {}
+        return [
+            microgrid_id for microgrid_id in self._settings.microgrid_ids if microgrid_id in held
+        ]
+
     def _missing_for_ready(self) -> list[str]:
         loop = self._running()
         timeout = self._settings.api.first_sync_timeout
@@ -247,7 +282,7 @@ class Daemon:
             f"microgrid {microgrid_id}: first sync with the dispatch API not finished"
             + (f" after {timeout:g} s" if microgrid_id in loop.overdue else "")
             + ("; converged from the stored state" if loop.overdue.get(microgrid_id) else "")
-            for microgrid_id in self._settings.microgrid_ids
+            for microgrid_id in self._owned()
             if microgrid_id not in loop.synced
         ]
         missing.extend(
@@ -315,14 +350,6 @@ _TASK_STOP_GRACE = 0.5
 """Seconds cancelled tasks get to finish even when the shutdown budget is spent."""
 _RPC_CLOSE_GRACE = 0.5
 """Seconds to wait for the broker to acknowledge closing the snapshot RPC channel."""
-
-
-async def _cancel_on_exit(timer: asyncio.TimerHandle) -> None:
-    """Hold ``timer`` until this task is cancelled, then cancel it too."""
-    try:
-        await asyncio.Future()
-    finally:
-        timer.cancel()
 
 
 async def _within(closing: Coroutine[Any, Any, None], seconds: float, what: str) -> None:

@@ -43,7 +43,7 @@ from dispatchd.core.records import (
     record_to_text,
 )
 from dispatchd.publisher import Publisher
-from dispatchd.store import Store, StoreWriteError
+from dispatchd.store import Fenced, OutboxItem, Store, StoreWriteError
 
 _log = structlog.get_logger(__name__)
 
@@ -64,10 +64,30 @@ STORE_ERROR_EVERY = 60.0
 
 @dataclass(frozen=True, slots=True)
 class _FirstSyncDue:
-    """``api.first_sync_timeout`` has passed since start-up."""
+    """``api.first_sync_timeout`` has passed since the microgrid was started."""
+
+    microgrid_id: int
 
 
-InboxItem = SyncItem | _FirstSyncDue
+@dataclass(frozen=True, slots=True)
+class _Adopt:
+    """Start running a microgrid from its stored records (it was acquired)."""
+
+    microgrid_id: int
+    records: list[DispatchRecord]
+    last_seen: datetime | None
+    done: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Forget:
+    """Stop running a microgrid: no more messages or commits for it."""
+
+    microgrid_id: int
+    done: asyncio.Future[None]
+
+
+InboxItem = SyncItem | _FirstSyncDue | _Adopt | _Forget
 
 
 @dataclass(slots=True)
@@ -134,10 +154,20 @@ class Loop:
         *,
         clock: Callable[[], datetime],
         ready: asyncio.Event,
+        terms: Callable[[], Mapping[int, int]] = dict,
+        on_fenced: Callable[[frozenset[int]], None] = lambda _: None,
     ) -> None:
         self._settings = settings
         self.engine = engine
         self._store = store
+        self._terms = terms
+        """The held microgrids' lease terms, which fence every commit."""
+        self._on_fenced = on_fenced
+        """Told of microgrids whose commit the store refused: another process owns them."""
+        self.active: set[int] = set()
+        """Microgrids adopted and not forgotten: only their messages are committed."""
+        self.syncing: set[int] = set()
+        """Microgrids with an API sync; ready once all of them finished their first."""
         self._publisher = publisher
         self._clock = clock
         self._ready = ready
@@ -158,9 +188,26 @@ class Loop:
         self._unsaved: _Unsaved | None = None
         self._store_retry = asyncio.Event()
 
-    def first_sync_due(self) -> None:
-        """``api.first_sync_timeout`` has passed: converge the microgrids still not listed."""
-        self.inbox.put_nowait(_FirstSyncDue())
+    def first_sync_due(self, microgrid_id: int) -> None:
+        """``api.first_sync_timeout`` has passed: converge the microgrid if still not listed."""
+        self.inbox.put_nowait(_FirstSyncDue(microgrid_id))
+
+    async def adopt(
+        self, microgrid_id: int, records: list[DispatchRecord], last_seen: datetime | None
+    ) -> None:
+        """Run a microgrid from its stored state, held until its first list (as a restart).
+
+        Returns once the engine has it, so its API sync may start.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self.inbox.put_nowait(_Adopt(microgrid_id, records, last_seen, done))
+        await done
+
+    async def forget(self, microgrid_id: int) -> None:
+        """Stop running a microgrid; returns once nothing more is committed for it."""
+        done = asyncio.get_running_loop().create_future()
+        self.inbox.put_nowait(_Forget(microgrid_id, done))
+        await done
 
     # ------------------------------------------------------------ the loop
 
@@ -208,8 +255,25 @@ class Loop:
         now = self._clock()
         engine = self.engine
         match item:
-            case _FirstSyncDue():
-                messages = await self._first_sync_due(now)
+            case _FirstSyncDue(microgrid_id):
+                messages = await self._first_sync_due(microgrid_id, now)
+            case _Adopt(microgrid_id, records, last_seen, done):
+                step = engine.adopt(microgrid_id, records, last_seen, now, converge=False)
+                self._reset(microgrid_id)
+                self.active.add(microgrid_id)
+                await self._commit(step)
+                messages = step.messages
+                if not done.done():
+                    done.set_result(None)
+            case _Forget(microgrid_id, done):
+                engine.forget(microgrid_id)
+                self.active.discard(microgrid_id)
+                self._reset(microgrid_id)
+                messages = []
+                if not done.done():
+                    done.set_result(None)
+            case Listed() | Streamed() if item.microgrid_id not in self.active:
+                return  # from a sync stopped with its microgrid
             case None:
                 step = engine.advance(now)
                 await self._commit_in_parts(step)
@@ -247,32 +311,34 @@ class Loop:
                 dispatches=len(item.dispatches),
                 **counts,
             )
-            if self.synced.issuperset(self._settings.microgrid_ids):
+            if self.synced.issuperset(self.syncing):
                 self._ready.set()
 
-    async def _first_sync_due(self, now: datetime) -> list[Message]:
-        """Converge, from what is known, each microgrid whose first list has not come."""
+    def _reset(self, microgrid_id: int) -> None:
+        """Forget how the microgrid's last run went (a new owner syncs it afresh)."""
+        self.synced.discard(microgrid_id)
+        self.first_synced_at.pop(microgrid_id, None)
+        self.overdue.pop(microgrid_id, None)
+
+    async def _first_sync_due(self, microgrid_id: int, now: datetime) -> list[Message]:
+        """Converge the microgrid from what is known if its first list has not come."""
+        if microgrid_id not in self.active or microgrid_id in self.synced:
+            return []
+        converged = microgrid_id in self.engine.held()
         messages: list[Message] = []
-        held = self.engine.held()
-        timeout = self._settings.api.first_sync_timeout
-        for microgrid_id in sorted(held - set(self._settings.microgrid_ids)):
-            step = self.engine.resume(now, microgrid_id)  # stored, no longer configured
+        if converged:
+            step = self.engine.resume(now, microgrid_id)
             await self._commit(step)
-            messages.extend(step.messages)
-        for microgrid_id in self._settings.microgrid_ids:
-            if microgrid_id in self.synced:
-                continue
-            converged = self.overdue[microgrid_id] = microgrid_id in held
-            if converged:
-                step = self.engine.resume(now, microgrid_id)
-                await self._commit(step)
-                messages.extend(step.messages)
-            _log.warning(
-                "first sync with the dispatch API not done in time"
-                + ("; converged from the stored state" if converged else ""),
-                microgrid_id=microgrid_id,
-                first_sync_timeout=timeout,
-            )
+            messages = step.messages
+        if microgrid_id not in self.syncing:
+            return messages  # stored, no longer configured: converged, nothing to wait for
+        self.overdue[microgrid_id] = converged
+        _log.warning(
+            "first sync with the dispatch API not done in time"
+            + ("; converged from the stored state" if converged else ""),
+            microgrid_id=microgrid_id,
+            first_sync_timeout=self._settings.api.first_sync_timeout,
+        )
         return messages
 
     # ---------------------------------------------------------- committing
@@ -326,9 +392,7 @@ class Loop:
             self._unsaved.add(record_texts, meta, envelopes)
             return
         try:
-            items = await self._store.commit(
-                records=record_texts, meta=self._meta(meta, record_texts), envelopes=envelopes
-            )
+            items = await self._store_commit(record_texts, meta, envelopes)
         except StoreWriteError as error:
             self._unsaved = _Unsaved(record_texts, meta, envelopes)
             self.store_problem = str(error)
@@ -336,15 +400,57 @@ class Loop:
             return
         self._publisher.submit(items)
 
+    async def _store_commit(
+        self,
+        records: Mapping[DispatchKey, str | None],
+        meta: dict[str, Any] | None,
+        envelopes: list[wire.Envelope],
+    ) -> list[OutboxItem]:
+        """One fenced transaction for what belongs to the microgrids still run here.
+
+        A microgrid the store fences (its lease was lost) is dropped at once and
+        the rest is committed without it: another process converges it from
+        what was committed before.
+        """
+        while True:
+            active = self.active
+            records = {key: text for key, text in records.items() if key[0] in active}
+            envelopes = [envelope for envelope in envelopes if envelope.microgrid_id in active]
+            if not records and not envelopes and (meta is None or not active):
+                return []
+            terms = self._terms()
+            try:
+                return await self._store.commit(
+                    records=records,
+                    meta=self._meta(meta, terms),
+                    envelopes=envelopes,
+                    terms=terms,
+                )
+            except Fenced as fenced:
+                lost = fenced.microgrid_ids & active
+                if not lost:
+                    raise StoreWriteError(str(fenced)) from fenced
+                self.active -= lost
+                _log.warning("commit fenced: microgrids dropped", microgrid_ids=sorted(lost))
+                self._on_fenced(frozenset(lost))
+
     def _meta(
-        self, meta: dict[str, Any] | None, records: Mapping[DispatchKey, object]
+        self, meta: dict[str, Any] | None, terms: Mapping[int, int]
     ) -> dict[int, dict[str, Any]] | None:
-        """The engine-wide meta as the store keeps it: the same for every microgrid it runs."""
+        """The engine-wide meta for each microgrid run here, with the term it first synced in.
+
+        Another replica answers the snapshot RPC for a microgrid from what is
+        stored: ``synced_term`` tells it whether the owner of the current term
+        has finished its first sync.
+        """
         if meta is None:
             return None
-        microgrid_ids = set(self._settings.microgrid_ids)
-        microgrid_ids.update(microgrid_id for microgrid_id, _ in records)
-        return dict.fromkeys(microgrid_ids, meta)
+        return {
+            microgrid_id: meta
+            if microgrid_id not in self.synced or microgrid_id not in terms
+            else {**meta, "synced_term": terms[microgrid_id]}
+            for microgrid_id in self.active
+        }
 
     async def save_unsaved(self) -> None:
         """Write what the store refused, with backoff; one ERROR line a minute meanwhile.
@@ -387,11 +493,7 @@ class Loop:
         if unsaved is None:
             return True
         try:
-            items = await self._store.commit(
-                records=unsaved.records,
-                meta=self._meta(unsaved.meta, unsaved.records),
-                envelopes=unsaved.envelopes,
-            )
+            items = await self._store_commit(unsaved.records, unsaved.meta, unsaved.envelopes)
         except StoreWriteError as error:
             self.store_problem = str(error)
             return False

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from typing import Final
 
@@ -65,6 +65,8 @@ _SHOWN_CHARS: Final = 120
 
 Snapshot = Callable[[int, str | None], list[SnapshotEntry]]
 Synced = Callable[[int], bool]
+Standby = Callable[[int, str | None], Awaitable[tuple[list[SnapshotEntry], bool]]]
+"""A microgrid's entries and ``synced`` from the store, for one another process runs."""
 
 
 def rpc_queue_name(exchange: str) -> str:
@@ -119,11 +121,15 @@ class SnapshotRpc:
         max_backoff: float = 30.0,
         connect_timeout: float = 10.0,
         exclusive: bool = True,
+        owned: Synced | None = None,
+        standby: Standby | None = None,
     ) -> None:
         self._url = amqp_url
         self._exchange = exchange
         self._queue_name = rpc_queue_name(exchange)
         self._exclusive = exclusive
+        self._owned = owned
+        self._standby = standby
         self._microgrid_ids = frozenset(microgrid_ids)
         self._snapshot = snapshot
         self._synced = synced
@@ -266,7 +272,7 @@ class SnapshotRpc:
             )
             return
         await _settle(message, ack=True)
-        body, method, outcome = self.answer(message.body)
+        body, method, outcome = await self._answer_anywhere(message.body)
         metrics.RPC_REQUESTS.labels(method=method, outcome=outcome).inc()
         if not message.reply_to:
             _log.warning(
@@ -276,6 +282,42 @@ class SnapshotRpc:
             )
             return
         await self._replies.send(message.reply_to, message.correlation_id, body)
+
+    async def _answer_anywhere(self, request: bytes) -> tuple[bytes, str, str]:
+        """From the engine, or from the store for a microgrid another replica runs."""
+        standby, owned = self._standby, self._owned
+        if standby is None or owned is None:
+            return self.answer(request)
+        try:
+            parsed = wire.decode_snapshot_request(request)
+        except wire.WireError:
+            return self.answer(request)  # the same error reply
+        microgrid_id = parsed.microgrid_id
+        if microgrid_id not in self._microgrid_ids or owned(microgrid_id):
+            return self.answer(request)
+        try:
+            entries, synced = await standby(microgrid_id, parsed.type)
+            body = wire.encode_snapshot_reply(
+                microgrid_id,
+                self._clock(),
+                synced,
+                (
+                    wire.SnapshotEntry(
+                        dispatch=entry.dispatch,
+                        running=entry.running,
+                        until=entry.until,
+                        sequence=entry.sequence,
+                    )
+                    for entry in entries
+                ),
+            )
+        except Exception as exc:
+            _log.warning("snapshot from the state store failed", error=describe_error(exc))
+            reply = wire.encode_error_reply(
+                "unavailable", "the state store cannot be read now; ask again"
+            )
+            return reply, "snapshot", "unavailable"
+        return body, "snapshot", "ok"
 
     def answer(self, request: bytes) -> tuple[bytes, str, str]:
         """The reply body, the method label and the outcome label for one request."""

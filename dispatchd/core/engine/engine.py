@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from dispatchd.core.engine.convergence import _Converger
 from dispatchd.core.engine.state import (
@@ -25,7 +25,7 @@ from dispatchd.core.engine.state import (
     _schedule_of,
 )
 from dispatchd.core.engine.steps import Change, Deleted, SnapshotEntry, Step
-from dispatchd.core.messages import Event, Message, Reason
+from dispatchd.core.messages import Event, Message, Occurrence, Reason
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import (
     DispatchKey,
@@ -167,24 +167,7 @@ class Engine(_Converger):
     def snapshot(self, microgrid_id: int, type: str | None = None) -> list[SnapshotEntry]:
         """The announced state of every known, non-deleted dispatch, by id."""
         records = self._microgrids.get(microgrid_id, {})
-        entries = []
-        for dispatch_id in sorted(records):
-            record = records[dispatch_id]
-            if record.tombstone or record.forgotten:
-                continue
-            if type is not None and record.dispatch.type != type:
-                continue
-            announced = record.announced
-            entries.append(
-                SnapshotEntry(
-                    dispatch=record.dispatch,
-                    running=announced is not None,
-                    until=announced.end if announced is not None else None,
-                    sequence=record.sequence,
-                    occurrence=announced,
-                )
-            )
-        return entries
+        return _entries((records[dispatch_id] for dispatch_id in sorted(records)), type)
 
     def counts(self, now: datetime) -> dict[int, dict[str, int]]:
         """Per microgrid, how many dispatches are in each metric state.
@@ -403,3 +386,49 @@ class Engine(_Converger):
             end = record.dispatch.end_time
             return end is None or end > now
         return not _is_finished(record, now)
+
+
+def stored_snapshot(
+    records: Iterable[DispatchRecord], type: str | None = None
+) -> list[SnapshotEntry]:
+    """What :meth:`Engine.snapshot` answers, from a microgrid's stored records.
+
+    For a microgrid another process runs: its committed records say what was
+    announced, as the engine's would.
+    """
+    return _entries(sorted(records, key=lambda record: record.dispatch.id), type)
+
+
+class _Announced(Protocol):
+    """What a snapshot needs of a record, live or stored."""
+
+    @property
+    def dispatch(self) -> Dispatch: ...
+    @property
+    def announced(self) -> Occurrence | None: ...
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def tombstone(self) -> bool: ...
+    @property
+    def forgotten(self) -> bool: ...
+
+
+def _entries(records: Iterable[_Announced], type: str | None) -> list[SnapshotEntry]:
+    entries = []
+    for record in records:
+        if record.tombstone or record.forgotten:
+            continue
+        if type is not None and record.dispatch.type != type:
+            continue
+        announced = record.announced
+        entries.append(
+            SnapshotEntry(
+                dispatch=record.dispatch,
+                running=announced is not None,
+                until=announced.end if announced is not None else None,
+                sequence=record.sequence,
+                occurrence=announced,
+            )
+        )
+    return entries
