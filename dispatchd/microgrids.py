@@ -200,6 +200,8 @@ class Microgrids:
             await self._loop.forget(microgrid_id)
             dropped = self._publisher.drop(microgrid_id)
             self.running.pop(microgrid_id, None)
+        if why == "fenced":  # the lease keeper still counts it as held: not any more
+            await self._release(microgrid_id, term)
         _log.info(
             "microgrid stopped",
             microgrid_id=microgrid_id,
@@ -220,6 +222,16 @@ class Microgrids:
             await self._loop.forget(microgrid_id)
             dropped = self._publisher.drop(microgrid_id)
             self.running.pop(microgrid_id, None)
+        await self._release(microgrid_id, term)
+        _log.info(
+            "microgrid handed over",
+            microgrid_id=microgrid_id,
+            term=term,
+            drained=drained,
+            unpublished_left_to_next_owner=dropped,
+        )
+
+    async def _release(self, microgrid_id: int, term: int) -> None:
         try:
             await self._ownership.release(microgrid_id, term)
         except Exception as exc:  # the lease then expires by itself
@@ -229,10 +241,3 @@ class Microgrids:
                 term=term,
                 error=f"{type(exc).__name__}: {exc}",
             )
-        _log.info(
-            "microgrid handed over",
-            microgrid_id=microgrid_id,
-            term=term,
-            drained=drained,
-            unpublished_left_to_next_owner=dropped,
-        )
