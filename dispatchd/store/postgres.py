@@ -15,6 +15,7 @@ by the migrating transaction, so replicas starting together cannot race.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -80,6 +81,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
 """``MIGRATIONS[n]`` takes the schema from version ``n`` to ``n + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+_CLOSE_GRACE = 2.0
+"""Seconds ``close`` waits for the server to acknowledge closing the connections."""
 
 FORGET_REPLICAS_AFTER = 3600.0
 """Seconds after its last heartbeat a replica's membership row is removed."""
@@ -362,13 +366,16 @@ class PostgresStore:
         return int(await self._call(self._pool.fetchval, "SELECT count(*) FROM outbox"))
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close the connections; ones a cut or silent database holds are dropped."""
+        try:
+            async with asyncio.timeout(_CLOSE_GRACE):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
 
     # ------------------------------------------------------------- leases
 
-    async def renew(
-        self, replica_id: str, lease_seconds: float, *, timeout: float | None = None
-    ) -> dict[int, int]:
+    async def renew(self, replica_id: str, lease_seconds: float) -> dict[int, int]:
         """Heartbeat and renew every unexpired lease of ``replica_id``, in one statement.
 
         Returns the microgrids still held, with their terms. An expired lease
@@ -390,7 +397,6 @@ class PostgresStore:
             float(lease_seconds),
             self._version,
             FORGET_REPLICAS_AFTER,
-            timeout=timeout,
         )
         return {int(row[0]): int(row[1]) for row in rows}
 
@@ -461,12 +467,10 @@ class PostgresStore:
             ],
         )
 
-    async def _call(
-        self, method: Callable[..., Any], *args: Any, timeout: float | None = None
-    ) -> Any:
+    async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         """One statement; a database that cannot be reached is a ``StoreWriteError`` line."""
         try:
-            return await method(*args, timeout=timeout)
+            return await method(*args)
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
 
