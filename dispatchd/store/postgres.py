@@ -375,12 +375,14 @@ class PostgresStore:
 
     # ------------------------------------------------------------- leases
 
-    async def renew(self, replica_id: str, lease_seconds: float) -> dict[int, int]:
-        """Heartbeat and renew every unexpired lease of ``replica_id``, in one statement.
+    async def renew(
+        self, replica_id: str, lease_seconds: float, microgrid_ids: Iterable[int]
+    ) -> dict[int, int]:
+        """Heartbeat, and renew the unexpired leases of ``microgrid_ids``, in one statement.
 
-        Returns the microgrids still held, with their terms. An expired lease
-        is not renewed, even when no other replica took it yet: its holder
-        has already dropped it by its own clock.
+        Returns those still held by ``replica_id``, with their terms. An
+        expired lease is not renewed, even when no other replica took it yet:
+        its holder has already dropped it by its own clock.
         """
         rows = await self._call(
             self._pool.fetch,
@@ -392,11 +394,13 @@ class PostgresStore:
             " forget AS (DELETE FROM replicas"
             " WHERE heartbeat_at < now() - make_interval(secs => $4) AND replica_id <> $1)"
             " UPDATE leases SET expires_at = now() + make_interval(secs => $2)"
-            " WHERE owner = $1 AND expires_at > now() RETURNING microgrid_id, term",
+            " WHERE owner = $1 AND microgrid_id = ANY($5::bigint[]) AND expires_at > now()"
+            " RETURNING microgrid_id, term",
             replica_id,
             float(lease_seconds),
             self._version,
             FORGET_REPLICAS_AFTER,
+            sorted(set(microgrid_ids)),
         )
         return {int(row[0]): int(row[1]) for row in rows}
 

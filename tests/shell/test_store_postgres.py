@@ -180,12 +180,12 @@ async def test_renewal_extends_only_unexpired_leases_of_the_replica(
     await store.acquire("a", [1], lease_seconds=1)
     await store.acquire("a", [2], lease_seconds=30)
     await store.acquire("b", [3], lease_seconds=30)
-    assert await store.renew("a", lease_seconds=30) == {1: 1, 2: 1}
+    assert await store.renew("a", 30, [1, 2, 3]) == {1: 1, 2: 1}  # 3 is b's
     by_id = {lease.microgrid_id: lease for lease in (await store.view()).leases}
     assert 25 < by_id[1].expires_in <= 30  # renewed from the database's now()
     await store.acquire("a", [4], lease_seconds=1)
     await _until_expired(store, 4)
-    assert await store.renew("a", lease_seconds=30) == {1: 1, 2: 1}  # 4 expired: not renewed
+    assert await store.renew("a", 30, [1, 4]) == {1: 1}  # 4 expired: not renewed
     assert await store.acquire("b", [4], lease_seconds=30) == {4: Taken(2, "a")}
 
 
@@ -204,8 +204,8 @@ async def test_release_frees_the_lease_at_once_for_the_next_owner(store: Postgre
 async def test_membership_is_the_heartbeat_and_a_leaving_replica_is_gone(
     store: PostgresStore,
 ) -> None:
-    await store.renew("a", lease_seconds=30)
-    await store.renew("b", lease_seconds=1)
+    await store.renew("a", 30, [])
+    await store.renew("b", 1, [])
     view = await store.view()
     assert view.live_replicas() == ["a", "b"]
     assert all(replica.heartbeat_age < 1 for replica in view.replicas)
