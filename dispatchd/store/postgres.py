@@ -161,8 +161,13 @@ class PostgresStore:
         timeout: float = 30.0,  # noqa: ASYNC109 (each database call's bound, not the open's)
         max_connections: int = 4,
         version: str = "",
+        migrate: bool = True,
     ) -> PostgresStore:
-        """Connect, create or migrate the schema, or raise one ``StoreError`` line."""
+        """Connect, create or migrate the schema, or raise one ``StoreError`` line.
+
+        Without ``migrate`` (a reader such as ``dispatchd cluster status``) the
+        schema must exist already and must not be newer than this dispatchd.
+        """
         location = mask_dsn(dsn)
         try:
             pool = await asyncpg.create_pool(
@@ -182,7 +187,7 @@ class PostgresStore:
             raise StoreError(f"state store {location}: {_describe(error)}") from None
         store = cls(pool, dsn, version=version)
         try:
-            await store._migrate()
+            await (store._migrate() if migrate else store._check_schema())
         except BaseException:
             await pool.close()
             raise
@@ -214,6 +219,23 @@ class PostgresStore:
             ) from None
         except asyncpg.PostgresError as error:
             raise StoreError(f"state store {self._location}: {_describe(error)}") from None
+
+    async def _check_schema(self) -> None:
+        try:
+            found = None
+            if await self._pool.fetchval("SELECT to_regclass('schema_version')") is not None:
+                found = await self._pool.fetchval("SELECT max(version) FROM schema_version")
+        except _CONNECTION_PROBLEMS as error:
+            raise StoreError(
+                f"state store {self._location}: cannot connect ({_describe(error)})"
+            ) from None
+        if found is None:
+            raise StoreError(
+                f"state store {self._location}: no dispatchd tables yet "
+                "(the first replica creates them when it starts)"
+            )
+        if int(found) > SCHEMA_VERSION:
+            raise SchemaTooNew(self._location, int(found), SCHEMA_VERSION)
 
     async def schema_version(self) -> int:
         return int(await self._pool.fetchval("SELECT version FROM schema_version"))
