@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatchd import metrics
 from dispatchd.store import SqliteStore, Store
 from dispatchd.store.postgres import PostgresStore
 from tests.conftest import temporary_database
@@ -83,13 +84,23 @@ async def test_records_upsert_and_delete(store: Store) -> None:
     assert (await store.load(7)).records == {(7, 1): "one again", (7, 3): "three"}
 
 
-async def test_one_commit_upserts_and_deletes_many_records(store: Store) -> None:
-    await store.commit(records={(7, n): f"v{n}" for n in range(100)})
-    changes: dict[tuple[int, int], str | None] = {(7, n): None for n in range(0, 100, 2)}
-    changes |= {(7, n): f"w{n}" for n in range(1, 100, 2)} | {(8, 1): "new"}
+@pytest.mark.parametrize("count", [100, 1200])  # 1200: PostgreSQL's bulk (COPY) path
+async def test_one_commit_upserts_and_deletes_many_records(store: Store, count: int) -> None:
+    await store.commit(records={(7, n): f"v{n}" for n in range(count)})
+    changes: dict[tuple[int, int], str | None] = {(7, n): None for n in range(0, count, 2)}
+    changes |= {(7, n): f"w{n}" for n in range(1, count, 2)} | {(8, 1): "new"}
     assert await store.commit(records=changes) == []
-    expected = {(7, n): f"w{n}" for n in range(1, 100, 2)} | {(8, 1): "new"}
+    expected = {(7, n): f"w{n}" for n in range(1, count, 2)} | {(8, 1): "new"}
     assert (await everything(store)).records == expected
+
+
+async def test_every_commit_is_timed(store: Store) -> None:
+    def commits() -> float:
+        return metrics.REGISTRY.get_sample_value("dispatchd_store_commit_seconds_count") or 0
+
+    before = commits()
+    await store.commit(records={(7, 1): "r"}, envelopes=[envelope(1)])
+    assert commits() == before + 1
 
 
 async def test_meta_is_replaced_per_microgrid_only_when_given(store: Store) -> None:
