@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import structlog
 
 from dispatchd import metrics
 from dispatchd.leases import LeaseKeeper
@@ -167,3 +168,51 @@ async def test_a_replica_that_leaves_is_replaced_at_once_by_release(
     assert {mg: (e.term, e.previous_owner) for mg, e in taken.items()} == {
         mg: (term + 1, "a") for mg, term in leaving.items()
     }
+
+
+async def test_leases_are_renewed_every_third_and_each_event_is_one_log_line(
+    cluster: Callable[..., object],
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        a: Replica = await cluster("a")  # type: ignore[misc]
+        await until(lambda: a.owned() == set(MICROGRIDS), [a])
+        table = a.keeper._table  # type: ignore[attr-defined]
+        # Sampled for two lease lengths: renewed every LEASE / 3, a lease never has
+        # less than about two thirds left (renewing only every LEASE would let it expire).
+        lowest = LEASE
+        sampling_until = time.monotonic() + 2 * LEASE
+        while time.monotonic() < sampling_until:
+            view = await table.view()
+            lowest = min(lowest, *(lease.expires_in for lease in view.leases))
+            await asyncio.sleep(0.05)
+        assert LEASE / 2 < lowest < LEASE
+        assert metrics.REGISTRY.get_sample_value("dispatchd_cluster_replicas") == 1
+        terms = a.keeper.terms()
+        released = min(terms)
+        await a.keeper.release(released, terms[released])
+        await until(lambda: released in a.owned(), [a])  # it is free again: a takes it back
+    acquired = [line for line in logs if line["event"] == "lease acquired"]
+    assert sorted((line["microgrid_id"], line["term"]) for line in acquired) == sorted(
+        [(mg, 1) for mg in MICROGRIDS] + [(released, 2)]
+    )
+    assert all("previous_owner" in line for line in acquired)
+    assert [line["previous_owner"] for line in acquired if line["term"] == 2] == ["a"]
+    (release,) = [line for line in logs if line["event"] == "lease released"]
+    assert (release["microgrid_id"], release["term"]) == (released, 1)
+
+
+async def test_releasing_a_lease_taken_meanwhile_counts_it_lost(
+    cluster: Callable[..., object], postgres_url: str
+) -> None:
+    a: Replica = await cluster("a")  # type: ignore[misc]
+    await until(lambda: a.owned() == set(MICROGRIDS), [a])
+    a.keeper.stop_acquiring()
+    table = a.keeper._table  # type: ignore[attr-defined]
+    stolen = min(a.owned())
+    term = a.keeper.terms()[stolen]
+    assert await table.release("a", stolen, term)  # behind the keeper's back
+    assert await table.acquire("intruder", [stolen], lease_seconds=30) != {}
+    lost_before = metrics.REGISTRY.get_sample_value("dispatchd_lease_lost_total") or 0
+    await a.keeper.release(stolen, term)  # as after a fenced commit
+    assert stolen not in a.owned()
+    assert metrics.REGISTRY.get_sample_value("dispatchd_lease_lost_total") == lost_before + 1
