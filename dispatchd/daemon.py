@@ -43,10 +43,11 @@ from dispatchd.ownership import Ownership, SoloOwnership
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import ExchangeTaken, SnapshotRpc
 from dispatchd.store import SqliteStore, Store, StoreError
+from dispatchd.store.sqlite import STATE_FILE
 
 _log = structlog.get_logger(__name__)
 
-STATE_FILE = "dispatchd.sqlite3"
+__all__ = ["STATE_FILE", "Daemon", "main"]
 
 
 def main(settings: Settings) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import sqlite3
@@ -37,7 +36,11 @@ from dispatchd.store.base import (
     StateDirError,
     StoreError,
     StoreWriteError,
+    headers_text,
 )
+
+STATE_FILE = "dispatchd.sqlite3"
+"""The state file's name in ``state.dir``."""
 
 _TROUBLESHOOTING = "see docs/troubleshooting.md, 'State file'"
 
@@ -287,7 +290,7 @@ class SqliteStore:
                         envelope.type,
                         envelope.microgrid_id,
                         envelope.dispatch_id,
-                        _headers_text(envelope.headers),
+                        headers_text(envelope.headers),
                         envelope.body,
                     )
                     for offset, envelope in enumerate(envelopes)
@@ -389,31 +392,6 @@ class SqliteStore:
                 cursor
             )
         ]
-
-
-_HEADERS_ENCODER = json.JSONEncoder(sort_keys=True)
-"""What ``json.dumps(headers, sort_keys=True)`` does, without its per-call setup."""
-_WIRE_HEADERS = ("dispatch_id", "dispatch_type", "event", "microgrid_id", "schema")
-
-
-def _headers_text(headers: Mapping[str, int | str]) -> str:
-    """The headers as JSON; the five of docs/messages.md § 3 (the usual case) written directly."""
-    if tuple(sorted(headers)) != _WIRE_HEADERS:
-        return _HEADERS_ENCODER.encode(headers)
-    dispatch_id, microgrid_id = headers["dispatch_id"], headers["microgrid_id"]
-    if type(dispatch_id) is not int or type(microgrid_id) is not int:
-        return _HEADERS_ENCODER.encode(headers)
-    return (
-        f'{{"dispatch_id":{dispatch_id},"dispatch_type":{_json_str(headers["dispatch_type"])},'
-        f'"event":{_json_str(headers["event"])},"microgrid_id":{microgrid_id},'
-        f'"schema":{_json_str(headers["schema"])}}}'
-    )
-
-
-@functools.lru_cache(maxsize=4096)
-def _json_str(value: object) -> str:
-    """A header value as JSON (types, events and the schema repeat a lot)."""
-    return _HEADERS_ENCODER.encode(value)
 
 
 def _next_outbox_seq(db: sqlite3.Connection) -> int:

@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatchd.store import SchemaTooNew, SqliteStore, StoreError
-from dispatchd.store.sqlite import SCHEMA_VERSION, _headers_text
+from dispatchd.store.base import headers_text
+from dispatchd.store.sqlite import SCHEMA_VERSION
 from tests.shell.store_contract import envelope, everything
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "state-2026-11-30.sqlite3"
@@ -201,4 +202,4 @@ def test_outbox_headers_text_reads_back_as_the_headers(
         "schema": "dispatchd/v1",
     }
     for variant in (headers, {**headers, "extra": 1}, {**headers, "dispatch_id": "7"}):
-        assert json.loads(_headers_text(variant)) == variant
+        assert json.loads(headers_text(variant)) == variant
