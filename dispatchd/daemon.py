@@ -24,16 +24,17 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import __version__, metrics, status
 from dispatchd.apisync import ApiSync, api_client, api_url
-from dispatchd.config import Settings
+from dispatchd.config import Settings, default_replica_id
 from dispatchd.core import wire
-from dispatchd.core.engine import Engine
+from dispatchd.core.engine import Engine, SnapshotEntry, stored_snapshot
+from dispatchd.core.records import record_from_text
 from dispatchd.http import HttpServer, QueryParams
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
@@ -42,8 +43,12 @@ from dispatchd.microgrids import Microgrids
 from dispatchd.ownership import Ownership, SoloOwnership
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import ExchangeTaken, SnapshotRpc
-from dispatchd.store import SqliteStore, Store, StoreError
+from dispatchd.store import Store, StoreError, open_store
 from dispatchd.store.sqlite import STATE_FILE
+
+if TYPE_CHECKING:  # asyncpg is imported only by a replica on PostgreSQL
+    from dispatchd.leases import LeaseKeeper
+    from dispatchd.store.postgres import PostgresStore
 
 _log = structlog.get_logger(__name__)
 
@@ -85,6 +90,9 @@ class Daemon:
         self.microgrids: Microgrids | None = None
         """Starts and stops each microgrid as ownership changes."""
         self.ownership: Ownership | None = None
+        self.replica_id: str | None = None
+        """This replica's name in the lease tables (cluster mode only)."""
+        self._lease_table: PostgresStore | None = None
         self.ready = asyncio.Event()
         """Set when every microgrid has finished its first sync (for tests and /readyz)."""
         self.api_url: str | None = None
@@ -105,17 +113,22 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, serve until ``stop`` is set, then stop gracefully."""
         settings = self._settings
-        store: Store = SqliteStore(settings.state.dir / STATE_FILE)
-        self.store = store
+        store = self.store = await open_store(settings)
+        keeper: LeaseKeeper | None = None
         try:
-            configured = set(settings.microgrid_ids)
-            # Stored and no longer configured: converged from the stored state and
-            # published (e.g. their stops), never synced.
-            unconfigured = await store.microgrids() - configured
+            if self.clustered:
+                keeper = await self._lease_keeper()
+                ownership: Ownership = keeper
+                unconfigured: set[int] = set()
+            else:
+                # Stored and no longer configured: converged from the stored state and
+                # published (e.g. their stops), never synced.
+                unconfigured = await store.microgrids() - set(settings.microgrid_ids)
+                ownership = SoloOwnership([*settings.microgrid_ids, *sorted(unconfigured)])
         except BaseException:
             await store.close()
             raise
-        ownership = self.ownership = SoloOwnership([*settings.microgrid_ids, *sorted(unconfigured)])
+        self.ownership = ownership
         engine = Engine()
         local_api = await self._start_local_api()
         rpc = SnapshotRpc(
@@ -124,6 +137,10 @@ class Daemon:
             microgrid_ids=settings.microgrid_ids,
             snapshot=engine.snapshot,
             synced=lambda microgrid_id: microgrid_id in loop.synced,
+            # Replicas share the queue; one process on SQLite holds it alone.
+            exclusive=not self.clustered,
+            owned=(lambda microgrid_id: microgrid_id in loop.active) if self.clustered else None,
+            standby=self._stored_snapshot if self.clustered else None,
         )
         publisher = self.publisher = Publisher(
             amqp_url=settings.amqp.url.get_secret_value(),
@@ -170,6 +187,8 @@ class Daemon:
             tasks.append(asyncio.create_task(loop.run(), name="engine"))
             tasks.append(asyncio.create_task(loop.save_unsaved(), name="store-retry"))
             tasks.append(asyncio.create_task(microgrids.run(), name="microgrids"))
+            if keeper is not None:
+                keeper.start()
             fatal = asyncio.create_task(publisher.wait_fatal())
             taken = asyncio.create_task(rpc.wait_fatal())
             stopping = asyncio.create_task(stop.wait())
@@ -187,7 +206,7 @@ class Daemon:
                 raise taken.result()
         finally:
             await self._shutdown(
-                tasks, microgrids, client, rpc, publisher, http, local_api, loop, store
+                tasks, microgrids, client, rpc, publisher, http, local_api, loop, store, keeper
             )
 
     async def _shutdown(
@@ -201,8 +220,13 @@ class Daemon:
         local_api: LocalApiServer | None,
         loop: Loop,
         store: Store,
+        keeper: LeaseKeeper | None,
     ) -> None:
-        """Stop intake first, then drain the publisher, then close the rest."""
+        """Stop intake first, then drain the publisher, then close the rest.
+
+        A replica hands every microgrid over first (stop its sync, drain its
+        outbox, release it) so the others take them at once.
+        """
         started = time.monotonic()
         budget = self._settings.shutdown_timeout
 
@@ -210,6 +234,9 @@ class Daemon:
             return max(0.0, budget - (time.monotonic() - started))
 
         _log.info("stopping", shutdown_timeout=budget)
+        if keeper is not None and microgrids is not None:
+            keeper.stop_acquiring()
+            await microgrids.hand_over_all(left())
         if microgrids is not None:
             tasks = [*microgrids.stop_syncs(), *tasks]
         for task in tasks:
@@ -235,12 +262,71 @@ class Daemon:
         if local_api is not None:
             await local_api.stop(max(0.0, budget - (time.monotonic() - started)))
         await loop.save_before_stop()
+        if keeper is not None:
+            await keeper.close()
+            await self._lease_table_close()
         await store.close()
         _log.info(
             "stopped",
             outbox_left=publisher.unconfirmed,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    @property
+    def clustered(self) -> bool:
+        """A replica sharing the microgrids through PostgreSQL (``state.url`` set)."""
+        return self._settings.state.url is not None
+
+    async def _lease_keeper(self) -> LeaseKeeper:
+        """Leases on a pool of their own: a renewal never waits behind a big commit."""
+        from dispatchd.leases import LeaseKeeper
+        from dispatchd.store.postgres import PostgresStore
+
+        settings = self._settings
+        assert settings.state.url is not None
+        lease_seconds = settings.cluster.lease_seconds
+        table = self._lease_table = await PostgresStore.open(
+            settings.state.url.get_secret_value(),
+            timeout=lease_seconds / 3,
+            max_connections=2,
+            version=__version__,
+            migrate=False,
+        )
+        self.replica_id = settings.cluster.replica_id or default_replica_id()
+        _log.info(
+            "cluster replica",
+            replica_id=self.replica_id,
+            lease_seconds=lease_seconds,
+            state=table.location,
+        )
+        return LeaseKeeper(
+            table,
+            replica_id=self.replica_id,
+            microgrid_ids=settings.microgrid_ids,
+            lease_seconds=lease_seconds,
+        )
+
+    async def _lease_table_close(self) -> None:
+        if self._lease_table is not None:
+            await self._lease_table.close()
+
+    async def _stored_snapshot(
+        self, microgrid_id: int, type: str | None
+    ) -> tuple[list[SnapshotEntry], bool]:
+        """A microgrid another replica runs: its committed records, and whether the
+        owner of its current term has finished its first sync."""
+        assert self.store is not None and self._lease_table is not None
+        loaded = await self.store.load(microgrid_id)
+        records = [record_from_text(text, microgrid_id) for text in loaded.records.values()]
+        view = await self._lease_table.view()
+        lease = next((lease for lease in view.leases if lease.microgrid_id == microgrid_id), None)
+        synced = (
+            lease is not None
+            and lease.owner is not None
+            and lease.expires_in > 0
+            and loaded.meta.get("synced_term") == lease.term
+        )
+        return stored_snapshot(records, type), synced
 
     async def _start_local_api(self) -> LocalApiServer | None:
         """With ``api.url`` unset, serve the local API in-process and sync from it."""

@@ -277,7 +277,9 @@ def test_every_service_restarts_and_every_image_is_pinned() -> None:
         if "build" in service:
             continue  # built from this repository
         repository, _, tag = image.rpartition(":")
-        assert repository and re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned"
+        # PostgreSQL's releases have two parts since version 10 (16.4 is a patch release).
+        full = r"\d+\.\d+" if repository == "postgres" else r"v?\d+\.\d+\.\d+"
+        assert repository and re.fullmatch(full + r"(-\S+)?", tag), f"{name}: {image} is not pinned"
 
 
 def api_health_check(listen: str) -> Any:
