@@ -1,0 +1,220 @@
+"""Three replicas on one PostgreSQL database, as separate ``dispatchd run`` processes.
+
+They share 12 microgrids (4 each) and one dispatch API. One replica is killed
+with SIGKILL just before every microgrid's dispatch is due: the others take
+its microgrids over within ``lease_seconds + 5 s`` and publish the starts it
+missed, late (reason ``resumed``, ``scheduled_for`` the due instant); then a
+second replica gets SIGTERM and hands its microgrids over at once, so the
+last one publishes every stop on time. Over the whole history: nothing lost,
+duplicates only with identical ``message_id``, ``created`` once per dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from frequenz.client.common.microgrid import MicrogridId
+from frequenz.client.dispatch import DispatchApiClient
+from frequenz.client.dispatch.types import TargetIds
+
+from dispatchd.config import LocalApiConfig
+from dispatchd.localapi.server import LocalApiServer
+from tests.shell.daemon_harness import until
+from tests.shell.test_daemon_crash import (
+    DaemonProcess,
+    _at,
+    assert_consistent,
+    observed,
+)
+
+MICROGRIDS = list(range(1, 13))
+LEASE_SECONDS = 3.0
+REPLICAS = ("replica-1", "replica-2", "replica-3")
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[int]:
+    """One dispatch API for every replica (no keys: any is accepted)."""
+    server = LocalApiServer.from_config(
+        LocalApiConfig(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3")
+    )
+    port = await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(0)
+
+
+async def owners(database: str) -> dict[int, str]:
+    """Microgrid -> owner of its unexpired lease, by the database's clock."""
+    connection = await asyncpg.connect(database)
+    try:
+        rows = await connection.fetch(
+            "SELECT microgrid_id, owner FROM leases WHERE owner IS NOT NULL AND expires_at > now()"
+        )
+    finally:
+        await connection.close()
+    return {int(row["microgrid_id"]): str(row["owner"]) for row in rows}
+
+
+async def wait_owned(
+    database: str, wanted: Callable[[dict[int, str]], bool], within: float
+) -> dict[int, str]:
+    """Poll the lease table (it signals nothing) until ``wanted`` holds."""
+    async with asyncio.timeout(within):
+        while True:
+            seen = await owners(database)
+            if wanted(seen):
+                return seen
+            await asyncio.sleep(0.2)
+
+
+def split(seen: dict[int, str], *replicas: str) -> bool:
+    counts = [sum(1 for owner in seen.values() if owner == replica) for replica in replicas]
+    share = -(-len(MICROGRIDS) // len(replicas))
+    return len(seen) == len(MICROGRIDS) and all(count == share for count in counts)
+
+
+def logged(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
+    return [line for line in daemon.log if line.get("event") == event]
+
+
+async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_once(
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    clean_env: dict[str, str],
+    postgres_url: str,
+    api: int,
+) -> None:
+    exchange = unique_name("cluster").translate(str.maketrans("[]", "__"))
+    base = {
+        **clean_env,
+        "DISPATCHD_AMQP__URL": amqp_url,
+        "DISPATCHD_AMQP__EXCHANGE": exchange,
+        "DISPATCHD_STATE__URL": postgres_url,
+        "DISPATCHD_CLUSTER__LEASE_SECONDS": str(LEASE_SECONDS),
+        "DISPATCHD_API__URL": f"grpc://127.0.0.1:{api}?ssl=false",
+        "DISPATCHD_API__AUTH_KEY": "any",
+        "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+        "DISPATCHD_MICROGRID_IDS": json.dumps(MICROGRIDS),
+        "DISPATCHD_SHUTDOWN_TIMEOUT": "5",
+        "DISPATCHD_LOG__FORMAT": "json",
+        "DISPATCHD_LOG__LEVEL": "INFO",
+    }
+    replicas = {
+        name: DaemonProcess(
+            {
+                **base,
+                "DISPATCHD_CLUSTER__REPLICA_ID": name,
+                "DISPATCHD_STATE__DIR": str(tmp_path / name),
+            }
+        )
+        for name in REPLICAS
+    }
+    async with observed(amqp_url, exchange) as observer:
+        try:
+            for replica in replicas.values():  # each gets its share by hand-over
+                await replica.start()
+            await wait_owned(postgres_url, lambda seen: split(seen, *REPLICAS), 60)
+
+            client = DispatchApiClient(
+                server_url=f"grpc://127.0.0.1:{api}?ssl=false", auth_key="any"
+            )
+            due = _at(10)
+            ends = due + timedelta(seconds=25)
+            ids = {}
+            for microgrid_id in MICROGRIDS:
+                created = await client.create(
+                    MicrogridId(microgrid_id), "CLUSTER", due, ends - due, TargetIds(1)
+                )
+                ids[int(created.id)] = microgrid_id
+            await observer.wait_until(
+                "a created per dispatch", lambda: len(observer.distinct()) == len(ids), 30
+            )
+            seen = await owners(postgres_url)
+            assert split(seen, *REPLICAS), seen  # nothing moved meanwhile
+            victim = replicas["replica-1"]
+            victims = {mg for mg, owner in seen.items() if owner == "replica-1"}
+
+            await until(due - timedelta(seconds=1))
+            killed_at = victim.kill()
+            await victim.wait_dead()
+            await observer.wait_until(
+                "every start",
+                lambda: all(observer.running(dispatch_id) for dispatch_id in ids),
+                LEASE_SECONDS + 10,
+            )
+            taken = await wait_owned(
+                postgres_url, lambda seen: split(seen, "replica-2", "replica-3"), 15
+            )
+            assert not {mg for mg, owner in taken.items() if owner == "replica-1"}
+            for dispatch_id, microgrid_id in ids.items():
+                (first, *_) = [
+                    d.body for d in observer.of(dispatch_id) if d.body["kind"] == "running"
+                ]
+                assert first["event"] == "running"
+                assert datetime.fromisoformat(first["scheduled_for"]) == due
+                emitted = datetime.fromisoformat(first["emitted_at"])
+                if microgrid_id in victims:
+                    assert first["reason"] == "resumed", first
+                    late = emitted.timestamp() - killed_at
+                    assert late <= LEASE_SECONDS + 5, f"taken over after {late:.1f} s"
+                else:
+                    assert first["reason"] == "started", first
+
+            # SIGTERM: replica-2 hands over at once (released, not expired).
+            leaving = replicas["replica-2"]
+            handed = {mg for mg, owner in taken.items() if owner == "replica-2"}
+            terminated_at = time.time()
+            assert leaving._process is not None
+            leaving._process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(leaving._process.wait(), 30) == 0
+            await wait_owned(
+                postgres_url,
+                lambda seen: set(seen) == set(MICROGRIDS) and set(seen.values()) == {"replica-3"},
+                LEASE_SECONDS + 5,
+            )
+            last = replicas["replica-3"]
+            acquired = {
+                line["microgrid_id"]: line
+                for line in logged(last, "lease acquired")
+                if line.get("previous_owner") == "replica-2"
+            }
+            assert set(acquired) >= handed
+            for line in acquired.values():
+                at = datetime.fromisoformat(line["timestamp"]).timestamp()
+                assert at - terminated_at < LEASE_SECONDS, "waited for the expiry"
+            released = {
+                line["microgrid_id"]
+                for line in logged(leaving, "lease released")
+                if datetime.fromisoformat(line["timestamp"]).timestamp() >= terminated_at
+            }
+            assert released == handed
+
+            await observer.wait_until(
+                "every stop",
+                lambda: all(
+                    [event for event, _, _ in observer.running(dispatch_id)][-1:] == ["stopped"]
+                    for dispatch_id in ids
+                ),
+                60,
+            )
+            for dispatch_id in ids:
+                stops = [
+                    (r, at) for event, r, at in observer.running(dispatch_id) if event == "stopped"
+                ]
+                assert stops == [("ended", ends)], (dispatch_id, stops)
+            assert_consistent(observer, ids)
+        finally:
+            for replica in replicas.values():
+                await replica.close()
