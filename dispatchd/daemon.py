@@ -157,6 +157,7 @@ class Daemon:
             ready=self.ready,
             terms=ownership.terms,
             on_fenced=self._fenced,
+            shared=self.clustered,
         )
         http = HttpServer(
             settings.http.listen,

@@ -156,6 +156,7 @@ class Loop:
         ready: asyncio.Event,
         terms: Callable[[], Mapping[int, int]] = dict,
         on_fenced: Callable[[frozenset[int]], None] = lambda _: None,
+        shared: bool = False,
     ) -> None:
         self._settings = settings
         self.engine = engine
@@ -163,6 +164,8 @@ class Loop:
         self._terms = terms
         """The held microgrids' lease terms, which fence every commit."""
         self._on_fenced = on_fenced
+        self._shared = shared
+        """Other replicas read the store (PostgreSQL): they learn from it what is synced."""
         """Told of microgrids whose commit the store refused: another process owns them."""
         self.active: set[int] = set()
         """Microgrids adopted and not forgotten: only their messages are committed."""
@@ -287,7 +290,8 @@ class Loop:
                     )
                     await self._commit(step)
                 messages = step.messages
-                self._after_listed(item, now)
+                if self._after_listed(item, now):
+                    await self._note_synced(step)
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
@@ -299,20 +303,33 @@ class Loop:
         _log_messages(messages)
         self.recent.extend(messages)
 
-    def _after_listed(self, item: Listed, now: datetime) -> None:
-        """The first listing of a microgrid marks it synced; all synced is ready."""
-        if item.microgrid_id not in self.synced:
-            self.synced.add(item.microgrid_id)
-            self.first_synced_at[item.microgrid_id] = now
-            counts = self.engine.counts(now).get(item.microgrid_id, {})
-            _log.info(
-                "first sync done",
-                microgrid_id=item.microgrid_id,
-                dispatches=len(item.dispatches),
-                **counts,
-            )
-            if self.synced.issuperset(self.syncing):
-                self._ready.set()
+    async def _note_synced(self, step: Step) -> None:
+        """Store that the microgrid finished its first sync in this term (its meta), so
+        other replicas answer snapshots of it as synced; a failure waits for the next commit."""
+        if not self._shared:
+            return  # no other process reads this store
+        with contextlib.suppress(StoreWriteError):
+            await self._store_commit({}, step.meta, [])
+
+    def _after_listed(self, item: Listed, now: datetime) -> bool:
+        """The first listing of a microgrid marks it synced; all synced is ready.
+
+        Returns whether this was the microgrid's first.
+        """
+        if item.microgrid_id in self.synced:
+            return False
+        self.synced.add(item.microgrid_id)
+        self.first_synced_at[item.microgrid_id] = now
+        counts = self.engine.counts(now).get(item.microgrid_id, {})
+        _log.info(
+            "first sync done",
+            microgrid_id=item.microgrid_id,
+            dispatches=len(item.dispatches),
+            **counts,
+        )
+        if self.synced.issuperset(self.syncing):
+            self._ready.set()
+        return True
 
     def _reset(self, microgrid_id: int) -> None:
         """Forget how the microgrid's last run went (a new owner syncs it afresh)."""

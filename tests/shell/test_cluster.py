@@ -27,6 +27,7 @@ from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import TargetIds
 
 from dispatchd.config import LocalApiConfig
+from dispatchd.core import wire
 from dispatchd.localapi.server import LocalApiServer
 from tests.shell.daemon_harness import until
 from tests.shell.test_daemon_crash import (
@@ -35,6 +36,7 @@ from tests.shell.test_daemon_crash import (
     assert_consistent,
     observed,
 )
+from tests.shell.test_daemon_rpc import RpcClient
 
 MICROGRIDS = list(range(1, 13))
 LEASE_SECONDS = 3.0
@@ -127,6 +129,13 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
                 await replica.start()
             await wait_owned(postgres_url, lambda seen: split(seen, *REPLICAS), 60)
 
+            # Synced as soon as each owner listed its microgrid, even with nothing to commit.
+            async with RpcClient(amqp_url, exchange) as rpc:
+                for _ in range(3):
+                    for microgrid_id in MICROGRIDS:
+                        reply = await rpc.call(wire.encode_snapshot_request(microgrid_id))
+                        assert (reply["synced"], reply["dispatches"]) == (True, []), reply
+
             client = DispatchApiClient(
                 server_url=f"grpc://127.0.0.1:{api}?ssl=false", auth_key="any"
             )
@@ -143,6 +152,16 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
             )
             seen = await owners(postgres_url)
             assert split(seen, *REPLICAS), seen  # nothing moved meanwhile
+            # Any replica answers for any microgrid: from its engine or from the store.
+            async with RpcClient(amqp_url, exchange) as rpc:
+                for _ in range(3):
+                    for dispatch_id, microgrid_id in ids.items():
+                        reply = await rpc.call(wire.encode_snapshot_request(microgrid_id))
+                        assert reply["synced"] is True, reply
+                        assert [
+                            (entry["dispatch"]["id"], entry["running"], entry["sequence"])
+                            for entry in reply["dispatches"]
+                        ] == [(dispatch_id, False, 0)], reply
             victim = replicas["replica-1"]
             victims = {mg for mg, owner in seen.items() if owner == "replica-1"}
 
