@@ -93,6 +93,9 @@ class Daemon:
         self.replica_id: str | None = None
         """This replica's name in the lease tables (cluster mode only)."""
         self._lease_table: PostgresStore | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._exported: set[tuple[str, str]] = set()
+        """The (microgrid, state) series of dispatchd_dispatches exported at the last scrape."""
         self.ready = asyncio.Event()
         """Set when every microgrid has finished its first sync (for tests and /readyz)."""
         self.api_url: str | None = None
@@ -300,12 +303,13 @@ class Daemon:
             lease_seconds=lease_seconds,
             state=table.location,
         )
-        return LeaseKeeper(
+        keeper = self._keeper = LeaseKeeper(
             table,
             replica_id=self.replica_id,
             microgrid_ids=settings.microgrid_ids,
             lease_seconds=lease_seconds,
         )
+        return keeper
 
     async def _lease_table_close(self) -> None:
         if self._lease_table is not None:
@@ -380,6 +384,9 @@ class Daemon:
         )
         if loop.store_problem is not None:
             missing.append(loop.store_problem)
+        keeper = self._keeper
+        if keeper is not None and keeper.problem is not None:
+            missing.append(f"state store: cannot renew leases ({keeper.problem})")
         publisher = self.publisher
         if publisher is None or not publisher.connected:
             error = publisher.last_error if publisher is not None else None
@@ -397,7 +404,7 @@ class Daemon:
             status.microgrid_health(
                 microgrid_id, loop.first_synced_at.get(microgrid_id), counts.get(microgrid_id, {})
             )
-            for microgrid_id in self._settings.microgrid_ids
+            for microgrid_id in self._owned()
         ]
         return {
             "version": __version__,
@@ -413,7 +420,18 @@ class Daemon:
             },
             "outbox": {"depth": publisher.unconfirmed if publisher is not None else 0},
             "microgrids": microgrids,
+            "cluster": self._cluster_status(),
             "recent_messages": loop.recent.newest_first(),
+        }
+
+    def _cluster_status(self) -> dict[str, Any] | None:
+        """A replica's name and share (``None`` with the SQLite store: it runs them all)."""
+        if not self.clustered:
+            return None
+        return {
+            "replica_id": self.replica_id,
+            "lease_seconds": self._settings.cluster.lease_seconds,
+            "owned": self._owned(),
         }
 
     def _schedule(self, params: QueryParams) -> dict[str, Any]:
@@ -428,10 +446,18 @@ class Daemon:
         return status.schedule_document(entries, query, now)
 
     def _refresh_metrics(self) -> None:
-        """Counted at scrape time, so an idle daemon spends no CPU on them."""
+        """Counted at scrape time, so an idle daemon spends no CPU on them.
+
+        A microgrid another replica runs now is no longer exported here.
+        """
+        exported = self._exported
+        self._exported = set()
         for microgrid_id, counts in self._running().engine.counts(self._clock()).items():
             for state, count in counts.items():
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
+                self._exported.add((str(microgrid_id), state))
+        for labels in exported - self._exported:
+            metrics.DISPATCHES.remove(*labels)
 
 
 _TASK_STOP_GRACE = 0.5

@@ -98,6 +98,11 @@ class LeaseKeeper:
     def terms(self) -> dict[int, int]:
         return dict(self._held)
 
+    @property
+    def problem(self) -> str | None:
+        """Why the last renewal failed, while renewals fail (for /readyz)."""
+        return self._problem
+
     async def release(self, microgrid_id: int, term: int) -> None:
         """Release after a hand-over (or after a fenced commit): the lease is no longer ours."""
         if self._held.get(microgrid_id) != term:

@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from frequenz.client.common.microgrid import MicrogridId
@@ -37,6 +39,7 @@ from tests.shell.test_daemon_crash import (
     observed,
 )
 from tests.shell.test_daemon_rpc import RpcClient
+from tests.tcpproxy import TcpProxy
 
 MICROGRIDS = list(range(1, 13))
 LEASE_SECONDS = 3.0
@@ -72,22 +75,143 @@ async def wait_owned(
     database: str, wanted: Callable[[dict[int, str]], bool], within: float
 ) -> dict[int, str]:
     """Poll the lease table (it signals nothing) until ``wanted`` holds."""
-    async with asyncio.timeout(within):
-        while True:
-            seen = await owners(database)
-            if wanted(seen):
-                return seen
-            await asyncio.sleep(0.2)
+    seen: dict[int, str] = {}
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                seen = await owners(database)
+                if wanted(seen):
+                    return seen
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"leases not as wanted within {within} s: {seen}") from None
 
 
-def split(seen: dict[int, str], *replicas: str) -> bool:
+def split(seen: dict[int, str], *replicas: str, total: int = len(MICROGRIDS)) -> bool:
+    """Every microgrid owned, each replica at its fair share."""
     counts = [sum(1 for owner in seen.values() if owner == replica) for replica in replicas]
-    share = -(-len(MICROGRIDS) // len(replicas))
-    return len(seen) == len(MICROGRIDS) and all(count == share for count in counts)
+    share = -(-total // len(replicas))
+    return len(seen) == total and all(count == share for count in counts)
 
 
 def logged(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
     return [line for line in daemon.log if line.get("event") == event]
+
+
+def replica_env(
+    amqp_url: str,
+    exchange: str,
+    database: str,
+    api: int,
+    microgrids: list[int],
+    base: dict[str, str],
+) -> dict[str, str]:
+    return {
+        **base,
+        "DISPATCHD_AMQP__URL": amqp_url,
+        "DISPATCHD_AMQP__EXCHANGE": exchange,
+        "DISPATCHD_STATE__URL": database,
+        "DISPATCHD_CLUSTER__LEASE_SECONDS": str(LEASE_SECONDS),
+        "DISPATCHD_API__URL": f"grpc://127.0.0.1:{api}?ssl=false",
+        "DISPATCHD_API__AUTH_KEY": "any",
+        "DISPATCHD_HTTP__LISTEN": "127.0.0.1:0",
+        "DISPATCHD_MICROGRID_IDS": json.dumps(microgrids),
+        "DISPATCHD_SHUTDOWN_TIMEOUT": "5",
+        "DISPATCHD_LOG__FORMAT": "json",
+        "DISPATCHD_LOG__LEVEL": "INFO",
+    }
+
+
+async def test_a_replica_cut_from_the_database_stops_and_rejoins_after_the_cut(
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    clean_env: dict[str, str],
+    postgres_url: str,
+    api: int,
+) -> None:
+    microgrids = [1, 2, 3, 4]
+    exchange = unique_name("cut").translate(str.maketrans("[]", "__"))
+    server = urlsplit(postgres_url)
+    async with TcpProxy(server.hostname or "127.0.0.1", server.port or 5432) as proxy:
+        proxied = urlunsplit(server._replace(netloc=f"{server.username}@127.0.0.1:{proxy.port}"))
+        replicas = {
+            name: DaemonProcess(
+                {
+                    **replica_env(amqp_url, exchange, url, api, microgrids, clean_env),
+                    "DISPATCHD_CLUSTER__REPLICA_ID": name,
+                    "DISPATCHD_STATE__DIR": str(tmp_path / name),
+                }
+            )
+            for name, url in (("steady", postgres_url), ("cut", proxied))
+        }
+        async with observed(amqp_url, exchange) as observer:
+            try:
+                for replica in replicas.values():
+                    await replica.start()
+                await wait_owned(
+                    postgres_url, lambda seen: split(seen, "steady", "cut", total=4), 60
+                )
+                client = DispatchApiClient(
+                    server_url=f"grpc://127.0.0.1:{api}?ssl=false", auth_key="any"
+                )
+                due = _at(12)
+                ids = {}
+                for microgrid_id in microgrids:
+                    created = await client.create(
+                        MicrogridId(microgrid_id), "CUT", due, timedelta(seconds=60), TargetIds(1)
+                    )
+                    ids[int(created.id)] = microgrid_id
+                await observer.wait_until(
+                    "a created per dispatch", lambda: len(observer.distinct()) == len(ids), 30
+                )
+                cut = replicas["cut"]
+                held = {mg for mg, owner in (await owners(postgres_url)).items() if owner == "cut"}
+
+                await proxy.refuse()
+                cut_at = time.time()
+                await wait_owned(
+                    postgres_url,
+                    lambda seen: set(seen.values()) == {"steady"} and len(seen) == 4,
+                    15,
+                )
+                lost = {
+                    line["microgrid_id"]: datetime.fromisoformat(line["timestamp"]).timestamp()
+                    for line in logged(cut, "lease lost")
+                }
+                assert set(lost) == held
+                for at in lost.values():  # by its own clock: no renewal for lease_seconds
+                    assert at - cut_at <= LEASE_SECONDS + 1.5, f"dropped {at - cut_at:.1f} s after"
+                await observer.wait_until(
+                    "every start", lambda: all(observer.running(i) for i in ids), 30
+                )
+                for dispatch_id in ids:
+                    ((event, _, scheduled_for), *_) = observer.running(dispatch_id)
+                    assert (event, scheduled_for) == ("running", due)
+
+                await proxy.accept()  # healed: it rejoins and gets its share by hand-over
+                await wait_owned(
+                    postgres_url, lambda seen: split(seen, "steady", "cut", total=4), 30
+                )
+                dropped_at = max(lost.values())
+                rejoined_at = min(
+                    datetime.fromisoformat(line["timestamp"]).timestamp()
+                    for line in logged(cut, "lease acquired")
+                    if datetime.fromisoformat(line["timestamp"]).timestamp() > dropped_at
+                )
+                silent = [
+                    line
+                    for line in cut.log
+                    if line.get("event") == "queued for publishing"
+                    and dropped_at
+                    < datetime.fromisoformat(line["timestamp"]).timestamp()
+                    < rejoined_at
+                ]
+                assert silent == [], "published while it owned nothing"
+                assert_consistent(observer, ids)
+            finally:
+                for replica in replicas.values():
+                    await replica.close()
 
 
 async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_once(
@@ -128,6 +252,22 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
             for replica in replicas.values():  # each gets its share by hand-over
                 await replica.start()
             await wait_owned(postgres_url, lambda seen: split(seen, *REPLICAS), 60)
+
+            # Each replica is ready (its own microgrids synced) and shows its share.
+            shares = await owners(postgres_url)
+            async with aiohttp.ClientSession() as http:
+                for name, replica in replicas.items():
+                    (listening,) = logged(replica, "http listening")
+                    base_url = f"http://{listening['address']}"
+                    async with http.get(f"{base_url}/readyz") as response:
+                        assert response.status == 200, await response.text()
+                    async with http.get(f"{base_url}/api/v1/status") as response:
+                        document = await response.json()
+                    mine = sorted(mg for mg, owner in shares.items() if owner == name)
+                    assert document["cluster"]["replica_id"] == name
+                    assert document["cluster"]["owned"] == mine
+                    assert [m["microgrid_id"] for m in document["microgrids"]] == mine
+                    assert document["ready"] is True, document["missing"]
 
             # Synced as soon as each owner listed its microgrid, even with nothing to commit.
             async with RpcClient(amqp_url, exchange) as rpc:
