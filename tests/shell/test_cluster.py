@@ -377,3 +377,64 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
         finally:
             for replica in replicas.values():
                 await replica.close()
+
+
+async def test_a_fourth_replica_gets_its_share_by_hand_over_while_starts_fall_due(
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    clean_env: dict[str, str],
+    postgres_url: str,
+    api: int,
+) -> None:
+    exchange = unique_name("join").translate(str.maketrans("[]", "__"))
+    names = (*REPLICAS, "replica-4")
+    replicas = {
+        name: DaemonProcess(
+            {
+                **replica_env(amqp_url, exchange, postgres_url, api, MICROGRIDS, clean_env),
+                "DISPATCHD_CLUSTER__REPLICA_ID": name,
+                "DISPATCHD_STATE__DIR": str(tmp_path / name),
+            }
+        )
+        for name in names
+    }
+    async with observed(amqp_url, exchange) as observer:
+        try:
+            for name in REPLICAS:
+                await replicas[name].start()
+            await wait_owned(postgres_url, lambda seen: split(seen, *REPLICAS), 60)
+            client = DispatchApiClient(
+                server_url=f"grpc://127.0.0.1:{api}?ssl=false", auth_key="any"
+            )
+            # Starts every second from 4 s on: some fall before, some during and some
+            # after the hand-overs the fourth replica causes.
+            starts = {}
+            first = _at(4, whole=True)
+            for microgrid_id in MICROGRIDS:
+                start = first + timedelta(seconds=microgrid_id % 6)
+                created = await client.create(
+                    MicrogridId(microgrid_id), "JOIN", start, timedelta(seconds=30), TargetIds(1)
+                )
+                starts[int(created.id)] = start
+            await observer.wait_until(
+                "a created per dispatch", lambda: len(observer.distinct()) == len(starts), 30
+            )
+            await until(first - timedelta(seconds=1))
+            await replicas["replica-4"].start()
+            moved = await wait_owned(postgres_url, lambda seen: split(seen, *names), 30)
+            assert sum(1 for owner in moved.values() if owner == "replica-4") == 3
+            await observer.wait_until(
+                "every start", lambda: all(observer.running(i) for i in starts), 30
+            )
+            for dispatch_id, start in starts.items():
+                running = observer.running(dispatch_id)
+                assert [(event, at) for event, _, at in running] == [("running", start)], running
+            handed = [
+                line for r in REPLICAS for line in logged(replicas[r], "microgrid handed over")
+            ]
+            assert len(handed) >= 3
+            assert_consistent(observer, starts)
+        finally:
+            for replica in replicas.values():
+                await replica.close()
