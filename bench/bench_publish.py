@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.publisher import Publisher
-from dispatchd.store import OutboxItem, Store
+from dispatchd.store import OutboxItem, SqliteStore
 
 
 def envelopes(count: int, dispatches: int) -> list[Envelope]:
@@ -106,7 +106,7 @@ async def through_publisher(
     url: str, exchange_name: str, batch: list[Envelope], in_flight: int, per_dispatch: int
 ) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "bench.sqlite3")
+        store = SqliteStore(Path(tmp) / "bench.sqlite3")
         publisher = Publisher(
             amqp_url=url,
             exchange=exchange_name,
@@ -118,7 +118,7 @@ async def through_publisher(
         started = time.perf_counter()
         items: list[OutboxItem] = []
         for start in range(0, len(batch), 100):
-            items += store.commit(envelopes=batch[start : start + 100])
+            items += await store.commit(envelopes=batch[start : start + 100])
         commit_seconds = time.perf_counter() - started
         started = time.perf_counter()
         publisher.submit(items)
@@ -126,7 +126,7 @@ async def through_publisher(
             raise RuntimeError("publisher did not finish")
         seconds = time.perf_counter() - started
         await publisher.close(5)
-        store.close()
+        await store.close()
         return seconds, commit_seconds
 
 

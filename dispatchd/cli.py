@@ -9,6 +9,7 @@ never loads gRPC, aio-pika or the protobuf bindings:
 - ``run``: ``dispatchd.daemon.main``
 - ``schedule``: ``dispatchd.schedule.main``
 - ``tail``: ``dispatchd.tail.main``
+- ``cluster status``: ``dispatchd.clusterstatus.main``
 - ``api``: ``dispatchd.localapi.server.LocalApiServer``, driven from here
 """
 
@@ -149,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="binding key, repeatable (default: '#', everything)",
     )
     tail.add_argument("--json", action="store_true", help="print the raw JSON bodies")
+    cluster = commands.add_parser(
+        "cluster",
+        help="inspect a cluster of replicas (PostgreSQL state.url)",
+        description="Inspect a cluster of replicas sharing one PostgreSQL database "
+        "(state.url); see docs/running-a-cluster.md.",
+    )
+    cluster_commands = cluster.add_subparsers(
+        dest="cluster_command", metavar="SUBCOMMAND", required=True
+    )
+    status = cluster_commands.add_parser(
+        "status",
+        help="print the replicas and every microgrid lease",
+        description="Print, from the database, every replica (live or gone, heartbeat "
+        "age, microgrids owned, version) and every microgrid lease (owner, term, when it "
+        "expires, previous owner), timed by the database's clock. Reads only. Needs "
+        "state.url; exits 2 without it, 1 when the database cannot be read.",
+    )
+    status.add_argument("--config", metavar="FILE", type=Path, help=_CONFIG_HELP)
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -182,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse's own errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     name: str = args.command
+    if name == "cluster":
+        name = f"cluster {args.cluster_command}"
     quiet_grpc_core()
     settings: Settings | None = None
     try:
@@ -325,9 +347,16 @@ async def _serve_until_signal(server: LocalApiServer, grace: float) -> int:
     return EXIT_OK
 
 
+def _cluster_status(settings: Settings, args: argparse.Namespace) -> int:
+    from dispatchd import clusterstatus
+
+    return clusterstatus.main(settings, as_json=args.json)
+
+
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": _run,
     "api": _api,
     "schedule": _schedule,
     "tail": _tail,
+    "cluster status": _cluster_status,
 }

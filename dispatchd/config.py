@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import socket
 import tomllib
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
@@ -47,16 +49,20 @@ __all__ = [
     "SECRET_KEYS",
     "AmqpConfig",
     "ApiConfig",
+    "ClusterConfig",
     "ConfigError",
     "HttpConfig",
     "LocalApiConfig",
     "LogConfig",
+    "SecretDsn",
     "SecretUrl",
     "Settings",
     "StateConfig",
+    "default_replica_id",
     "effective_config",
     "load_config",
     "local_problems",
+    "mask_dsn",
     "mask_url",
     "redact_urls",
     "split_host_port",
@@ -73,6 +79,7 @@ SECRET_KEYS: tuple[str, ...] = (
     "api.local.auth_keys",
     "api.local.sign_secret",
     "amqp.url",
+    "state.url",
 )
 """Dotted keys that hold secrets; each also accepts ``<key>_file``."""
 
@@ -125,6 +132,29 @@ class SecretUrl(SecretStr):
 
     def _display(self) -> str:
         return mask_url(self.get_secret_value())
+
+
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_dsn(dsn: str) -> str:
+    """A PostgreSQL URL with its password hidden, in the user information or the query."""
+    return _PASSWORD_PARAMETER.sub(lambda match: f"{match.group(1)}{MASK}", mask_url(dsn))
+
+
+class SecretDsn(SecretUrl):
+    """A PostgreSQL URL: its password may also be a ``password=`` query parameter."""
+
+    def _display(self) -> str:
+        return mask_dsn(self.get_secret_value())
+
+
+def dsn_passwords(dsn: str) -> set[str]:
+    """Every password in a PostgreSQL URL, as written and decoded (for masking logs)."""
+    parts = urlsplit(dsn)
+    found = {parts.password or ""}
+    found.update(value for key, value in parse_qsl(parts.query) if key.lower() == "password")
+    return {form for password in found if password for form in (password, unquote(password))}
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -263,9 +293,41 @@ class AmqpConfig(_Section):
 
 
 class StateConfig(_Section):
-    """Where the daemon keeps its SQLite state."""
+    """Where the daemon keeps its state: SQLite in ``dir``, or PostgreSQL at ``url``.
+
+    With ``url`` set, replicas sharing the database divide the microgrids
+    among themselves (docs/running-a-cluster.md).
+    """
 
     dir: Path = Path("./var")
+    url: SecretDsn | None = None
+
+    _blank = field_validator("url", mode="before")(_blank_to_none)
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, url: SecretDsn | None) -> SecretDsn | None:
+        if url is None:
+            return None
+        try:
+            _unambiguous_userinfo(url.get_secret_value())
+            _check_url(url.get_secret_value(), ("postgresql", "postgres"))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (in {url})") from None
+        return url
+
+
+def default_replica_id() -> str:
+    """Host name, pid and a random suffix: unique even for a restart with the same pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ClusterConfig(_Section):
+    """How replicas on PostgreSQL share the microgrids (unused with the SQLite store)."""
+
+    replica_id: str | None = Field(default=None, min_length=1, max_length=200)
+    """Unset: :func:`default_replica_id`, chosen once when the daemon starts."""
+    lease_seconds: float = Field(default=10.0, ge=1.0, le=3600.0)
 
 
 class HttpConfig(_Section):
@@ -310,6 +372,7 @@ class Settings(BaseSettings):
     api: ApiConfig = Field(default_factory=ApiConfig)
     amqp: AmqpConfig = Field(default_factory=AmqpConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
@@ -357,6 +420,8 @@ class Settings(BaseSettings):
         if password:
             # aio-pika logs and reports the decoded form (``%2F`` as ``/``).
             values.extend({password, unquote(password)})
+        if self.state.url is not None:
+            values.extend(sorted(dsn_passwords(self.state.url.get_secret_value())))
         return values
 
     @property
@@ -755,7 +820,7 @@ def _plain(model: BaseModel) -> dict[str, Any]:
 def _plain_value(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return _plain(value)
-    if isinstance(value, SecretUrl):
+    if isinstance(value, SecretUrl):  # SecretDsn too: its own mask
         return str(value)
     if isinstance(value, SecretStr):
         return MASK

@@ -24,26 +24,35 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import __version__, metrics, status
 from dispatchd.apisync import ApiSync, api_client, api_url
-from dispatchd.config import Settings
+from dispatchd.config import Settings, default_replica_id
 from dispatchd.core import wire
+from dispatchd.core.engine import Engine, SnapshotEntry, stored_snapshot
+from dispatchd.core.records import record_from_text
 from dispatchd.http import HttpServer, QueryParams
 from dispatchd.localapi.server import LocalApiServer
 from dispatchd.logs import configure_from_settings
-from dispatchd.loop import Loop, restore_engine
+from dispatchd.loop import Loop
+from dispatchd.microgrids import Microgrids
+from dispatchd.ownership import Ownership, SoloOwnership
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
-from dispatchd.rpc import SnapshotRpc
-from dispatchd.store import Store, StoreError
+from dispatchd.rpc import ExchangeTaken, SnapshotRpc
+from dispatchd.store import Store, StoreError, open_store
+from dispatchd.store.sqlite import STATE_FILE
+
+if TYPE_CHECKING:  # asyncpg is imported only by a replica on PostgreSQL
+    from dispatchd.leases import LeaseKeeper
+    from dispatchd.store.postgres import PostgresStore
 
 _log = structlog.get_logger(__name__)
 
-STATE_FILE = "dispatchd.sqlite3"
+__all__ = ["STATE_FILE", "Daemon", "main"]
 
 
 def main(settings: Settings) -> int:
@@ -60,7 +69,7 @@ async def _run_until_signal(settings: Settings) -> int:
     daemon = Daemon(settings)
     try:
         await daemon.run(stop)
-    except ExchangeTypeMismatch as error:
+    except (ExchangeTypeMismatch, ExchangeTaken) as error:
         _log.error("cannot start", error=str(error))
         return 1
     except StoreError as error:
@@ -78,7 +87,15 @@ class Daemon:
         self._settings = settings
         self._clock = clock
         self._started_at = clock()
-        self._syncs: list[ApiSync] = []
+        self.microgrids: Microgrids | None = None
+        """Starts and stops each microgrid as ownership changes."""
+        self.ownership: Ownership | None = None
+        self.replica_id: str | None = None
+        """This replica's name in the lease tables (cluster mode only)."""
+        self._lease_table: PostgresStore | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._exported: set[tuple[str, str]] = set()
+        """The (microgrid, state) series of dispatchd_dispatches exported at the last scrape."""
         self.ready = asyncio.Event()
         """Set when every microgrid has finished its first sync (for tests and /readyz)."""
         self.api_url: str | None = None
@@ -89,32 +106,61 @@ class Daemon:
         self.loop: Loop | None = None
         """The loop that owns the engine, from start-up on."""
 
+    @property
+    def _syncs(self) -> list[ApiSync]:
+        """The API syncs running now, one per microgrid this process runs."""
+        return self.microgrids.syncs if self.microgrids is not None else []
+
     # ------------------------------------------------------------- lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, serve until ``stop`` is set, then stop gracefully."""
         settings = self._settings
-        store = self.store = Store(settings.state.dir / STATE_FILE)
+        store = self.store = await open_store(settings)
+        keeper: LeaseKeeper | None = None
         try:
-            engine = restore_engine(store)
+            if self.clustered:
+                keeper = await self._lease_keeper()
+                ownership: Ownership = keeper
+                unconfigured: set[int] = set()
+            else:
+                # Stored and no longer configured: converged from the stored state and
+                # published (e.g. their stops), never synced.
+                unconfigured = await store.microgrids() - set(settings.microgrid_ids)
+                ownership = SoloOwnership([*settings.microgrid_ids, *sorted(unconfigured)])
         except BaseException:
-            store.close()
+            await store.close()
             raise
+        self.ownership = ownership
+        engine = Engine()
         local_api = await self._start_local_api()
-        publisher = self.publisher = Publisher(
-            amqp_url=settings.amqp.url.get_secret_value(),
-            exchange=settings.amqp.exchange,
-            store=store,
-        )
-        loop = self.loop = Loop(
-            settings, engine, store, publisher, clock=self._clock, ready=self.ready
-        )
         rpc = SnapshotRpc(
             amqp_url=settings.amqp.url.get_secret_value(),
             exchange=settings.amqp.exchange,
             microgrid_ids=settings.microgrid_ids,
             snapshot=engine.snapshot,
             synced=lambda microgrid_id: microgrid_id in loop.synced,
+            # Replicas share the queue; one process on SQLite holds it alone.
+            exclusive=not self.clustered,
+            owned=(lambda microgrid_id: microgrid_id in loop.active) if self.clustered else None,
+            standby=self._stored_snapshot if self.clustered else None,
+        )
+        publisher = self.publisher = Publisher(
+            amqp_url=settings.amqp.url.get_secret_value(),
+            exchange=settings.amqp.exchange,
+            store=store,
+            may_send=rpc.consuming,
+        )
+        loop = self.loop = Loop(
+            settings,
+            engine,
+            store,
+            publisher,
+            clock=self._clock,
+            ready=self.ready,
+            terms=ownership.terms,
+            on_fenced=self._fenced,
+            shared=self.clustered,
         )
         http = HttpServer(
             settings.http.listen,
@@ -125,44 +171,52 @@ class Daemon:
         )
         tasks: list[asyncio.Task[None]] = []
         client: DispatchApiClient | None = None
+        microgrids: Microgrids | None = None
         try:
-            await publisher.start()
-            # Its own connections: a reply can never cut the publisher's.
+            # Each microgrid's outbox is republished when it is started (microgrids.py).
+            await publisher.start(submit_outbox=False)
+            # Its own connections: a reply can never cut the publisher's. Holding its
+            # consumer is what lets the publisher send (one writer per exchange): a
+            # second dispatchd on the exchange stops here, before any sync or publish.
             await rpc.start(wait=publisher.connected)
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
-            # Restart order: load (above), republish the outbox (publisher.start),
-            # re-list, then converge: the stored view is not announced before its
-            # microgrid's first list, which may show it changed while we were down.
-            engine.hold(self._clock())
             client = api_client(self._settings, self.local_api_port)
-            for microgrid_id in settings.microgrid_ids:
-                sync = ApiSync(client, microgrid_id, loop.inbox.put)
-                self._syncs.append(sync)
-                tasks.append(asyncio.create_task(sync.run(), name=f"sync-{microgrid_id}"))
+            # Restart order per microgrid: load, republish its outbox, re-list, then
+            # converge: the stored view is not announced before the microgrid's first
+            # list, which may show it changed while it ran nowhere.
+            microgrids = self.microgrids = Microgrids(
+                settings, ownership, store, loop, publisher, client, without_sync=unconfigured
+            )
             tasks.append(asyncio.create_task(loop.run(), name="engine"))
             tasks.append(asyncio.create_task(loop.save_unsaved(), name="store-retry"))
-            first_sync_due = asyncio.get_running_loop().call_later(
-                settings.api.first_sync_timeout, loop.first_sync_due
-            )
-            tasks.append(asyncio.create_task(_cancel_on_exit(first_sync_due), name="first-sync"))
+            tasks.append(asyncio.create_task(microgrids.run(), name="microgrids"))
+            if keeper is not None:
+                keeper.start()
             fatal = asyncio.create_task(publisher.wait_fatal())
+            taken = asyncio.create_task(rpc.wait_fatal())
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
-                {fatal, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED
+                {fatal, taken, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED
             )
             fatal.cancel()
+            taken.cancel()
             stopping.cancel()
             for task in done & set(tasks):
                 task.result()  # an unexpected crash of a loop surfaces here
             if fatal in done:
                 raise fatal.result()
+            if taken in done:
+                raise taken.result()
         finally:
-            await self._shutdown(tasks, client, rpc, publisher, http, local_api, loop, store)
+            await self._shutdown(
+                tasks, microgrids, client, rpc, publisher, http, local_api, loop, store, keeper
+            )
 
     async def _shutdown(
         self,
         tasks: list[asyncio.Task[None]],
+        microgrids: Microgrids | None,
         client: DispatchApiClient | None,
         rpc: SnapshotRpc,
         publisher: Publisher,
@@ -170,8 +224,13 @@ class Daemon:
         local_api: LocalApiServer | None,
         loop: Loop,
         store: Store,
+        keeper: LeaseKeeper | None,
     ) -> None:
-        """Stop intake first, then drain the publisher, then close the rest."""
+        """Stop intake first, then drain the publisher, then close the rest.
+
+        A replica hands every microgrid over first (stop its sync, drain its
+        outbox, release it) so the others take them at once.
+        """
         started = time.monotonic()
         budget = self._settings.shutdown_timeout
 
@@ -179,6 +238,11 @@ class Daemon:
             return max(0.0, budget - (time.monotonic() - started))
 
         _log.info("stopping", shutdown_timeout=budget)
+        if keeper is not None and microgrids is not None:
+            keeper.stop_acquiring()
+            await microgrids.hand_over_all(left())
+        if microgrids is not None:
+            tasks = [*microgrids.stop_syncs(), *tasks]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -201,13 +265,73 @@ class Daemon:
         await http.close()
         if local_api is not None:
             await local_api.stop(max(0.0, budget - (time.monotonic() - started)))
-        loop.save_before_stop()
-        store.close()
+        await loop.save_before_stop()
+        if keeper is not None:
+            await keeper.close()
+            await self._lease_table_close()
+        await store.close()
         _log.info(
             "stopped",
             outbox_left=publisher.unconfirmed,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    @property
+    def clustered(self) -> bool:
+        """A replica sharing the microgrids through PostgreSQL (``state.url`` set)."""
+        return self._settings.state.url is not None
+
+    async def _lease_keeper(self) -> LeaseKeeper:
+        """Leases on a pool of their own: a renewal never waits behind a big commit."""
+        from dispatchd.leases import LeaseKeeper
+        from dispatchd.store.postgres import PostgresStore
+
+        settings = self._settings
+        assert settings.state.url is not None
+        lease_seconds = settings.cluster.lease_seconds
+        table = self._lease_table = await PostgresStore.open(
+            settings.state.url.get_secret_value(),
+            timeout=lease_seconds / 3,
+            max_connections=2,
+            version=__version__,
+            migrate=False,
+        )
+        self.replica_id = settings.cluster.replica_id or default_replica_id()
+        _log.info(
+            "cluster replica",
+            replica_id=self.replica_id,
+            lease_seconds=lease_seconds,
+            state=table.location,
+        )
+        keeper = self._keeper = LeaseKeeper(
+            table,
+            replica_id=self.replica_id,
+            microgrid_ids=settings.microgrid_ids,
+            lease_seconds=lease_seconds,
+        )
+        return keeper
+
+    async def _lease_table_close(self) -> None:
+        if self._lease_table is not None:
+            await self._lease_table.close()
+
+    async def _stored_snapshot(
+        self, microgrid_id: int, type: str | None
+    ) -> tuple[list[SnapshotEntry], bool]:
+        """A microgrid another replica runs: its committed records, and whether the
+        owner of its current term has finished its first sync."""
+        assert self.store is not None and self._lease_table is not None
+        loaded = await self.store.load(microgrid_id)
+        records = [record_from_text(text, microgrid_id) for text in loaded.records.values()]
+        view = await self._lease_table.view()
+        lease = next((lease for lease in view.leases if lease.microgrid_id == microgrid_id), None)
+        synced = (
+            lease is not None
+            and lease.owner is not None
+            and lease.expires_in > 0
+            and loaded.meta.get("synced_term") == lease.term
+        )
+        return stored_snapshot(records, type), synced
 
     async def _start_local_api(self) -> LocalApiServer | None:
         """With ``api.url`` unset, serve the local API in-process and sync from it."""
@@ -232,6 +356,17 @@ class Daemon:
         assert self.loop is not None
         return self.loop
 
+    def _fenced(self, microgrid_ids: frozenset[int]) -> None:
+        if self.microgrids is not None:
+            self.microgrids.fenced(microgrid_ids)
+
+    def _owned(self) -> list[int]:
+        """The configured microgrids this process runs (all of them with the SQLite store)."""
+        held = self.ownership.terms() if self.ownership is not None else {}
+        return [
+            microgrid_id for microgrid_id in self._settings.microgrid_ids if microgrid_id in held
+        ]
+
     def _missing_for_ready(self) -> list[str]:
         loop = self._running()
         timeout = self._settings.api.first_sync_timeout
@@ -239,7 +374,7 @@ class Daemon:
             f"microgrid {microgrid_id}: first sync with the dispatch API not finished"
             + (f" after {timeout:g} s" if microgrid_id in loop.overdue else "")
             + ("; converged from the stored state" if loop.overdue.get(microgrid_id) else "")
-            for microgrid_id in self._settings.microgrid_ids
+            for microgrid_id in self._owned()
             if microgrid_id not in loop.synced
         ]
         missing.extend(
@@ -249,6 +384,9 @@ class Daemon:
         )
         if loop.store_problem is not None:
             missing.append(loop.store_problem)
+        keeper = self._keeper
+        if keeper is not None and keeper.problem is not None:
+            missing.append(f"state store: cannot renew leases ({keeper.problem})")
         publisher = self.publisher
         if publisher is None or not publisher.connected:
             error = publisher.last_error if publisher is not None else None
@@ -266,7 +404,7 @@ class Daemon:
             status.microgrid_health(
                 microgrid_id, loop.first_synced_at.get(microgrid_id), counts.get(microgrid_id, {})
             )
-            for microgrid_id in self._settings.microgrid_ids
+            for microgrid_id in self._owned()
         ]
         return {
             "version": __version__,
@@ -282,7 +420,18 @@ class Daemon:
             },
             "outbox": {"depth": publisher.unconfirmed if publisher is not None else 0},
             "microgrids": microgrids,
+            "cluster": self._cluster_status(),
             "recent_messages": loop.recent.newest_first(),
+        }
+
+    def _cluster_status(self) -> dict[str, Any] | None:
+        """A replica's name and share (``None`` with the SQLite store: it runs them all)."""
+        if not self.clustered:
+            return None
+        return {
+            "replica_id": self.replica_id,
+            "lease_seconds": self._settings.cluster.lease_seconds,
+            "owned": self._owned(),
         }
 
     def _schedule(self, params: QueryParams) -> dict[str, Any]:
@@ -297,24 +446,24 @@ class Daemon:
         return status.schedule_document(entries, query, now)
 
     def _refresh_metrics(self) -> None:
-        """Counted at scrape time, so an idle daemon spends no CPU on them."""
+        """Counted at scrape time, so an idle daemon spends no CPU on them.
+
+        A microgrid another replica runs now is no longer exported here.
+        """
+        exported = self._exported
+        self._exported = set()
         for microgrid_id, counts in self._running().engine.counts().items():
             for state, count in counts.items():
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
+                self._exported.add((str(microgrid_id), state))
+        for labels in exported - self._exported:
+            metrics.DISPATCHES.remove(*labels)
 
 
 _TASK_STOP_GRACE = 0.5
 """Seconds cancelled tasks get to finish even when the shutdown budget is spent."""
 _RPC_CLOSE_GRACE = 0.5
 """Seconds to wait for the broker to acknowledge closing the snapshot RPC channel."""
-
-
-async def _cancel_on_exit(timer: asyncio.TimerHandle) -> None:
-    """Hold ``timer`` until this task is cancelled, then cancel it too."""
-    try:
-        await asyncio.Future()
-    finally:
-        timer.cancel()
 
 
 async def _within(closing: Coroutine[Any, Any, None], seconds: float, what: str) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,10 +35,16 @@ from dispatchd.core import wire
 from dispatchd.core.engine import Change, Created, Deleted, Engine, Step, Updated
 from dispatchd.core.messages import Message, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
-from dispatchd.core.records import DispatchKey, DispatchRecord, record_from_text, record_to_text
+from dispatchd.core.records import (
+    DispatchKey,
+    DispatchRecord,
+    last_seen_from_meta,
+    record_from_text,
+    record_to_text,
+)
 from dispatchd.core.times import EARLIEST
 from dispatchd.publisher import Publisher
-from dispatchd.store import Store, StoreWriteError
+from dispatchd.store import Fenced, OutboxItem, Store, StoreWriteError
 
 _log = structlog.get_logger(__name__)
 
@@ -59,10 +65,30 @@ STORE_ERROR_EVERY = 60.0
 
 @dataclass(frozen=True, slots=True)
 class _FirstSyncDue:
-    """``api.first_sync_timeout`` has passed since start-up."""
+    """``api.first_sync_timeout`` has passed since the microgrid was started."""
+
+    microgrid_id: int
 
 
-InboxItem = SyncItem | _FirstSyncDue
+@dataclass(frozen=True, slots=True)
+class _Adopt:
+    """Start running a microgrid from its stored records (it was acquired)."""
+
+    microgrid_id: int
+    records: list[DispatchRecord]
+    last_seen: datetime | None
+    done: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Forget:
+    """Stop running a microgrid: no more messages or commits for it."""
+
+    microgrid_id: int
+    done: asyncio.Future[None]
+
+
+InboxItem = SyncItem | _FirstSyncDue | _Adopt | _Forget
 
 
 @dataclass(slots=True)
@@ -85,20 +111,36 @@ class _Unsaved:
         self.envelopes.extend(envelopes)
 
 
-def restore_engine(store: Store) -> Engine:
-    """The engine as the store left it (call ``Engine.hold`` before the first step)."""
-    loaded = store.load()
-    records = [
-        record_from_text(text, microgrid_id) for (microgrid_id, _), text in loaded.records.items()
-    ]
-    if records or loaded.outbox:
+async def restore_engine(store: Store, microgrid_ids: Iterable[int] = ()) -> Engine:
+    """The engine as the store left it (call ``Engine.hold`` before the first step).
+
+    Loads every stored microgrid and ``microgrid_ids``; the engine's clock
+    starts from the latest ``last_seen`` among them (one process wrote them all).
+    """
+    records: list[DispatchRecord] = []
+    outbox = 0
+    meta: dict[str, Any] = {}
+    for microgrid_id in sorted(await store.microgrids() | set(microgrid_ids)):
+        loaded = await store.load(microgrid_id)
+        records.extend(
+            record_from_text(text, microgrid_id) for (_, _), text in loaded.records.items()
+        )
+        outbox += len(loaded.outbox)
+        if _last_seen(loaded.meta) >= _last_seen(meta):
+            meta = loaded.meta
+    if records or outbox:
         _log.info(
             "restored state",
             dispatches=len(records),
-            outbox=len(loaded.outbox),
-            last_seen=loaded.meta.get("last_seen"),
+            outbox=outbox,
+            last_seen=meta.get("last_seen"),
         )
-    return Engine.restore(records, loaded.meta)
+    return Engine.restore(records, meta)
+
+
+def _last_seen(meta: Mapping[str, Any]) -> datetime:
+    """``last_seen`` for comparing (never seen: the earliest instant)."""
+    return last_seen_from_meta(meta) or EARLIEST
 
 
 class Loop:
@@ -113,10 +155,23 @@ class Loop:
         *,
         clock: Callable[[], datetime],
         ready: asyncio.Event,
+        terms: Callable[[], Mapping[int, int]] = dict,
+        on_fenced: Callable[[frozenset[int]], None] = lambda _: None,
+        shared: bool = False,
     ) -> None:
         self._settings = settings
         self.engine = engine
         self._store = store
+        self._terms = terms
+        """The held microgrids' lease terms, which fence every commit."""
+        self._on_fenced = on_fenced
+        self._shared = shared
+        """Other replicas read the store (PostgreSQL): they learn from it what is synced."""
+        """Told of microgrids whose commit the store refused: another process owns them."""
+        self.active: set[int] = set()
+        """Microgrids adopted and not forgotten: only their messages are committed."""
+        self.syncing: set[int] = set()
+        """Microgrids with an API sync; ready once all of them finished their first."""
         self._publisher = publisher
         self._clock = clock
         self._ready = ready
@@ -137,9 +192,26 @@ class Loop:
         self._unsaved: _Unsaved | None = None
         self._store_retry = asyncio.Event()
 
-    def first_sync_due(self) -> None:
-        """``api.first_sync_timeout`` has passed: converge the microgrids still not listed."""
-        self.inbox.put_nowait(_FirstSyncDue())
+    def first_sync_due(self, microgrid_id: int) -> None:
+        """``api.first_sync_timeout`` has passed: converge the microgrid if still not listed."""
+        self.inbox.put_nowait(_FirstSyncDue(microgrid_id))
+
+    async def adopt(
+        self, microgrid_id: int, records: list[DispatchRecord], last_seen: datetime | None
+    ) -> None:
+        """Run a microgrid from its stored state, held until its first list (as a restart).
+
+        Returns once the engine has it, so its API sync may start.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self.inbox.put_nowait(_Adopt(microgrid_id, records, last_seen, done))
+        await done
+
+    async def forget(self, microgrid_id: int) -> None:
+        """Stop running a microgrid; returns once nothing more is committed for it."""
+        done = asyncio.get_running_loop().create_future()
+        self.inbox.put_nowait(_Forget(microgrid_id, done))
+        await done
 
     # ------------------------------------------------------------ the loop
 
@@ -187,8 +259,25 @@ class Loop:
         now = self._clock()
         engine = self.engine
         match item:
-            case _FirstSyncDue():
-                messages = self._first_sync_due(now)
+            case _FirstSyncDue(microgrid_id):
+                messages = await self._first_sync_due(microgrid_id, now)
+            case _Adopt(microgrid_id, records, last_seen, done):
+                step = engine.adopt(microgrid_id, records, last_seen, now, converge=False)
+                self._reset(microgrid_id)
+                self.active.add(microgrid_id)
+                await self._commit(step)
+                messages = step.messages
+                if not done.done():
+                    done.set_result(None)
+            case _Forget(microgrid_id, done):
+                engine.forget(microgrid_id)
+                self.active.discard(microgrid_id)
+                self._reset(microgrid_id)
+                messages = []
+                if not done.done():
+                    done.set_result(None)
+            case Listed() | Streamed() if item.microgrid_id not in self.active:
+                return  # from a sync stopped with its microgrid
             case None:
                 step = engine.advance(now)
                 await self._commit_in_parts(step)
@@ -200,66 +289,82 @@ class Loop:
                     step = engine.relist(
                         microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
                     )
-                    self._commit(step)
+                    await self._commit(step)
                 messages = step.messages
-                self._after_listed(item, now)
+                if self._after_listed(item, now):
+                    await self._note_synced(step)
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
                     _log.warning("ignored stream event", event=str(event), dispatch_id=dispatch.id)
                     return
                 step = engine.apply(change(dispatch), now)
-                self._commit(step)
+                await self._commit(step)
                 messages = step.messages
         _log_messages(messages)
         self.recent.extend(messages)
 
-    def _after_listed(self, item: Listed, now: datetime) -> None:
-        """The first listing of a microgrid marks it synced; all synced is ready."""
-        if item.microgrid_id not in self.synced:
-            self.synced.add(item.microgrid_id)
-            self.first_synced_at[item.microgrid_id] = now
-            counts = self.engine.counts().get(item.microgrid_id, {})
-            _log.info(
-                "first sync done",
-                microgrid_id=item.microgrid_id,
-                dispatches=len(item.dispatches),
-                **counts,
-            )
-            if self.synced.issuperset(self._settings.microgrid_ids):
-                self._ready.set()
+    async def _note_synced(self, step: Step) -> None:
+        """Store that the microgrid finished its first sync in this term (its meta), so
+        other replicas answer snapshots of it as synced; a failure waits for the next commit."""
+        if not self._shared:
+            return  # no other process reads this store
+        with contextlib.suppress(StoreWriteError):
+            await self._store_commit({}, step.meta, [])
 
-    def _first_sync_due(self, now: datetime) -> list[Message]:
-        """Converge, from what is known, each microgrid whose first list has not come."""
+    def _after_listed(self, item: Listed, now: datetime) -> bool:
+        """The first listing of a microgrid marks it synced; all synced is ready.
+
+        Returns whether this was the microgrid's first.
+        """
+        if item.microgrid_id in self.synced:
+            return False
+        self.synced.add(item.microgrid_id)
+        self.first_synced_at[item.microgrid_id] = now
+        counts = self.engine.counts().get(item.microgrid_id, {})
+        _log.info(
+            "first sync done",
+            microgrid_id=item.microgrid_id,
+            dispatches=len(item.dispatches),
+            **counts,
+        )
+        if self.synced.issuperset(self.syncing):
+            self._ready.set()
+        return True
+
+    def _reset(self, microgrid_id: int) -> None:
+        """Forget how the microgrid's last run went (a new owner syncs it afresh)."""
+        self.synced.discard(microgrid_id)
+        self.first_synced_at.pop(microgrid_id, None)
+        self.overdue.pop(microgrid_id, None)
+
+    async def _first_sync_due(self, microgrid_id: int, now: datetime) -> list[Message]:
+        """Converge the microgrid from what is known if its first list has not come."""
+        if microgrid_id not in self.active or microgrid_id in self.synced:
+            return []
+        converged = microgrid_id in self.engine.held()
         messages: list[Message] = []
-        held = self.engine.held()
-        timeout = self._settings.api.first_sync_timeout
-        for microgrid_id in sorted(held - set(self._settings.microgrid_ids)):
-            step = self.engine.resume(now, microgrid_id)  # stored, no longer configured
-            self._commit(step)
-            messages.extend(step.messages)
-        for microgrid_id in self._settings.microgrid_ids:
-            if microgrid_id in self.synced:
-                continue
-            converged = self.overdue[microgrid_id] = microgrid_id in held
-            if converged:
-                step = self.engine.resume(now, microgrid_id)
-                self._commit(step)
-                messages.extend(step.messages)
-            _log.warning(
-                "first sync with the dispatch API not done in time"
-                + ("; converged from the stored state" if converged else ""),
-                microgrid_id=microgrid_id,
-                first_sync_timeout=timeout,
-            )
+        if converged:
+            step = self.engine.resume(now, microgrid_id)
+            await self._commit(step)
+            messages = step.messages
+        if microgrid_id not in self.syncing:
+            return messages  # stored, no longer configured: converged, nothing to wait for
+        self.overdue[microgrid_id] = converged
+        _log.warning(
+            "first sync with the dispatch API not done in time"
+            + ("; converged from the stored state" if converged else ""),
+            microgrid_id=microgrid_id,
+            first_sync_timeout=self._settings.api.first_sync_timeout,
+        )
         return messages
 
     # ---------------------------------------------------------- committing
 
-    def _commit(self, step: Step) -> None:
+    async def _commit(self, step: Step) -> None:
         """One transaction for the step's records and the messages they caused, then publish."""
         _log_invalid(step.invalid)
-        self._write(step.messages, step.records, step.meta)
+        await self._write(step.messages, step.records, step.meta)
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -275,15 +380,15 @@ class Loop:
         parts = _parts(step.messages, FIRST_PART)
         for index, part in enumerate(parts):
             if index == len(parts) - 1:
-                self._write(part, records, step.meta)
+                await self._write(part, records, step.meta)
                 return
             keys = {_dispatch_key(message) for message in part}
-            self._write(part, {key: records.pop(key) for key in keys if key in records}, None)
+            await self._write(part, {key: records.pop(key) for key in keys if key in records}, None)
             for _ in range(HANDOFF_YIELDS):
                 await asyncio.sleep(0)
-        self._write([], records, step.meta)
+        await self._write([], records, step.meta)
 
-    def _write(
+    async def _write(
         self,
         messages: list[Message],
         records: Mapping[DispatchKey, DispatchRecord | None],
@@ -305,13 +410,65 @@ class Loop:
             self._unsaved.add(record_texts, meta, envelopes)
             return
         try:
-            items = self._store.commit(records=record_texts, meta=meta, envelopes=envelopes)
+            items = await self._store_commit(record_texts, meta, envelopes)
         except StoreWriteError as error:
             self._unsaved = _Unsaved(record_texts, meta, envelopes)
             self.store_problem = str(error)
             self._store_retry.set()
             return
         self._publisher.submit(items)
+
+    async def _store_commit(
+        self,
+        records: Mapping[DispatchKey, str | None],
+        meta: dict[str, Any] | None,
+        envelopes: list[wire.Envelope],
+    ) -> list[OutboxItem]:
+        """One fenced transaction for what belongs to the microgrids still run here.
+
+        A microgrid the store fences (its lease was lost) is dropped at once and
+        the rest is committed without it: another process converges it from
+        what was committed before.
+        """
+        while True:
+            active = self.active
+            records = {key: text for key, text in records.items() if key[0] in active}
+            envelopes = [envelope for envelope in envelopes if envelope.microgrid_id in active]
+            if not records and not envelopes and (meta is None or not active):
+                return []
+            terms = self._terms()
+            try:
+                return await self._store.commit(
+                    records=records,
+                    meta=self._meta(meta, terms),
+                    envelopes=envelopes,
+                    terms=terms,
+                )
+            except Fenced as fenced:
+                lost = fenced.microgrid_ids & active
+                if not lost:
+                    raise StoreWriteError(str(fenced)) from fenced
+                self.active -= lost
+                _log.warning("commit fenced: microgrids dropped", microgrid_ids=sorted(lost))
+                self._on_fenced(frozenset(lost))
+
+    def _meta(
+        self, meta: dict[str, Any] | None, terms: Mapping[int, int]
+    ) -> dict[int, dict[str, Any]] | None:
+        """The engine-wide meta for each microgrid run here, with the term it first synced in.
+
+        Another replica answers the snapshot RPC for a microgrid from what is
+        stored: ``synced_term`` tells it whether the owner of the current term
+        has finished its first sync.
+        """
+        if meta is None:
+            return None
+        return {
+            microgrid_id: meta
+            if microgrid_id not in self.synced or microgrid_id not in terms
+            else {**meta, "synced_term": terms[microgrid_id]}
+            for microgrid_id in self.active
+        }
 
     async def save_unsaved(self) -> None:
         """Write what the store refused, with backoff; one ERROR line a minute meanwhile.
@@ -336,27 +493,25 @@ class Loop:
                     )
                 await asyncio.sleep(STORE_RETRY.delay(attempt, rng) + STORE_RETRY.initial / 2)
                 attempt += 1
-                if self._write_unsaved():
-                    _log.info("state store writable again", path=str(self._store.path))
+                if await self._write_unsaved():
+                    _log.info("state store writable again", path=self._store.location)
 
-    def save_before_stop(self) -> None:
+    async def save_before_stop(self) -> None:
         """At shutdown: a last attempt to write what the store refused."""
-        if self._unsaved is not None and not self._write_unsaved():
+        if self._unsaved is not None and not await self._write_unsaved():
             _log.warning(
                 "state store still refuses writes: the next start converges what was not saved",
                 messages=len(self._unsaved.envelopes),
                 error=self.store_problem,
             )
 
-    def _write_unsaved(self) -> bool:
+    async def _write_unsaved(self) -> bool:
         """One attempt to write the waiting steps; whether nothing waits any more."""
         unsaved = self._unsaved
         if unsaved is None:
             return True
         try:
-            items = self._store.commit(
-                records=unsaved.records, meta=unsaved.meta, envelopes=unsaved.envelopes
-            )
+            items = await self._store_commit(unsaved.records, unsaved.meta, unsaved.envelopes)
         except StoreWriteError as error:
             self.store_problem = str(error)
             return False

@@ -107,6 +107,43 @@ RPC_REQUESTS = Counter(
     registry=REGISTRY,
 )
 
+STORE_COMMIT_SECONDS = Histogram(
+    "dispatchd_store_commit_seconds",
+    "Time of one commit of the state store (records, meta and outbox in one transaction).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+    registry=REGISTRY,
+)
+
+LEASE_ACQUIRED = Counter(
+    "dispatchd_lease_acquired_total",
+    "Microgrid leases this replica acquired (PostgreSQL store).",
+    registry=REGISTRY,
+)
+
+LEASE_RELEASED = Counter(
+    "dispatchd_lease_released_total",
+    "Microgrid leases this replica handed over gracefully (rebalance or shutdown).",
+    registry=REGISTRY,
+)
+
+LEASE_LOST = Counter(
+    "dispatchd_lease_lost_total",
+    "Microgrid leases this replica lost: not renewed in time, or a fenced commit.",
+    registry=REGISTRY,
+)
+
+MICROGRIDS_OWNED = Gauge(
+    "dispatchd_microgrids_owned",
+    "Microgrids this process owns now (every configured one with the SQLite store).",
+    registry=REGISTRY,
+)
+
+CLUSTER_REPLICAS = Gauge(
+    "dispatchd_cluster_replicas",
+    "Live replicas seen in the membership table at the last renewal (PostgreSQL store).",
+    registry=REGISTRY,
+)
+
 BUILD_INFO = Gauge(
     "dispatchd_build_info",
     "Always 1; the version label tells which build runs.",

@@ -9,7 +9,8 @@ per microgrid; the store checks the term inside every writing transaction.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,3 +61,30 @@ class Ownership(Protocol):
     async def close(self) -> None:
         """Stop renewing and acquiring; held leases are left to :meth:`release`."""
         ...
+
+
+class SoloOwnership:
+    """The SQLite mode's ownership: every configured microgrid, term 0, for the whole run.
+
+    One process per exchange is enforced elsewhere (the exclusive RPC
+    consumer), so there is nothing to lease: each microgrid is acquired once
+    at start and never lost.
+    """
+
+    def __init__(self, microgrid_ids: Iterable[int]) -> None:
+        self._terms = dict.fromkeys(microgrid_ids, 0)
+        self._closed = asyncio.Event()
+
+    async def events(self) -> AsyncIterator[OwnershipEvent]:
+        for microgrid_id in list(self._terms):
+            yield Acquired(microgrid_id, 0, None)
+        await self._closed.wait()
+
+    def terms(self) -> dict[int, int]:
+        return dict(self._terms)
+
+    async def release(self, microgrid_id: int, term: int) -> None:
+        self._terms.pop(microgrid_id, None)
+
+    async def close(self) -> None:
+        self._closed.set()

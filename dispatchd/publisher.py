@@ -35,6 +35,7 @@ it as unroutable (no queue bound: topic semantics, counted, never retried).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ssl
 import time
@@ -175,6 +176,7 @@ class Publisher:
         connect_timeout: float = 10.0,
         refused_retry: float = REFUSED_RETRY,
         on_declare: DeclareHook | None = None,
+        may_send: asyncio.Event | None = None,
     ) -> None:
         self._window = OutboxWindow(
             dispatch_of=_dispatch_key,
@@ -192,6 +194,9 @@ class Publisher:
         self._connect_timeout = connect_timeout
         self._refused_retry = refused_retry
         self.on_declare = on_declare
+        # The daemon's RPC consumer: a second dispatchd on the exchange must be refused
+        # before it publishes anything (docs/running-a-cluster.md, "One writer per exchange").
+        self._may_send = may_send
 
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -218,6 +223,10 @@ class Publisher:
         # Confirmed (or returned) and not yet removed from the store.
         self._done: list[int] = []
         self._done_set: set[int] = set()
+        # Per microgrid: submitted and neither removed from the store nor dropped.
+        self._unsettled: collections.Counter[int] = collections.Counter()
+        self._microgrid_of_done: dict[int, int] = {}
+        self._drained: dict[int, asyncio.Event] = {}
         # This instance's share of the process-wide outbox gauge (submitted, not removed).
         self._counted = 0
         self._flush_wake = asyncio.Event()
@@ -282,14 +291,15 @@ class Publisher:
 
     # --- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, submit_outbox: bool = True) -> None:
         """Connect and declare the exchange, or keep trying in the background if unreachable.
 
         Submits whatever the store's outbox still holds (left by a previous
         run) so it is republished first. Raises ExchangeTypeMismatch when the
         exchange exists with another type.
         """
-        self.submit(self._store.outbox())
+        if submit_outbox:
+            self.submit(await self._store.outbox())
         self._flusher_task = asyncio.create_task(self._flusher(), name="publisher-flusher")
         try:
             await self._connect()
@@ -407,7 +417,7 @@ class Publisher:
 
         What is not confirmed by then stays in the outbox for the next start.
         """
-        if self._connection is not None and not self._closing:
+        if self._connection is not None and not self._closing and self._sending_allowed:
             await self.wait_idle(timeout)
         self._closing = True
         await self._stop_tasks()
@@ -446,11 +456,48 @@ class Publisher:
         for item in items:
             if item.seq not in self._done_set and self._window.add(item):
                 added += 1
+                self._unsettled[item.envelope.microgrid_id] += 1
         if added:
             self._idle.clear()
             self._counted += added
             metrics.OUTBOX_MESSAGES.inc(added)
             self._wake.set()
+
+    def drop(self, microgrid_id: int) -> int:
+        """Stop publishing a microgrid's messages; they stay in the store's outbox.
+
+        For a microgrid another process runs now: it republishes them (with the
+        same ``message_id``s). Returns how many were dropped.
+        """
+        dropped = self._window.drop(lambda item: item.envelope.microgrid_id == microgrid_id)
+        if dropped:
+            self._counted -= len(dropped)
+            metrics.OUTBOX_MESSAGES.dec(len(dropped))
+            self._settle_microgrid(microgrid_id, len(dropped))
+            self._update_idle()
+        return len(dropped)
+
+    async def wait_drained(self, microgrid_id: int, timeout: float) -> bool:  # noqa: ASYNC109 (answers False on timeout)
+        """True once every submitted message of the microgrid left the outbox."""
+        if not self._unsettled[microgrid_id]:
+            return True
+        drained = self._drained.setdefault(microgrid_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _settle_microgrid(self, microgrid_id: int, count: int) -> None:
+        left = self._unsettled[microgrid_id] - count
+        if left > 0:
+            self._unsettled[microgrid_id] = left
+            return
+        del self._unsettled[microgrid_id]
+        drained = self._drained.pop(microgrid_id, None)
+        if drained is not None:
+            drained.set()
 
     async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (answers False on timeout)
         """True once every submitted item is confirmed and removed from the outbox."""
@@ -471,7 +518,13 @@ class Publisher:
 
     # --- the send loop -----------------------------------------------------
 
+    @property
+    def _sending_allowed(self) -> bool:
+        return self._may_send is None or self._may_send.is_set()
+
     async def _sender(self) -> None:
+        if self._may_send is not None:
+            await self._may_send.wait()
         backoff = self._reconnect_interval
         while True:
             assert self._channel is not None
@@ -633,6 +686,7 @@ class Publisher:
         self._round_confirmed += 1
         self._done.append(item.seq)
         self._done_set.add(item.seq)
+        self._microgrid_of_done[item.seq] = item.envelope.microgrid_id
 
     def _fail_round(self, reason: str) -> None:
         if not self._round_failed:
@@ -654,7 +708,7 @@ class Publisher:
             self._done = []
             if batch:
                 try:
-                    await asyncio.to_thread(self._remove, batch)
+                    await self._remove(batch)
                 except Exception as exc:
                     log.error(
                         "cannot remove confirmed messages from the outbox",
@@ -671,9 +725,12 @@ class Publisher:
             if self._closing and not self._done:
                 return
 
-    def _remove(self, seqs: list[int]) -> None:
-        self._store.remove_from_outbox(seqs)
+    async def _remove(self, seqs: list[int]) -> None:
+        await self._store.remove_from_outbox(seqs)
         # Every row was counted in by submit(); a count(*) here would scan the
         # whole outbox per batch (quadratic over a 50k burst) under the store lock.
         self._counted -= len(seqs)
         metrics.OUTBOX_MESSAGES.dec(len(seqs))
+        removed = collections.Counter(self._microgrid_of_done.pop(seq) for seq in seqs)
+        for microgrid_id, count in removed.items():
+            self._settle_microgrid(microgrid_id, count)

@@ -14,13 +14,20 @@ body. Nothing a client sends can stop the consumer or touch publishing:
   ``reply_to`` to answer on, a log line), never a traceback;
 - requests are answered one at a time with at most ``PREFETCH`` handed over
   by the broker, so a burst waits in the queue instead of in the event loop.
+
+The consumer also guards the exchange (docs/running-a-cluster.md, "One writer
+per exchange"): with the SQLite store it consumes exclusively, so a second
+dispatchd on the same exchange cannot take it and stops (``ExchangeTaken``)
+before it has published anything; cluster replicas consume non-exclusively,
+which the broker refuses beside an exclusive consumer too. ``consuming`` is
+set once the consumer is held: the publisher sends nothing before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from typing import Final
 
@@ -32,6 +39,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from aiormq.exceptions import ChannelAccessRefused
 
 from dispatchd import metrics
 from dispatchd.core import wire
@@ -58,10 +66,38 @@ _SHOWN_CHARS: Final = 120
 
 Snapshot = Callable[[int, str | None], list[SnapshotEntry]]
 Synced = Callable[[int], bool]
+Standby = Callable[[int, str | None], Awaitable[tuple[list[SnapshotEntry], bool]]]
+"""A microgrid's entries and ``synced`` from the store, for one another process runs."""
 
 
 def rpc_queue_name(exchange: str) -> str:
     return f"{exchange}.rpc"
+
+
+class ExchangeTaken(Exception):
+    """Another dispatchd serves the exchange in a way this one cannot share it with."""
+
+
+def _taken(exc: BaseException | None) -> bool:
+    """The broker's answer to a consumer beside an exclusive one (or an exclusive one
+    beside any): ``ACCESS_REFUSED - queue '...' in exclusive use``."""
+    return isinstance(exc, ChannelAccessRefused) and "exclusive use" in str(exc)
+
+
+def taken_message(exchange: str, *, exclusive: bool) -> str:
+    """The one line that names the exchange, the clash and the way out."""
+    queue = rpc_queue_name(exchange)
+    if exclusive:
+        return (
+            f"exchange {exchange!r} is already served by another dispatchd (its snapshot "
+            f"RPC queue {queue!r} has a consumer): with the SQLite store only one process "
+            "may run per exchange; stop the other one, or set another amqp.exchange"
+        )
+    return (
+        f"exchange {exchange!r} is served by a dispatchd on the SQLite store (it consumes "
+        f"{queue!r} exclusively): a cluster replica cannot run beside it; stop it, or set "
+        "another amqp.exchange"
+    )
 
 
 def _shown(text: str | None) -> str | None:
@@ -85,9 +121,16 @@ class SnapshotRpc:
         reconnect_interval: float = 1.0,
         max_backoff: float = 30.0,
         connect_timeout: float = 10.0,
+        exclusive: bool = True,
+        owned: Synced | None = None,
+        standby: Standby | None = None,
     ) -> None:
         self._url = amqp_url
+        self._exchange = exchange
         self._queue_name = rpc_queue_name(exchange)
+        self._exclusive = exclusive
+        self._owned = owned
+        self._standby = standby
         self._microgrid_ids = frozenset(microgrid_ids)
         self._snapshot = snapshot
         self._synced = synced
@@ -101,17 +144,38 @@ class SnapshotRpc:
         self._replies = _Replies(amqp_url, connect_timeout)
         # Per (microgrid_id, dispatch_id): the entry last encoded and its encoding.
         self._encoded: dict[DispatchKey, tuple[SnapshotEntry, bytes]] = {}
+        self.consuming = asyncio.Event()
+        """Set once this process holds its consumer on the RPC queue (never cleared)."""
+        self._fatal: ExchangeTaken | None = None
+        self._fatal_event = asyncio.Event()
+
+    async def wait_fatal(self) -> ExchangeTaken:
+        """Returns once the broker refused the consumer because another dispatchd holds it."""
+        await self._fatal_event.wait()
+        assert self._fatal is not None
+        return self._fatal
+
+    def _refused(self) -> ExchangeTaken:
+        error = ExchangeTaken(taken_message(self._exchange, exclusive=self._exclusive))
+        if self._fatal is None:
+            self._fatal = error
+            self._fatal_event.set()
+        return error
 
     async def start(self, *, wait: bool = True) -> None:
         """Declare the queue and consume, or keep trying in the background if that fails.
 
         ``wait=False`` goes to the background at once (when the broker is known to be
-        unreachable, a second connect timeout would only delay the start).
+        unreachable, a second connect timeout would only delay the start). Raises
+        ``ExchangeTaken`` when another dispatchd holds the consumer; found in the
+        background, the same error comes out of ``wait_fatal``.
         """
         retry_in = 0.0
         if wait:
             try:
                 await self._consume()
+            except ExchangeTaken:
+                raise
             except Exception as exc:
                 retry_in = self._note_failure(exc, self._reconnect_interval)
             else:
@@ -137,6 +201,8 @@ class SnapshotRpc:
             backoff = min(backoff * 2, self._max_backoff)
             try:
                 await self._consume()
+            except ExchangeTaken:
+                return
             except Exception as exc:
                 retry_in = self._note_failure(exc, backoff)
                 continue
@@ -166,12 +232,27 @@ class SnapshotRpc:
             queue = await channel.declare_queue(
                 self._queue_name, durable=True, arguments={"x-message-ttl": _REQUEST_TTL_MS}
             )
-            await queue.consume(self._on_request)
-        except BaseException:
+            await queue.consume(self._on_request, exclusive=self._exclusive)
+        except BaseException as exc:
             await connection.close()
+            if _taken(exc):
+                raise self._refused() from None
             raise
+        # After a reconnect the robust connection consumes again; if another process
+        # took the queue meanwhile, the broker refuses that and closes with the reason.
+        connection.close_callbacks.add(self._on_closed)
         self._connection = connection
-        _log.info("snapshot rpc serving", queue=self._queue_name, prefetch=PREFETCH)
+        self.consuming.set()
+        _log.info(
+            "snapshot rpc serving",
+            queue=self._queue_name,
+            prefetch=PREFETCH,
+            exclusive=self._exclusive,
+        )
+
+    def _on_closed(self, _sender: object, exc: BaseException | None = None) -> None:
+        if _taken(exc):
+            self._refused()
 
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
         # One request at a time, in arrival order; every await in between gives
@@ -192,7 +273,7 @@ class SnapshotRpc:
             )
             return
         await _settle(message, ack=True)
-        body, method, outcome = self.answer(message.body)
+        body, method, outcome = await self._answer_anywhere(message.body)
         metrics.RPC_REQUESTS.labels(method=method, outcome=outcome).inc()
         if not message.reply_to:
             _log.warning(
@@ -202,6 +283,42 @@ class SnapshotRpc:
             )
             return
         await self._replies.send(message.reply_to, message.correlation_id, body)
+
+    async def _answer_anywhere(self, request: bytes) -> tuple[bytes, str, str]:
+        """From the engine, or from the store for a microgrid another replica runs."""
+        standby, owned = self._standby, self._owned
+        if standby is None or owned is None:
+            return self.answer(request)
+        try:
+            parsed = wire.decode_snapshot_request(request)
+        except wire.WireError:
+            return self.answer(request)  # the same error reply
+        microgrid_id = parsed.microgrid_id
+        if microgrid_id not in self._microgrid_ids or owned(microgrid_id):
+            return self.answer(request)
+        try:
+            entries, synced = await standby(microgrid_id, parsed.type)
+            body = wire.encode_snapshot_reply(
+                microgrid_id,
+                self._clock(),
+                synced,
+                (
+                    wire.SnapshotEntry(
+                        dispatch=entry.dispatch,
+                        running=entry.running,
+                        until=entry.until,
+                        sequence=entry.sequence,
+                    )
+                    for entry in entries
+                ),
+            )
+        except Exception as exc:
+            _log.warning("snapshot from the state store failed", error=describe_error(exc))
+            reply = wire.encode_error_reply(
+                "unavailable", "the state store cannot be read now; ask again"
+            )
+            return reply, "snapshot", "unavailable"
+        return body, "snapshot", "ok"
 
     def answer(self, request: bytes) -> tuple[bytes, str, str]:
         """The reply body, the method label and the outcome label for one request."""

@@ -105,6 +105,17 @@ class SendWindow(Generic[T, K]):
         self._queue.append(seq)
         return True
 
+    def drop(self, dropped: Callable[[T], bool]) -> list[T]:
+        """Take the unconfirmed messages ``dropped`` picks out of the window; returns them.
+
+        For messages another process publishes now (their microgrid moved).
+        One in flight may still be confirmed; ``confirm`` then answers False.
+        """
+        gone = [item for item in self._pending.values() if dropped(item)]
+        for item in gone:
+            del self._pending[item.seq]  # queued, held or ready seqs are skipped when taken
+        return gone
+
     def start_round(self) -> None:
         """Forget what was sent: everything unconfirmed goes again, in seq order.
 

@@ -18,7 +18,7 @@ from dispatchd.apisync import ApiSync, SyncItem
 from dispatchd.core.engine import Engine
 from dispatchd.loop import Loop
 from dispatchd.publisher import Publisher
-from dispatchd.store import Store
+from dispatchd.store import SqliteStore
 from tests.core.engine_helpers import MG, at, make
 from tests.shell.daemon_harness import daemon_settings
 
@@ -58,7 +58,7 @@ async def test_daemon_loop_stopped_as_an_item_arrives_stops(tmp_path: Path) -> N
     settings = daemon_settings(tmp_path, "amqp://unused", "unused")
     engine = Engine()
     engine.relist(MG, [make(1, start=3600)], at(0), initial=True)
-    store = Store(tmp_path / "state.sqlite3")
+    store = SqliteStore(tmp_path / "state.sqlite3")
     publisher = Publisher(amqp_url="amqp://unused", exchange="unused", store=store)
     # A deadline in an hour, so the loop waits with a timeout.
     loop = Loop(settings, engine, store, publisher, clock=lambda: at(0), ready=asyncio.Event())
@@ -73,6 +73,6 @@ async def test_daemon_loop_stopped_as_an_item_arrives_stops(tmp_path: Path) -> N
     loop.inbox.put_nowait(object())  # type: ignore[arg-type]
     task.cancel()
     await _stopped(task)
-    store.close()
+    await store.close()
     assert steps == []
     assert loop.inbox.qsize() == 1  # a cancelled get leaves the item where it was

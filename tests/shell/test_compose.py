@@ -36,6 +36,7 @@ from dispatchd.localapi.server import LocalApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 DISPATCHD_SERVICES = ("api", "dispatchd")
+REPLICAS = ("replica-1", "replica-2", "replica-3")
 
 
 def compose() -> dict[str, Any]:
@@ -260,6 +261,8 @@ def test_every_published_port_is_on_loopback_only() -> None:
         "dispatchd",
         "prometheus",
         "grafana",
+        "postgres",
+        *REPLICAS,
     }
     for name, ports in published.items():
         for port in ports:
@@ -274,7 +277,9 @@ def test_every_service_restarts_and_every_image_is_pinned() -> None:
         if "build" in service:
             continue  # built from this repository
         repository, _, tag = image.rpartition(":")
-        assert repository and re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned"
+        # PostgreSQL's releases have two parts since version 10 (16.4 is a patch release).
+        full = r"\d+\.\d+" if repository == "postgres" else r"v?\d+\.\d+\.\d+"
+        assert repository and re.fullmatch(full + r"(-\S+)?", tag), f"{name}: {image} is not pinned"
 
 
 def api_health_check(listen: str) -> Any:
@@ -398,3 +403,65 @@ def test_readme_links_resolve() -> None:
     readme = (REPO / "README.md").read_text()
     for target in re.findall(r"\]\(([^)#:]+)\)", readme):
         assert (REPO / target).exists(), target
+
+
+# ------------------------------------------------------------- the cluster profile
+
+
+def test_the_cluster_profile_adds_postgres_and_three_replicas_only() -> None:
+    profiled = {name for name, service in services().items() if service.get("profiles")}
+    assert profiled == {"postgres", *REPLICAS}
+    for name in profiled:
+        assert services()[name]["profiles"] == ["cluster"], name
+
+
+@pytest.mark.parametrize("name", REPLICAS)
+def test_every_replica_variable_is_a_real_setting(name: str) -> None:
+    environment = services()[name]["environment"]
+    assert all(key.startswith("DISPATCHD_") for key in environment)
+    settings = service_settings(name)
+    assert [(k, m) for k, m in local_problems(settings) if k != "state.dir"] == []
+    assert services()[name]["command"] == ["run"]
+    assert services()[name]["image"] == "dispatchd:local"
+
+
+def test_replicas_share_microgrids_exchange_and_database_under_their_own_names() -> None:
+    replicas = [service_settings(name) for name in REPLICAS]
+    assert len({tuple(s.microgrid_ids) for s in replicas}) == 1
+    assert len(replicas[0].microgrid_ids) >= len(REPLICAS)  # each one gets a share
+    assert len({s.amqp.exchange for s in replicas}) == 1
+    assert len({s.state.url.get_secret_value() for s in replicas if s.state.url}) == 1
+    assert len({s.cluster.replica_id for s in replicas}) == len(REPLICAS)
+    # The single-process daemon consumes its exchange's RPC queue exclusively: a
+    # replica on the same exchange would be refused at start.
+    assert replicas[0].amqp.exchange != service_settings("dispatchd").amqp.exchange
+
+
+def test_replicas_reach_the_database_the_postgres_service_creates() -> None:
+    replica = service_settings(REPLICAS[0])
+    assert replica.state.url is not None
+    url = urlsplit(replica.state.url.get_secret_value())
+    postgres = services()["postgres"]
+    assert url.scheme == "postgresql"
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert 5432 in container_ports("postgres")
+    assert url.username == postgres["environment"]["POSTGRES_USER"]
+    assert url.password == postgres["environment"]["POSTGRES_PASSWORD"]
+    assert url.path == "/" + postgres["environment"]["POSTGRES_DB"]
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+
+
+@pytest.mark.parametrize("name", REPLICAS)
+def test_replicas_wait_for_their_dependencies_and_hand_over_before_being_killed(name: str) -> None:
+    service = services()[name]
+    assert service["depends_on"] == {
+        "rabbitmq": {"condition": "service_healthy"},
+        "api": {"condition": "service_healthy"},
+        "postgres": {"condition": "service_healthy"},
+    }
+    settings = service_settings(name)
+    host, http_port = split_host_port(settings.http.listen)
+    assert host == "0.0.0.0"
+    assert http_port in container_ports(name)
+    grace = str(service["stop_grace_period"])
+    assert float(grace.removesuffix("s")) > settings.shutdown_timeout

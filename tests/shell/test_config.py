@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dispatchd.config import (
     SECRET_KEYS,
     ConfigError,
     Settings,
+    default_replica_id,
     effective_config,
     load_config,
     local_problems,
@@ -332,6 +334,7 @@ SECRETS = {
     "DISPATCHD_API__LOCAL__AUTH_KEYS": '["local-key-value-3"]',
     "DISPATCHD_API__LOCAL__SIGN_SECRET": "local-sign-value-4",
     "DISPATCHD_AMQP__URL": "amqp://user:amqp-password-5@broker:5672/",
+    "DISPATCHD_STATE__URL": "postgresql://user:state-password-6@db:5432/dispatchd",
 }
 SECRET_TEXTS = [
     "auth-key-value-1",
@@ -339,6 +342,7 @@ SECRET_TEXTS = [
     "local-key-value-3",
     "local-sign-value-4",
     "amqp-password-5",
+    "state-password-6",
 ]
 
 
@@ -529,3 +533,37 @@ def test_a_state_dir_that_is_not_writable_or_cannot_be_created_is_a_problem(
         problems = dict(local_problems(config))
         assert list(problems) == ["state.dir"]
         assert "not writable" in problems["state.dir"]
+
+
+def test_state_url_is_a_postgresql_secret_masked_everywhere(tmp_path: Path) -> None:
+    dsn = "postgresql://dispatchd:pg-pw%2F1@db:5432/dispatchd?password=pg-pw-2&sslmode=disable"
+    (tmp_path / "dsn").write_text(dsn + "\n")
+    config = load_config(None, {"DISPATCHD_STATE__URL_FILE": str(tmp_path / "dsn")})
+    assert config.state.url is not None
+    assert config.state.url.get_secret_value() == dsn
+    shown = "postgresql://dispatchd:***@db:5432/dispatchd?password=***&sslmode=disable"
+    assert str(config.state.url) == shown
+    assert effective_config(config)["state"]["url"] == shown
+    assert {"pg-pw%2F1", "pg-pw/1", "pg-pw-2"} <= set(config.secret_values())
+
+
+def test_state_url_must_be_postgresql_and_is_shown_masked_when_refused() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {"DISPATCHD_STATE__URL": "mysql://u:hidden@db/x"})
+    ((key, message),) = raised.value.problems
+    assert key == "state.url"
+    assert "postgresql" in message and "hidden" not in message
+
+
+def test_cluster_defaults_name_the_replica_uniquely() -> None:
+    config = load_config(None, {})
+    assert config.cluster.lease_seconds == 10
+    assert config.cluster.replica_id is None  # chosen once per process by the daemon
+    first, second = default_replica_id(), default_replica_id()
+    assert first != second
+    assert first.startswith(f"{socket.gethostname()}-{os.getpid()}-")
+    named = load_config(None, {"DISPATCHD_CLUSTER__REPLICA_ID": "replica-a"})
+    assert named.cluster.replica_id == "replica-a"
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {"DISPATCHD_CLUSTER__LEASE_SECONDS": "0.5"})
+    assert [key for key, _ in raised.value.problems] == ["cluster.lease_seconds"]

@@ -113,14 +113,14 @@ class _CommitSpy:
         self._commit = store.commit
         self._fail_at = fail_at
 
-    def __call__(self, **kwargs: Any) -> list[OutboxItem]:
+    async def __call__(self, **kwargs: Any) -> list[OutboxItem]:
         envelopes: Sequence[Envelope] = kwargs.get("envelopes", ())
         running = sum(1 for envelope in envelopes if envelope.type == TYPE_RUNNING)
         if running:
             self.running_commits.append(running)
             if len(self.running_commits) == self._fail_at:
                 raise OSError("disk unplugged between two parts")
-        return self._commit(**kwargs)
+        return await self._commit(**kwargs)
 
 
 async def _create_starting_together(client: Any, count: int, seconds: float) -> list[int]:
@@ -155,7 +155,7 @@ async def test_a_burst_is_published_in_parts(
         assert {r.running.scheduled_for for r in running} == {running[0].running.occurrence.start}
         assert handle.daemon.publisher is not None
         assert await handle.daemon.publisher.wait_idle(WAIT)
-        assert handle.daemon.store.outbox() == []
+        assert await handle.daemon.store.outbox() == []
     check_stream(observer.received)
 
 

@@ -8,7 +8,6 @@ SQLITE_FULL).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import subprocess
@@ -59,15 +58,13 @@ def fill(volume: Path) -> Path:
     """Write a file until the volume is full; returns it (delete it to free the space)."""
     filler = volume / "filler"
     chunk = b"\0" * 65536
-    with filler.open("wb") as out:
+    # Unbuffered: a partial write leaves nothing behind for close() to fail on.
+    with filler.open("wb", buffering=0) as out:
         try:
             while True:
                 out.write(chunk)
-                out.flush()
         except OSError as error:
             assert error.errno == errno.ENOSPC
-            with contextlib.suppress(OSError):
-                out.truncate(out.tell())  # keep what was written, drop the partial buffer
     return filler
 
 

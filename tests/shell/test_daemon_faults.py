@@ -17,7 +17,7 @@ from pathlib import Path
 from frequenz.client.dispatch.types import TargetIds
 
 from dispatchd.localapi.server import LocalApiServer
-from dispatchd.store import Store
+from dispatchd.store import SqliteStore
 from tests.shell.daemon_harness import (
     MG,
     QueueObserver,
@@ -275,11 +275,11 @@ async def test_graceful_stop_with_messages_in_flight_keeps_them_for_the_next_sta
             await poll(lambda: metric("dispatchd_outbox_messages") == outbox_gauge + 4)
             stopped_in = await handle.stop()
         assert stopped_in < 2 + 1.0, stopped_in
-        store = Store(tmp_path / "dispatchd.sqlite3")
+        store = SqliteStore(tmp_path / "dispatchd.sqlite3")
         try:
-            left = [item.envelope.message_id for item in store.outbox()]
+            left = [item.envelope.message_id for item in await store.outbox()]
         finally:
-            store.close()
+            await store.close()
         assert len(left) == 4
         assert {r.message_id for r in in_flight} <= set(left)
         proxy.resume()

@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from dispatchd import metrics
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
-from dispatchd.store import OutboxItem, Store
+from dispatchd.store import OutboxItem, SqliteStore
 from tests.shell.daemon_harness import poll
 from tests.tcpproxy import TcpProxy
 
@@ -135,16 +135,16 @@ async def consumer(broker: AbstractRobustConnection, exchange_name: str) -> Cons
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "state.sqlite3")
+def store(tmp_path: Path) -> SqliteStore:
+    return SqliteStore(tmp_path / "state.sqlite3")
 
 
-def commit(store: Store, envelopes: list[Envelope]) -> list[OutboxItem]:
-    return store.commit(envelopes=envelopes)
+async def commit(store: SqliteStore, envelopes: list[Envelope]) -> list[OutboxItem]:
+    return await store.commit(envelopes=envelopes)
 
 
 async def test_message_carries_every_wire_property(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
     await publisher.start()
@@ -153,7 +153,7 @@ async def test_message_carries_every_wire_property(
     assert sample("dispatchd_broker_up") == 1
     before = sample("dispatchd_messages_published_total", kind="lifecycle", event="created")
     envelope = make_envelope(3, 0, event="created")
-    publisher.submit(commit(store, [envelope]))
+    publisher.submit(await commit(store, [envelope]))
     await consumer.wait_ids([envelope.message_id])
     assert await publisher.wait_idle(10)
     await publisher.close(5)
@@ -169,14 +169,14 @@ async def test_message_carries_every_wire_property(
     assert message.headers == envelope.headers
     assert message.timestamp is not None
     assert abs(message.timestamp.replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(seconds=30)
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
     assert sample("dispatchd_outbox_messages") == 0
     after = sample("dispatchd_messages_published_total", kind="lifecycle", event="created")
     assert after == before + 1
 
 
 async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     publisher = Publisher(
         amqp_url=BROKER_URL, exchange=exchange_name, store=store, max_in_flight=200
@@ -184,7 +184,7 @@ async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
     await publisher.start()
     envelopes = interleaved(dispatches=10, per_dispatch=100)
     for start in range(0, len(envelopes), 50):
-        publisher.submit(commit(store, envelopes[start : start + 50]))
+        publisher.submit(await commit(store, envelopes[start : start + 50]))
     assert await publisher.wait_idle(60)
     await consumer.wait_ids(e.message_id for e in envelopes)
     await publisher.close(5)
@@ -193,20 +193,20 @@ async def test_a_thousand_messages_are_pipelined_and_ordered_per_dispatch(
     assert_in_order_without_loss(consumer, dispatches=10, per_dispatch=100)
     assert 1 < publisher.window.peak_in_flight <= 10  # one per dispatch at a time
     assert publisher.window.rounds == 1
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
 
 
-class RecordingStore(Store):
+class RecordingStore(SqliteStore):
     """Records each batch the publisher removes from the outbox."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.removed_batches: list[list[int]] = []
 
-    def remove_from_outbox(self, seqs: Iterable[int]) -> None:
+    async def remove_from_outbox(self, seqs: Iterable[int]) -> None:
         batch = list(seqs)
         self.removed_batches.append(batch)
-        super().remove_from_outbox(batch)
+        await super().remove_from_outbox(batch)
 
 
 async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
@@ -216,7 +216,7 @@ async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
     publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
     await publisher.start()
     burst = [make_envelope(d, 0) for d in range(1000)]
-    items = commit(store, burst)
+    items = await commit(store, burst)
     publisher.submit(items)
     assert await publisher.wait_idle(60)
     await consumer.wait_ids(e.message_id for e in burst)
@@ -225,11 +225,11 @@ async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
     assert publisher.window.rounds == 1
     # No removal (a commit with an fsync, in a thread) competes with the sends mid-burst.
     assert [sorted(batch) for batch in store.removed_batches] == [[i.seq for i in items]]
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
 
 
 async def test_in_flight_is_bounded_globally_and_per_dispatch(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     publisher = Publisher(
         amqp_url=BROKER_URL,
@@ -240,13 +240,13 @@ async def test_in_flight_is_bounded_globally_and_per_dispatch(
     )
     await publisher.start()
     many_dispatches = [make_envelope(d, 0) for d in range(1000)]
-    publisher.submit(commit(store, many_dispatches))
+    publisher.submit(await commit(store, many_dispatches))
     assert await publisher.wait_idle(60)
     assert publisher.window.peak_in_flight == 200
 
     publisher.window.peak_in_flight = 0
     one_dispatch = [make_envelope(1000, n) for n in range(60)]
-    publisher.submit(commit(store, one_dispatch))
+    publisher.submit(await commit(store, one_dispatch))
     assert await publisher.wait_idle(60)
     assert publisher.window.peak_in_flight == 3
     await consumer.wait_ids(e.message_id for e in many_dispatches + one_dispatch)
@@ -256,16 +256,16 @@ async def test_in_flight_is_bounded_globally_and_per_dispatch(
 
 
 async def test_unroutable_messages_are_counted_and_removed(
-    store: Store, exchange_name: str
+    store: SqliteStore, exchange_name: str
 ) -> None:
     publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
     await publisher.start()
     unroutable_before = sample("dispatchd_messages_unroutable_total", kind="running")
     published_before = sample("dispatchd_messages_published_total", kind="running", event="running")
-    publisher.submit(commit(store, [make_envelope(1, n) for n in range(3)]))
+    publisher.submit(await commit(store, [make_envelope(1, n) for n in range(3)]))
     assert await publisher.wait_idle(10)
     await publisher.close(5)
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
     unroutable = sample("dispatchd_messages_unroutable_total", kind="running") - unroutable_before
     published = (
         sample("dispatchd_messages_published_total", kind="running", event="running")
@@ -276,7 +276,7 @@ async def test_unroutable_messages_are_counted_and_removed(
 
 
 async def test_an_exchange_of_another_type_is_a_clear_start_error(
-    store: Store, broker: AbstractRobustConnection, exchange_name: str
+    store: SqliteStore, broker: AbstractRobustConnection, exchange_name: str
 ) -> None:
     channel = await broker.channel()
     await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
@@ -291,7 +291,7 @@ async def test_an_exchange_of_another_type_is_a_clear_start_error(
 
 
 async def test_broker_cut_while_publishing_loses_nothing_and_keeps_order(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         publisher = Publisher(
@@ -309,15 +309,15 @@ async def test_broker_cut_while_publishing_loses_nothing_and_keeps_order(
         batches = [envelopes[i : i + 100] for i in range(0, len(envelopes), 100)]
         half = len(batches) // 2
         for batch in batches[:half]:
-            publisher.submit(commit(store, batch))
-        await poll(lambda: store.outbox_size() < 900)
+            publisher.submit(await commit(store, batch))
+        await poll(lambda: store.count_outbox() < 900)
         await proxy.refuse()
         for batch in batches[half:]:
-            publisher.submit(commit(store, batch))
+            publisher.submit(await commit(store, batch))
         await poll(lambda: not publisher.connected)
         assert publisher.last_error is not None
         assert sample("dispatchd_broker_up") == 0
-        assert store.outbox_size() > 0
+        assert store.count_outbox() > 0
         await proxy.accept()
         assert await publisher.wait_idle(60)
         await consumer.wait_ids(e.message_id for e in envelopes)
@@ -327,12 +327,12 @@ async def test_broker_cut_while_publishing_loses_nothing_and_keeps_order(
 
     assert publisher.window.rounds >= 2
     assert_in_order_without_loss(consumer, dispatches, per_dispatch)
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
     assert sample("dispatchd_outbox_messages") == 0
 
 
 async def test_unreachable_at_start_then_connects_when_the_broker_appears(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         await proxy.refuse()
@@ -349,9 +349,9 @@ async def test_unreachable_at_start_then_connects_when_the_broker_appears(
         assert "unreachable" in publisher.last_error
         assert sample("dispatchd_broker_up") == 0
         envelopes = [make_envelope(0, n) for n in range(5)]
-        publisher.submit(commit(store, envelopes))
+        publisher.submit(await commit(store, envelopes))
         assert not await publisher.wait_idle(0.2)
-        assert store.outbox_size() == 5
+        assert store.count_outbox() == 5
 
         await proxy.accept()
         assert await publisher.wait_connected(10)
@@ -366,36 +366,36 @@ async def test_outbox_left_by_a_previous_run_is_published_first(
     tmp_path: Path, consumer: Consumer, exchange_name: str
 ) -> None:
     path = tmp_path / "state.sqlite3"
-    previous = Store(path)
-    commit(previous, [make_envelope(1, n) for n in range(3)])
-    previous.close()
+    previous = SqliteStore(path)
+    await commit(previous, [make_envelope(1, n) for n in range(3)])
+    await previous.close()
 
-    store = Store(path)
+    store = SqliteStore(path)
     publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
     await publisher.start()
-    publisher.submit(commit(store, [make_envelope(1, n) for n in range(3, 6)]))
+    publisher.submit(await commit(store, [make_envelope(1, n) for n in range(3, 6)]))
     assert await publisher.wait_idle(10)
     await consumer.wait_ids(f"7-1-{n}" for n in range(6))
     await publisher.close(5)
     assert [json.loads(m.body)["n"] for m in consumer.messages] == list(range(6))
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
 
 
 async def test_close_drains_what_was_submitted(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
     await publisher.start()
     envelopes = interleaved(dispatches=5, per_dispatch=100)
-    publisher.submit(commit(store, envelopes))
+    publisher.submit(await commit(store, envelopes))
     await publisher.close(30)
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
     await consumer.wait_ids(e.message_id for e in envelopes)
     assert_in_order_without_loss(consumer, dispatches=5, per_dispatch=100)
 
 
 async def test_close_with_the_broker_gone_keeps_the_outbox(
-    store: Store, exchange_name: str
+    store: SqliteStore, exchange_name: str
 ) -> None:
     async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         publisher = Publisher(
@@ -408,16 +408,18 @@ async def test_close_with_the_broker_gone_keeps_the_outbox(
         await publisher.start()
         await proxy.refuse()
         await poll(lambda: not publisher.connected)
-        publisher.submit(commit(store, [make_envelope(1, n) for n in range(4)]))
+        publisher.submit(await commit(store, [make_envelope(1, n) for n in range(4)]))
         loop = asyncio.get_running_loop()
         started = loop.time()
         await publisher.close(0.3)
         assert loop.time() - started < 5
-    assert [item.envelope.message_id for item in store.outbox()] == [f"7-1-{n}" for n in range(4)]
+    assert [item.envelope.message_id for item in await store.outbox()] == [
+        f"7-1-{n}" for n in range(4)
+    ]
 
 
 async def test_a_broker_that_stops_confirming_times_out_and_gets_everything_republished(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         publisher = Publisher(
@@ -429,14 +431,14 @@ async def test_a_broker_that_stops_confirming_times_out_and_gets_everything_repu
             max_backoff=0.2,
         )
         await publisher.start()
-        publisher.submit(commit(store, [make_envelope(0, n) for n in range(5)]))
+        publisher.submit(await commit(store, [make_envelope(0, n) for n in range(5)]))
         assert await publisher.wait_idle(10)
         proxy.pause()  # publishes reach the broker, its confirms do not come back
-        publisher.submit(commit(store, [make_envelope(0, n) for n in range(5, 10)]))
+        publisher.submit(await commit(store, [make_envelope(0, n) for n in range(5, 10)]))
         await poll(lambda: publisher.window.rounds >= 3)
         assert publisher.last_error is not None
         assert "no confirm" in publisher.last_error
-        assert store.outbox_size() == 5
+        assert store.count_outbox() == 5
         proxy.resume()
         assert await publisher.wait_idle(30)
         await publisher.close(5)
@@ -446,7 +448,7 @@ async def test_a_broker_that_stops_confirming_times_out_and_gets_everything_repu
 
 
 async def test_nacked_messages_are_republished_in_order(
-    store: Store, broker: AbstractRobustConnection, exchange_name: str
+    store: SqliteStore, broker: AbstractRobustConnection, exchange_name: str
 ) -> None:
     channel = await broker.channel()
     exchange = await channel.declare_exchange(
@@ -469,13 +471,13 @@ async def test_nacked_messages_are_republished_in_order(
     await publisher.start()
     envelopes = [make_envelope(0, n) for n in range(25)]
     nacked_before = sample("dispatchd_publish_nacked_total", kind="running")
-    publisher.submit(commit(store, envelopes))
+    publisher.submit(await commit(store, envelopes))
     await poll(
         lambda: sample("dispatchd_publish_nacked_total", kind="running") >= nacked_before + 2
     )
     assert publisher.last_error is not None
     assert "refused" in publisher.last_error
-    assert store.outbox_size() == 15
+    assert store.count_outbox() == 15
 
     consumer = Consumer()
     await queue.consume(consumer.on_message, no_ack=True)
@@ -483,12 +485,12 @@ async def test_nacked_messages_are_republished_in_order(
     await consumer.wait_ids(e.message_id for e in envelopes)
     await publisher.close(5)
     assert_in_order_without_loss(consumer, dispatches=1, per_dispatch=25)
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
     assert publisher.window.rounds == 1  # a nack is retried by its dispatch, not by a new round
 
 
 async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
-    store: Store, broker: AbstractRobustConnection, exchange_name: str
+    store: SqliteStore, broker: AbstractRobustConnection, exchange_name: str
 ) -> None:
     channel = await broker.channel()
     exchange = await channel.declare_exchange(
@@ -516,7 +518,7 @@ async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
     await publisher.start()
     stuck = [make_envelope(0, n, dispatch_type="FULL") for n in range(3)]
     nacked_before = sample("dispatchd_publish_nacked_total", kind="running")
-    publisher.submit(commit(store, stuck))
+    publisher.submit(await commit(store, stuck))
     await poll(lambda: "refused" in (publisher.last_error or ""))
 
     loop = asyncio.get_running_loop()
@@ -526,7 +528,7 @@ async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
         envelopes = [make_envelope(d, wave) for d in range(1, 11)]
         others += envelopes
         started = loop.time()
-        publisher.submit(commit(store, envelopes))
+        publisher.submit(await commit(store, envelopes))
         await healthy.wait_ids(e.message_id for e in envelopes)
         took.append(loop.time() - started)
     # The refused dispatch waits out a 2 s backoff; the others must not wait with it.
@@ -548,11 +550,11 @@ async def test_a_rejecting_queue_delays_only_the_dispatch_it_refuses(
     stuck_arrivals = [m for m in arrivals if m.startswith("7-0-")]
     assert list(dict.fromkeys(stuck_arrivals)) == [e.message_id for e in stuck]  # in order
     assert len(stuck_arrivals) - len(stuck) == publisher.window.nacked  # one copy per refusal only
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
 
 
 async def test_repeated_cuts_lose_nothing(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         publisher = Publisher(
@@ -568,7 +570,7 @@ async def test_repeated_cuts_lose_nothing(
         envelopes = interleaved(dispatches, per_dispatch)
         for phase in range(3):
             part = envelopes[phase * 1000 : (phase + 1) * 1000]
-            publisher.submit(commit(store, part))
+            publisher.submit(await commit(store, part))
             waiting = publisher.unconfirmed
 
             def progressed(waiting: int = waiting) -> bool:
@@ -581,11 +583,11 @@ async def test_repeated_cuts_lose_nothing(
         await publisher.close(5)
     assert proxy.connections_accepted >= 4
     assert_in_order_without_loss(consumer, dispatches, per_dispatch)
-    assert store.outbox_size() == 0
+    assert store.count_outbox() == 0
 
 
 async def test_on_declare_gets_the_connection_to_declare_its_own_things(
-    store: Store, broker: AbstractRobustConnection, exchange_name: str
+    store: SqliteStore, broker: AbstractRobustConnection, exchange_name: str
 ) -> None:
     queue_name = f"{exchange_name}.rpc"
     seen: list[AbstractRobustConnection] = []
@@ -606,17 +608,17 @@ async def test_on_declare_gets_the_connection_to_declare_its_own_things(
 
 
 async def test_close_with_a_silent_broker_keeps_its_time_budget(
-    store: Store, consumer: Consumer, exchange_name: str
+    store: SqliteStore, consumer: Consumer, exchange_name: str
 ) -> None:
     async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         publisher = Publisher(amqp_url=proxied_url(proxy), exchange=exchange_name, store=store)
         await publisher.start()
         proxy.pause()  # the broker gets everything and answers nothing, not even close-ok
-        publisher.submit(commit(store, [make_envelope(0, n) for n in range(3)]))
+        publisher.submit(await commit(store, [make_envelope(0, n) for n in range(3)]))
         loop = asyncio.get_running_loop()
         started = loop.time()
         await publisher.close(0.3)
         took = loop.time() - started
         proxy.resume()
     assert took < 0.3 + CLOSE_GRACE + 0.5
-    assert store.outbox_size() == 3
+    assert store.count_outbox() == 3

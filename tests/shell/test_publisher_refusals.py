@@ -18,7 +18,7 @@ import pytest
 
 from dispatchd.logs import configure_logging, reset_logging
 from dispatchd.publisher import REFUSED_RETRY, Publisher
-from dispatchd.store import Store
+from dispatchd.store import SqliteStore
 from tests.shell.daemon_harness import running_daemon
 
 PASSWORD = "Wr0ng-pw-9xQz"
@@ -44,7 +44,7 @@ async def refused(
     publisher = Publisher(
         amqp_url=amqp_url,
         exchange=exchange or f"test-refused-{uuid.uuid4().hex[:12]}",
-        store=Store(tmp_path / "state.sqlite3"),
+        store=SqliteStore(tmp_path / "state.sqlite3"),
         reconnect_interval=0.05,
     )
     await publisher.start()  # returns: it keeps trying in the background

@@ -7,13 +7,14 @@ and ``Z`` (the dispatch inside). ``state_file_history`` is what it holds.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 from dispatchd.core.engine import Engine
 from dispatchd.core.records import DispatchRecord, record_to_text
 from dispatchd.loop import restore_engine
-from dispatchd.store import Store
+from dispatchd.store import SqliteStore
 from tests.core.engine_helpers import at, run_until
 from tests.shell.state_file_history import LISTED, MG, WRITTEN_AT, replay
 
@@ -23,12 +24,17 @@ FIXTURE = Path(__file__).parent.parent / "fixtures" / "state-2026-11-30.sqlite3"
 def _restored(tmp_path: Path) -> Engine:
     path = tmp_path / "dispatchd.sqlite3"
     shutil.copyfile(FIXTURE, path)
-    store = Store(path)
+    return asyncio.run(_restore(SqliteStore(path)))
+
+
+async def _restore(store: SqliteStore) -> Engine:
     try:
-        assert "+00:00" in "".join(store.load().records.values())  # the old format indeed
-        return restore_engine(store)
+        (microgrid_id,) = await store.microgrids()
+        texts = (await store.load(microgrid_id)).records.values()
+        assert "+00:00" in "".join(texts)  # the old format indeed
+        return await restore_engine(store)
     finally:
-        store.close()
+        await store.close()
 
 
 def _by_key(records: list[DispatchRecord]) -> list[DispatchRecord]:

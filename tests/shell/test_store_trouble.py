@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dispatchd.core.wire import Envelope
-from dispatchd.store import WAL_LIMIT, StateDirError, Store, StoreError, StoreWriteError
+from dispatchd.store import SqliteStore, StateDirError, StoreError, StoreWriteError
+from dispatchd.store.sqlite import WAL_LIMIT
 
 
 def envelope(n: int, size: int = 100) -> Envelope:
@@ -26,64 +27,65 @@ def envelope(n: int, size: int = 100) -> Envelope:
     )
 
 
-def test_the_wal_is_truncated_after_a_commit_that_grew_it_past_the_limit(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.sqlite3")
+async def test_the_wal_is_truncated_after_a_commit_that_grew_it_past_the_limit(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "state.sqlite3")
     try:
         records = {(1, n): "r" * 2000 for n in range(5000)}  # about 10 MB in one transaction
-        store.commit(records=records)
-        wal = Path(f"{tmp_path / 'state.sqlite3'}-wal")
-        assert wal.stat().st_size <= WAL_LIMIT
+        await store.commit(records=records)
+        assert store.wal_size() <= WAL_LIMIT
         for n in range(200):  # and it stays bounded under a steady stream of small commits
-            store.commit(records={(2, n): "s" * 5000}, envelopes=[envelope(n)])
-            assert wal.stat().st_size <= WAL_LIMIT
+            await store.commit(records={(2, n): "s" * 5000}, envelopes=[envelope(n)])
+            assert store.wal_size() <= WAL_LIMIT
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_full_database_raises_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
+async def test_a_full_database_raises_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
     """``max_page_count`` gives SQLite's genuine SQLITE_FULL without a full volume."""
     path = tmp_path / "state.sqlite3"
-    store = Store(path)
+    store = SqliteStore(path)
     try:
-        store.commit(envelopes=[envelope(0)])
+        await store.commit(envelopes=[envelope(0)])
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
         store._db.execute(f"PRAGMA max_page_count={pages}")
         with pytest.raises(StoreWriteError) as raised:
-            store.commit(records={(1, n): "r" * 4000 for n in range(50)})
+            await store.commit(records={(1, n): "r" * 4000 for n in range(50)})
         assert str(raised.value) == f"state store {path}: disk full"
         # A confirmed message whose delete cannot be written is hidden, not re-sent.
-        store.remove_from_outbox([1])
-        assert store.outbox() == []
+        await store.remove_from_outbox([1])
+        assert await store.outbox() == []
         store._db.execute(f"PRAGMA max_page_count={pages * 1000}")
-        store.commit(records={(1, 1): "ok"})
-        assert store.outbox() == []
+        await store.commit(records={(1, 1): "ok"})
+        assert await store.outbox() == []
     finally:
-        store.close()
-    reopened = Store(path)
+        await store.close()
+    reopened = SqliteStore(path)
     try:
-        assert reopened.load().outbox == []
-        assert reopened.load().records == {(1, 1): "ok"}
+        assert (await reopened.load(1)).outbox == []
+        assert (await reopened.load(1)).records == {(1, 1): "ok"}
     finally:
-        reopened.close()
+        await reopened.close()
 
 
-def test_a_read_only_database_says_read_only(tmp_path: Path) -> None:
+async def test_a_read_only_database_says_read_only(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite3"
-    Store(path).close()
-    store = Store(path)
+    SqliteStore(path).close_now()
+    store = SqliteStore(path)
     try:
         store._db.execute("PRAGMA query_only=1")
         with pytest.raises(StoreWriteError, match=r"^state store .*state\.sqlite3: read-only$"):
-            store.commit(records={(1, 1): "x"})
+            await store.commit(records={(1, 1): "x"})
     finally:
-        store.close()
+        await store.close()
 
 
 def test_a_file_that_is_not_a_database_is_named_with_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite3"
     path.write_bytes(b"this is not an SQLite database, just some bytes " * 100)
     with pytest.raises(StoreError) as raised:
-        Store(path)
+        SqliteStore(path)
     message = str(raised.value)
     assert message.startswith(f"state store {path}: not a usable dispatchd state file")
     assert "move it aside" in message
@@ -93,7 +95,7 @@ def test_a_file_that_is_not_a_database_is_named_with_the_fix(tmp_path: Path) -> 
 def test_a_state_dir_that_is_a_file_is_a_configuration_error(tmp_path: Path) -> None:
     (tmp_path / "var").write_text("not a directory")
     with pytest.raises(StateDirError) as raised:
-        Store(tmp_path / "var" / "state.sqlite3")
+        SqliteStore(tmp_path / "var" / "state.sqlite3")
     assert str(raised.value).startswith(f"state.dir {tmp_path / 'var'}: cannot be used")
     assert raised.value.exit_code == 2
 

@@ -31,7 +31,7 @@ transitions. An idle dispatch's schedule is dropped and rebuilt at its next
 boundary, which keeps memory per dispatch around 0.4 KB.
 """
 
-from dispatchd.core.engine.engine import Engine
+from dispatchd.core.engine.engine import Engine, stored_snapshot
 from dispatchd.core.engine.steps import Change, Created, Deleted, Step, Updated
 from dispatchd.core.messages import SnapshotEntry
 
@@ -43,4 +43,5 @@ __all__ = [
     "SnapshotEntry",
     "Step",
     "Updated",
+    "stored_snapshot",
 ]

@@ -46,9 +46,11 @@ class _Converger:
         self._dirty: set[DispatchKey] = set()
         self._new_invalid: list[tuple[DispatchKey, str]] = []
         self._counts: dict[int, dict[str, int]] = {}
-        self._held: set[int] = set()
-        """Restored microgrids whose downtime waits for their first list (see :meth:`hold`)."""
-        self._held_at: datetime | None = None
+        self._held: dict[int, datetime] = {}
+        """Restored microgrids whose downtime waits for their first list (see :meth:`hold`),
+        with the instant they were held at."""
+        self._down_since_of: dict[int, datetime | None] = {}
+        """Adopted microgrids: when their previous owner was last seen (see :meth:`adopt`)."""
 
     # ----------------------------------------------------------------- timing
 
@@ -120,6 +122,10 @@ class _Converger:
             invalid=invalid,
             meta=meta_to_json(self._now),
         )
+
+    def _since(self, microgrid_id: int) -> datetime | None:
+        """When the microgrid's downtime began: its adoption's, else the restart's."""
+        return self._down_since_of.get(microgrid_id, self._down_since)
 
     def _tick(self, now: datetime) -> datetime:
         """Keep time monotonic: a clock that steps back must not replay."""
@@ -264,13 +270,8 @@ class _Converger:
             record.schedule = None
         announced = record.announced
         ends = announced.end if announced is not None else None
-        held_at = self._held_at
-        if (
-            ends is not None
-            and held_at is not None
-            and ends <= held_at
-            and record.key[0] in self._held
-        ):
+        held_at = self._held.get(record.key[0]) if self._held else None
+        if ends is not None and held_at is not None and ends <= held_at:
             ends = None  # fell in the downtime: converged with the first list
         if ends is not None and (deadline is None or ends < deadline):
             deadline = ends
@@ -312,7 +313,7 @@ class _Converger:
                     continue
                 record.deadline = None
                 self._scheduled -= 1
-                since = self._down_since
+                since = self._since(microgrid_id)
                 if (
                     since is not None
                     and microgrid_id in self._held

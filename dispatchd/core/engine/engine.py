@@ -6,9 +6,10 @@ every entry point are in ``convergence``.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from dispatchd.core.engine.convergence import _Converger
 from dispatchd.core.engine.state import (
@@ -23,7 +24,7 @@ from dispatchd.core.engine.state import (
     _schedule_of,
 )
 from dispatchd.core.engine.steps import Change, Deleted, Step
-from dispatchd.core.messages import Event, Message, Reason, SnapshotEntry
+from dispatchd.core.messages import Event, Message, Occurrence, Reason, SnapshotEntry
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import (
     DispatchKey,
@@ -69,7 +70,7 @@ class Engine(_Converger):
         """
         now = self._tick(now)
         out: list[Message] = self._advance(now)
-        missed_since = self._down_since if initial else unseen_since
+        missed_since = self._since(microgrid_id) if initial else unseen_since
         seen: set[int] = set()
         for dispatch in dispatches:
             if dispatch.microgrid_id != microgrid_id:
@@ -111,13 +112,15 @@ class Engine(_Converger):
         called for it. Boundaries after ``now`` are still announced on time.
         """
         now = self._tick(now)
-        self._held = set(self._microgrids)
-        self._held_at = now
-        for records in self._microgrids.values():
-            for record in records.values():
-                # A deadline after ``now`` stays what it is: no boundary fell in between.
-                if record.deadline is not None and record.deadline <= now:
-                    self._reschedule(record, now)
+        for microgrid_id, records in self._microgrids.items():
+            self._hold_microgrid(microgrid_id, records.values(), now)
+
+    def _hold_microgrid(self, microgrid_id: int, records: Iterable[_Record], now: datetime) -> None:
+        self._held[microgrid_id] = now
+        for record in records:
+            # A deadline after ``now`` stays what it is: no boundary fell in between.
+            if record.deadline is not None and record.deadline <= now:
+                self._reschedule(record, now)
 
     def held(self) -> set[int]:
         """Microgrids restored and not converged yet."""
@@ -141,18 +144,18 @@ class Engine(_Converger):
     def _resume_microgrids(self, microgrid_ids: list[int], now: datetime) -> list[Message]:
         records: list[_Record] = []
         for microgrid_id in microgrid_ids:
-            self._held.discard(microgrid_id)
+            self._held.pop(microgrid_id, None)
             by_id = self._microgrids.get(microgrid_id, {})
             records.extend(by_id[dispatch_id] for dispatch_id in sorted(by_id))
         return self._resume_records(records, now)
 
     def _resume_records(self, records: list[_Record], now: datetime) -> list[Message]:
         """Converge records learnt from the store, dating what fell due in the downtime."""
-        since = self._down_since
         drafts: list[_Draft] = []
         for record in records:
             if record.tombstone or record.forgotten:
                 continue
+            since = self._since(record.key[0])
             if since is not None and record.dispatch.active and _schedule_of(record):
                 self._set_missed(record, since, now)
             drafts.extend(self._converge(record, now, Reason.RESUMED, since=since, pulse=False))
@@ -164,24 +167,7 @@ class Engine(_Converger):
     def snapshot(self, microgrid_id: int, type: str | None = None) -> list[SnapshotEntry]:
         """The announced state of every known, non-deleted dispatch, by id."""
         records = self._microgrids.get(microgrid_id, {})
-        entries = []
-        for dispatch_id in sorted(records):
-            record = records[dispatch_id]
-            if record.tombstone or record.forgotten:
-                continue
-            if type is not None and record.dispatch.type != type:
-                continue
-            announced = record.announced
-            entries.append(
-                SnapshotEntry(
-                    dispatch=record.dispatch,
-                    running=announced is not None,
-                    until=announced.end if announced is not None else None,
-                    sequence=record.sequence,
-                    occurrence=announced,
-                )
-            )
-        return entries
+        return _entries((records[dispatch_id] for dispatch_id in sorted(records)), type)
 
     def counts(self) -> dict[int, dict[str, int]]:
         """Per microgrid, how many dispatches are in each metric state, as of the last step.
@@ -216,26 +202,93 @@ class Engine(_Converger):
         engine._now = last_seen
         engine._down_since = last_seen
         for stored in records:
-            dispatch = stored.dispatch
-            if stored.tombstone or stored.forgotten:
-                key = (dispatch.microgrid_id, dispatch.id)
-                record = _Record(key=key, dispatch=dispatch, schedule=None, invalid=None)
-                record.tombstone = stored.tombstone
-                record.forgotten = stored.forgotten
-            else:
-                record = engine._new_record(dispatch)
-            record.announced = stored.announced
-            record.sequence = stored.sequence
-            record.last_emitted_at = stored.last_emitted_at
-            record.pending_missed = stored.pending_missed
-            record.last_pulse = stored.last_pulse
-            engine._microgrids.setdefault(dispatch.microgrid_id, {})[dispatch.id] = record
-            if last_seen is not None:
-                engine._reschedule(record, last_seen)
-            else:
-                engine._recount(record, EARLIEST)
+            engine._restore_record(stored, last_seen)
         engine._dirty.clear()
         return engine
+
+    def _restore_record(self, stored: DispatchRecord, last_seen: datetime | None) -> _Record:
+        dispatch = stored.dispatch
+        if stored.tombstone or stored.forgotten:
+            key = (dispatch.microgrid_id, dispatch.id)
+            record = _Record(key=key, dispatch=dispatch, schedule=None, invalid=None)
+            record.tombstone = stored.tombstone
+            record.forgotten = stored.forgotten
+        else:
+            record = self._new_record(dispatch)
+        record.announced = stored.announced
+        record.sequence = stored.sequence
+        record.last_emitted_at = stored.last_emitted_at
+        record.pending_missed = stored.pending_missed
+        record.last_pulse = stored.last_pulse
+        self._microgrids.setdefault(dispatch.microgrid_id, {})[dispatch.id] = record
+        if last_seen is not None:
+            self._reschedule(record, last_seen)
+        else:
+            self._recount(record, EARLIEST)
+        return record
+
+    # ------------------------------------------------------- one microgrid
+
+    def adopt(
+        self,
+        microgrid_id: int,
+        records: Iterable[DispatchRecord],
+        last_seen: datetime | None,
+        now: datetime,
+        *,
+        converge: bool = True,
+    ) -> Step:
+        """Take over one microgrid from its stored records, as a restart restores it.
+
+        ``last_seen`` is when its previous owner last stepped: what fell due
+        since is dated at its boundary, and occurrences that began and ended
+        meanwhile go into ``missed_runs``. With ``converge`` the microgrid
+        converges at ``now`` (reason ``resumed``) like :meth:`resume`;
+        without, it is held like after :meth:`hold` until its first
+        :meth:`relist` (or :meth:`resume`). State held for it is replaced.
+        The other microgrids are advanced to ``now`` first, as by any call.
+        """
+        now = self._tick(now)
+        out = self._advance(now)
+        self._drop_microgrid(microgrid_id)
+        self._down_since_of[microgrid_id] = last_seen
+        restored = []
+        for stored in records:
+            if stored.dispatch.microgrid_id != microgrid_id:
+                raise ValueError(
+                    f"record of dispatch {stored.dispatch.id} belongs to microgrid "
+                    f"{stored.dispatch.microgrid_id}, not {microgrid_id}"
+                )
+            restored.append(self._restore_record(stored, last_seen))
+        self._hold_microgrid(microgrid_id, restored, now)
+        if converge:
+            out.extend(self._resume_microgrids([microgrid_id], now))
+        return self._step(out)
+
+    def forget(self, microgrid_id: int) -> None:
+        """Drop everything about one microgrid, without a message (another process owns it).
+
+        What it changed and did not hand out in a :class:`Step` yet is dropped too.
+        """
+        self._drop_microgrid(microgrid_id)
+
+    def microgrids(self) -> set[int]:
+        """The microgrids the engine holds state for."""
+        return set(self._microgrids)
+
+    def _drop_microgrid(self, microgrid_id: int) -> None:
+        records = self._microgrids.pop(microgrid_id, None)
+        self._held.pop(microgrid_id, None)
+        self._down_since_of.pop(microgrid_id, None)
+        self._counts.pop(microgrid_id, None)
+        if records is None:
+            return
+        self._scheduled -= sum(1 for record in records.values() if record.deadline is not None)
+        # Not left to lazy invalidation: a record adopted again restarts its versions.
+        self._heap = [entry for entry in self._heap if entry[1] != microgrid_id]
+        heapq.heapify(self._heap)
+        self._dirty = {key for key in self._dirty if key[0] != microgrid_id}
+        self._new_invalid = [item for item in self._new_invalid if item[0][0] != microgrid_id]
 
     def _upsert(
         self,
@@ -331,3 +384,49 @@ class Engine(_Converger):
             end = record.dispatch.end_time
             return end is None or end > now
         return not _is_finished(record, now)
+
+
+def stored_snapshot(
+    records: Iterable[DispatchRecord], type: str | None = None
+) -> list[SnapshotEntry]:
+    """What :meth:`Engine.snapshot` answers, from a microgrid's stored records.
+
+    For a microgrid another process runs: its committed records say what was
+    announced, as the engine's would.
+    """
+    return _entries(sorted(records, key=lambda record: record.dispatch.id), type)
+
+
+class _Announced(Protocol):
+    """What a snapshot needs of a record, live or stored."""
+
+    @property
+    def dispatch(self) -> Dispatch: ...
+    @property
+    def announced(self) -> Occurrence | None: ...
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def tombstone(self) -> bool: ...
+    @property
+    def forgotten(self) -> bool: ...
+
+
+def _entries(records: Iterable[_Announced], type: str | None) -> list[SnapshotEntry]:
+    entries = []
+    for record in records:
+        if record.tombstone or record.forgotten:
+            continue
+        if type is not None and record.dispatch.type != type:
+            continue
+        announced = record.announced
+        entries.append(
+            SnapshotEntry(
+                dispatch=record.dispatch,
+                running=announced is not None,
+                until=announced.end if announced is not None else None,
+                sequence=record.sequence,
+                occurrence=announced,
+            )
+        )
+    return entries

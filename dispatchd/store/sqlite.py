@@ -15,48 +15,32 @@ per engine step, which is small next to the broker round trip.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import functools
 import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dispatchd import metrics
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
+from dispatchd.store.base import (
+    Loaded,
+    OutboxItem,
+    SchemaTooNew,
+    StateDirError,
+    StoreError,
+    StoreWriteError,
+    headers_text,
+)
 
-
-class StoreError(Exception):
-    """The database cannot be used (e.g. written by a newer dispatchd, or not one at all)."""
-
-    exit_code = 1
-
-
-class SchemaTooNew(StoreError):
-    """A SQLite file written by a newer dispatchd; both SQLite stores refuse it."""
-
-    def __init__(self, path: Path, found: int, supported: int) -> None:
-        super().__init__(
-            f"{path}: schema version {found} is newer than this dispatchd understands ({supported})"
-        )
-
-
-class StateDirError(StoreError):
-    """``state.dir`` cannot hold the state: a configuration problem (exit 2)."""
-
-    exit_code = 2
-
-
-class StoreWriteError(StoreError):
-    """A write failed for a reason outside dispatchd (disk full, read-only, I/O error).
-
-    ``str()`` is the one line an operator sees: ``state store <path>: disk full``.
-    """
-
+STATE_FILE = "dispatchd.sqlite3"
+"""The state file's name in ``state.dir``."""
 
 _TROUBLESHOOTING = "see docs/troubleshooting.md, 'State file'"
 
@@ -73,23 +57,6 @@ def _write_error(path: Path, error: sqlite3.Error) -> StoreWriteError:
     code = getattr(error, "sqlite_errorcode", 0) & 0xFF
     what = _WRITE_PROBLEMS.get(code, str(error))
     return StoreWriteError(f"state store {path}: {what}")
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    """A committed, not yet confirmed message; ``seq`` orders the outbox."""
-
-    seq: int
-    envelope: Envelope
-
-
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """Everything the store holds, as read at start-up."""
-
-    records: dict[DispatchKey, str]
-    meta: dict[str, Any]
-    outbox: list[OutboxItem]
 
 
 def _create_v1(db: sqlite3.Connection) -> None:
@@ -117,7 +84,14 @@ def _create_v1(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
+def _create_v2(db: sqlite3.Connection) -> None:
+    """Meta by microgrid. The v1 row (``meta``, one for the whole file) is kept as
+    the meta of every microgrid that has no row of its own yet, so a state file
+    written before keeps loading as it was saved."""
+    db.execute("CREATE TABLE microgrid_meta (microgrid_id INTEGER PRIMARY KEY, data TEXT NOT NULL)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _create_v2)
 """``MIGRATIONS[n]`` takes the schema from version ``n`` to ``n + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -133,12 +107,13 @@ _AUTOCHECKPOINT_PAGES = 256
 _EMPTY_RECORDS: Mapping[DispatchKey, str | None] = {}
 
 
-class Store:
-    """The durable state of dispatchd: engine records, meta and the outbox.
+class SqliteStore:
+    """The state of one dispatchd process in one SQLite file (see ``base.Store``).
 
-    Synchronous on purpose: one commit is one short transaction, and callers
-    on an event loop may call it directly or from a worker thread (calls are
-    serialised by a lock).
+    A commit runs inline on the event loop: it is one short local transaction
+    (one fsync), cheaper than a hop to a thread. Removing confirmed messages
+    runs in a worker thread, off the publisher's way; calls are serialised by
+    a lock.
     """
 
     def __init__(self, path: Path) -> None:
@@ -191,6 +166,10 @@ class Store:
     def path(self) -> Path:
         return self._path
 
+    @property
+    def location(self) -> str:
+        return str(self._path)
+
     def _migrate(self) -> None:
         with self._transaction() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -213,33 +192,45 @@ class Store:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
-    def load(self) -> Loaded:
-        """Read everything; called once at start-up."""
+    async def microgrids(self) -> set[int]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT microgrid_id FROM records UNION SELECT microgrid_id FROM outbox"
+                " UNION SELECT microgrid_id FROM microgrid_meta"
+            ).fetchall()
+        return {int(microgrid_id) for (microgrid_id,) in rows}
+
+    async def load(self, microgrid_id: int) -> Loaded:
         with self._transaction() as db:
             records = {
-                (int(mg), int(did)): str(data)
-                for mg, did, data in db.execute(
-                    "SELECT microgrid_id, dispatch_id, data FROM records"
+                (microgrid_id, int(did)): str(data)
+                for did, data in db.execute(
+                    "SELECT dispatch_id, data FROM records WHERE microgrid_id = ?",
+                    (microgrid_id,),
                 )
             }
-            meta_row = db.execute("SELECT data FROM meta WHERE id = 1").fetchone()
+            meta_row = db.execute(
+                "SELECT data FROM microgrid_meta WHERE microgrid_id = ?", (microgrid_id,)
+            ).fetchone()
+            if meta_row is None:  # the file-wide meta of a v1 file
+                meta_row = db.execute("SELECT data FROM meta WHERE id = 1").fetchone()
             meta: dict[str, Any] = {} if meta_row is None else json.loads(meta_row[0])
-            outbox = self._read_outbox(db)
+            outbox = self._read_outbox(db, [microgrid_id])
         return Loaded(records=records, meta=meta, outbox=outbox)
 
-    def commit(
+    async def commit(
         self,
         *,
         records: Mapping[DispatchKey, str | None] = _EMPTY_RECORDS,
-        meta: Mapping[str, Any] | None = None,
+        meta: Mapping[int, Mapping[str, Any]] | None = None,
         envelopes: Sequence[Envelope] = (),
+        terms: Mapping[int, int] | None = None,
     ) -> list[OutboxItem]:
-        """Apply one engine step atomically and return its new outbox items.
+        """Apply one engine step atomically (``base.Store.commit``).
 
-        ``records`` upserts, or deletes where the value is ``None``; ``meta``
-        replaces the whole meta dict when given; ``envelopes`` are appended to
-        the outbox in order.
+        ``terms`` is ignored: one process owns every microgrid of the file.
         """
+        started = time.perf_counter()
         removing = set(self._unremoved)
         try:
             items = self._commit(records, meta, envelopes, removing)
@@ -247,12 +238,13 @@ class Store:
             raise _write_error(self._path, error) from error
         self._unremoved -= removing
         self._bound_wal()
+        metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return items
 
     def _commit(
         self,
         records: Mapping[DispatchKey, str | None],
-        meta: Mapping[str, Any] | None,
+        meta: Mapping[int, Mapping[str, Any]] | None,
         envelopes: Sequence[Envelope],
         removing: set[int],
     ) -> list[OutboxItem]:
@@ -272,11 +264,14 @@ class Store:
                     " DO UPDATE SET data = excluded.data",
                     upserts,
                 )
-            if meta is not None:
-                db.execute(
-                    "INSERT INTO meta (id, data) VALUES (1, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                    (json.dumps(dict(meta), sort_keys=True),),
+            if meta:
+                db.executemany(
+                    "INSERT INTO microgrid_meta (microgrid_id, data) VALUES (?, ?)"
+                    " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data",
+                    [
+                        (microgrid_id, json.dumps(dict(data), sort_keys=True))
+                        for microgrid_id, data in meta.items()
+                    ],
                 )
             if not envelopes:
                 return []
@@ -295,7 +290,7 @@ class Store:
                         envelope.type,
                         envelope.microgrid_id,
                         envelope.dispatch_id,
-                        _headers_text(envelope.headers),
+                        headers_text(envelope.headers),
                         envelope.body,
                     )
                     for offset, envelope in enumerate(envelopes)
@@ -306,15 +301,17 @@ class Store:
             for offset, envelope in enumerate(envelopes)
         ]
 
-    def remove_from_outbox(self, seqs: Iterable[int]) -> None:
-        """Forget messages the broker confirmed (or returned as unroutable).
+    async def remove_from_outbox(self, seqs: Iterable[int]) -> None:
+        """Forget messages the broker confirmed (in a worker thread: each delete is an fsync).
 
         A delete that cannot be written (disk full) is kept and retried with
         the next write; until then those rows are hidden from :meth:`outbox`.
         """
         pending = self._unremoved | set(seqs)
-        if not pending:
-            return
+        if pending:
+            await asyncio.to_thread(self._remove, pending)
+
+    def _remove(self, pending: set[int]) -> None:
         try:
             with self._transaction() as db:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in pending])
@@ -339,29 +336,45 @@ class Store:
         except OSError:
             return 0
 
-    def outbox(self) -> list[OutboxItem]:
-        """The unconfirmed messages, in seq order."""
+    async def outbox(self, microgrid_ids: Iterable[int] | None = None) -> list[OutboxItem]:
+        """The unconfirmed messages (of ``microgrid_ids``, or all), in seq order."""
         with self._transaction() as db:
-            items = self._read_outbox(db)
+            items = self._read_outbox(db, microgrid_ids)
         if self._unremoved:
             items = [item for item in items if item.seq not in self._unremoved]
         return items
 
-    def outbox_size(self) -> int:
+    async def outbox_size(self) -> int:
+        return self.count_outbox()
+
+    def count_outbox(self) -> int:
+        """``outbox_size`` for synchronous callers (tests polling the outbox)."""
         with self._lock:
             row = self._db.execute("SELECT count(*) FROM outbox").fetchone()
         return int(row[0])
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close from synchronous code (start-up failures, tests)."""
         with self._lock:
             self._db.close()
 
     @staticmethod
-    def _read_outbox(db: sqlite3.Connection) -> list[OutboxItem]:
-        cursor = db.execute(
-            "SELECT seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
-            " FROM outbox ORDER BY seq"
-        )
+    def _read_outbox(
+        db: sqlite3.Connection, microgrid_ids: Iterable[int] | None = None
+    ) -> list[OutboxItem]:
+        columns = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
+        if microgrid_ids is None:
+            cursor = db.execute(f"SELECT {columns} FROM outbox ORDER BY seq")
+        else:
+            wanted = sorted(set(microgrid_ids))
+            marks = ", ".join("?" * len(wanted))
+            cursor = db.execute(
+                f"SELECT {columns} FROM outbox WHERE microgrid_id IN ({marks}) ORDER BY seq",
+                wanted,
+            )
         return [
             OutboxItem(
                 seq=int(seq),
@@ -379,31 +392,6 @@ class Store:
                 cursor
             )
         ]
-
-
-_HEADERS_ENCODER = json.JSONEncoder(sort_keys=True)
-"""What ``json.dumps(headers, sort_keys=True)`` does, without its per-call setup."""
-_WIRE_HEADERS = ("dispatch_id", "dispatch_type", "event", "microgrid_id", "schema")
-
-
-def _headers_text(headers: Mapping[str, int | str]) -> str:
-    """The headers as JSON; the five of docs/messages.md § 3 (the usual case) written directly."""
-    if tuple(sorted(headers)) != _WIRE_HEADERS:
-        return _HEADERS_ENCODER.encode(headers)
-    dispatch_id, microgrid_id = headers["dispatch_id"], headers["microgrid_id"]
-    if type(dispatch_id) is not int or type(microgrid_id) is not int:
-        return _HEADERS_ENCODER.encode(headers)
-    return (
-        f'{{"dispatch_id":{dispatch_id},"dispatch_type":{_json_str(headers["dispatch_type"])},'
-        f'"event":{_json_str(headers["event"])},"microgrid_id":{microgrid_id},'
-        f'"schema":{_json_str(headers["schema"])}}}'
-    )
-
-
-@functools.lru_cache(maxsize=4096)
-def _json_str(value: object) -> str:
-    """A header value as JSON (types, events and the schema repeat a lot)."""
-    return _HEADERS_ENCODER.encode(value)
 
 
 def _next_outbox_seq(db: sqlite3.Connection) -> int:
