@@ -19,7 +19,7 @@ from dispatchd.core.messages import Message
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchRecord, last_seen_from_meta, record_from_text
 from tests.core.test_engine_properties import Shape, shapes
-from tests.core.test_engine_support import (
+from tests.core.engine_helpers import (
     at,
     bump,
     make,
