@@ -172,7 +172,7 @@ def test_forgetting_and_adopting_one_microgrid_leaves_the_others_alone(
         if what == "forget":
             persist(moved, kept)
             moved.forget(A)
-            assert A not in moved.microgrids() and A not in moved.counts(at(when))
+            assert A not in moved.microgrids() and A not in moved.counts()
             assert moved.snapshot(A) == []
         elif what == "adopt":
             last_seen = last_seen_from_meta(kept["meta"])
@@ -190,7 +190,7 @@ def test_forgetting_and_adopting_one_microgrid_leaves_the_others_alone(
     seen["moved"].extend(run_until(moved, 1200))
     assert of(B, seen["moved"]) == of(B, seen["alone"])
     assert moved.snapshot(B) == alone.snapshot(B)
-    assert moved.counts(at(1200)).get(B) == alone.counts(at(1200)).get(B)
+    assert moved.counts().get(B) == alone.counts().get(B)
 
 
 def test_forget_drops_pending_changes_and_timers_of_that_microgrid_only() -> None:
