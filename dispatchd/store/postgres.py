@@ -82,6 +82,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_SMALL_COMMIT = (
+    "WITH fence AS ("
+    " SELECT l.microgrid_id FROM leases AS l"
+    " JOIN unnest($1::bigint[], $2::bigint[]) AS t(microgrid_id, term)"
+    " ON l.microgrid_id = t.microgrid_id AND l.term = t.term"
+    " WHERE l.owner IS NOT NULL AND l.expires_at > now() FOR SHARE OF l),"
+    " ok AS (SELECT count(*) = cardinality($1::bigint[]) AS fine FROM fence),"
+    " removed AS (DELETE FROM records WHERE (SELECT fine FROM ok)"
+    " AND (microgrid_id, dispatch_id) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))),"
+    " upserted AS (INSERT INTO records (microgrid_id, dispatch_id, data)"
+    " SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::text[]) WHERE (SELECT fine FROM ok)"
+    " ON CONFLICT (microgrid_id, dispatch_id) DO UPDATE SET data = excluded.data),"
+    " metas AS (INSERT INTO meta (microgrid_id, data)"
+    " SELECT * FROM unnest($8::bigint[], $9::text[]) WHERE (SELECT fine FROM ok)"
+    " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data),"
+    # nextval in generate_series order: the seqs grow with the envelopes' order.
+    " seqs AS (SELECT ord, nextval('outbox_seq') AS seq"
+    " FROM generate_series(1, cardinality($10::text[])) AS ord WHERE (SELECT fine FROM ok)),"
+    " appended AS (INSERT INTO outbox"
+    " (seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body)"
+    " SELECT s.seq, m.message_id, m.routing_key, m.type, m.microgrid_id, m.dispatch_id,"
+    " m.headers, m.body FROM unnest($10::text[], $11::text[], $12::text[], $13::bigint[],"
+    " $14::bigint[], $15::text[], $16::bytea[]) WITH ORDINALITY"
+    " AS m(message_id, routing_key, type, microgrid_id, dispatch_id, headers, body, ord)"
+    " JOIN seqs AS s USING (ord) RETURNING seq)"
+    " SELECT (SELECT fine FROM ok), (SELECT array_agg(microgrid_id) FROM fence),"
+    " (SELECT array_agg(seq) FROM appended)"
+)
+"""One usual commit (fewer than ``BULK_ROWS`` rows) as one statement."""
+
 BULK_ROWS = 500
 """From this many rows in one commit, records and outbox rows go in through COPY."""
 _OUTBOX_COLUMNS = (
@@ -293,32 +323,81 @@ class PostgresStore:
         deletes = [(mg, did) for (mg, did), data in records.items() if data is None]
         metas = [(mg, json.dumps(dict(data), sort_keys=True)) for mg, data in (meta or {}).items()]
         headers = [headers_text(envelope.headers) for envelope in envelopes]
+        touched = set() if terms is None else touched_microgrids(records, meta, envelopes)
         try:
-            async with self._pool.acquire() as db, db.transaction():
-                if terms is not None:
-                    await self._check_terms(db, touched_microgrids(records, meta, envelopes), terms)
-                if deletes:
-                    await db.execute(
-                        "DELETE FROM records WHERE (microgrid_id, dispatch_id) IN"
-                        " (SELECT * FROM unnest($1::bigint[], $2::bigint[]))",
-                        [mg for mg, _ in deletes],
-                        [did for _, did in deletes],
-                    )
-                if upserts:
-                    await _upsert_records(db, upserts)
-                if metas:
-                    await db.execute(
-                        "INSERT INTO meta (microgrid_id, data)"
-                        " SELECT * FROM unnest($1::bigint[], $2::text[])"
-                        " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data",
-                        [mg for mg, _ in metas],
-                        [data for _, data in metas],
-                    )
-                items = await self._append(db, envelopes, headers) if envelopes else []
+            if len(upserts) < BULK_ROWS and len(envelopes) < BULK_ROWS:
+                items = await self._commit_small(
+                    touched, terms or {}, deletes, upserts, metas, envelopes, headers
+                )
+            else:
+                async with self._pool.acquire() as db, db.transaction():
+                    await self._check_terms(db, touched, terms or {})
+                    if deletes:
+                        await db.execute(
+                            "DELETE FROM records WHERE (microgrid_id, dispatch_id) IN"
+                            " (SELECT * FROM unnest($1::bigint[], $2::bigint[]))",
+                            [mg for mg, _ in deletes],
+                            [did for _, did in deletes],
+                        )
+                    if upserts:
+                        await _upsert_records(db, upserts)
+                    if metas:
+                        await db.execute(
+                            "INSERT INTO meta (microgrid_id, data)"
+                            " SELECT * FROM unnest($1::bigint[], $2::text[])"
+                            " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data",
+                            [mg for mg, _ in metas],
+                            [data for _, data in metas],
+                        )
+                    items = await self._append(db, envelopes, headers) if envelopes else []
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
         metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return items
+
+    async def _commit_small(
+        self,
+        touched: set[int],
+        terms: Mapping[int, int],
+        deletes: list[tuple[int, int]],
+        upserts: list[tuple[int, int, str]],
+        metas: list[tuple[int, str]],
+        envelopes: Sequence[Envelope],
+        headers: list[str],
+    ) -> list[OutboxItem]:
+        """A usual step in one statement, so one round trip: its own transaction.
+
+        The same as the bulk path (fence, records, meta, outbox): every write
+        is guarded by the fencing check, whose ``FOR SHARE`` locks are taken
+        before any of them and held to the end of the statement.
+        """
+        fenced = sorted(touched)
+        row = await self._pool.fetchrow(
+            _SMALL_COMMIT,
+            fenced,
+            [terms.get(microgrid_id, -1) for microgrid_id in fenced],
+            [mg for mg, _ in deletes],
+            [did for _, did in deletes],
+            [mg for mg, _, _ in upserts],
+            [did for _, did, _ in upserts],
+            [data for _, _, data in upserts],
+            [mg for mg, _ in metas],
+            [data for _, data in metas],
+            [envelope.message_id for envelope in envelopes],
+            [envelope.routing_key for envelope in envelopes],
+            [envelope.type for envelope in envelopes],
+            [envelope.microgrid_id for envelope in envelopes],
+            [envelope.dispatch_id for envelope in envelopes],
+            headers,
+            [envelope.body for envelope in envelopes],
+        )
+        fine, held, seqs = row[0], row[1] or [], row[2] or []
+        if not fine:
+            raise Fenced(touched - {int(microgrid_id) for microgrid_id in held})
+        return [
+            OutboxItem(seq=seq, envelope=envelope)
+            for seq, envelope in zip(sorted(seqs), envelopes, strict=True)
+        ]
 
     @staticmethod
     async def _check_terms(db: Any, touched: set[int], terms: Mapping[int, int]) -> None:
