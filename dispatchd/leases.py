@@ -174,8 +174,8 @@ class LeaseKeeper:
                 if self._problem is not None:
                     _log.info("lease database reachable again")
                     self._problem = None
-            except (StoreError, TimeoutError) as error:
-                problem = str(error) or "no answer within a third of cluster.lease_seconds"
+            except Exception as error:  # a round that fails must not end the rounds
+                problem = _problem(error)
                 if problem != self._problem:
                     _log.warning("cannot renew leases", error=problem, held=len(self._held))
                 self._problem = problem
@@ -261,3 +261,12 @@ class LeaseKeeper:
                 continue
             for microgrid_id in sorted(self._held):
                 self._lose(microgrid_id, f"not renewed for {self._lease_seconds:g} s")
+
+
+def _problem(error: Exception) -> str:
+    """One line about a failed round."""
+    if isinstance(error, TimeoutError):
+        return "no answer within a third of cluster.lease_seconds"
+    if isinstance(error, StoreError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

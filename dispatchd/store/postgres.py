@@ -87,7 +87,8 @@ _SMALL_COMMIT = (
     " SELECT l.microgrid_id FROM leases AS l"
     " JOIN unnest($1::bigint[], $2::bigint[]) AS t(microgrid_id, term)"
     " ON l.microgrid_id = t.microgrid_id AND l.term = t.term"
-    " WHERE l.owner IS NOT NULL AND l.expires_at > now() FOR SHARE OF l),"
+    " WHERE l.owner IS NOT NULL AND l.expires_at > now()"
+    " ORDER BY l.microgrid_id FOR SHARE OF l),"
     " ok AS (SELECT count(*) = cardinality($1::bigint[]) AS fine FROM fence),"
     " removed AS (DELETE FROM records WHERE (SELECT fine FROM ok)"
     " AND (microgrid_id, dispatch_id) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))),"
@@ -139,6 +140,8 @@ _CONNECTION_PROBLEMS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.ReadOnlySQLTransactionError,
+    # A deadlock or serialization failure rolled the transaction back: try again.
+    asyncpg.exceptions.TransactionRollbackError,
 )
 """Errors that mean "the database cannot be written now", not "dispatchd is wrong"."""
 

@@ -14,7 +14,8 @@ import structlog
 from dispatchd import metrics
 from dispatchd.leases import LeaseKeeper
 from dispatchd.ownership import Acquired, HandOver, Lost, OwnershipEvent
-from dispatchd.store.postgres import PostgresStore
+from dispatchd.store.postgres import ClusterView, Lease, PostgresStore, Taken
+from dispatchd.store.postgres import Replica as Replica_
 from tests.tcpproxy import TcpProxy
 
 LEASE = 1.5
@@ -216,3 +217,56 @@ async def test_releasing_a_lease_taken_meanwhile_counts_it_lost(
     await a.keeper.release(stolen, term)  # as after a fenced commit
     assert stolen not in a.owned()
     assert metrics.REGISTRY.get_sample_value("dispatchd_lease_lost_total") == lost_before + 1
+
+
+class _FlakyTable:
+    """A lease table in memory whose statements can fail with anything."""
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+        self.terms: dict[int, int] = {}
+
+    async def renew(
+        self, replica_id: str, lease_seconds: float, microgrid_ids: object
+    ) -> dict[int, int]:
+        if self.failure is not None:
+            raise self.failure
+        return dict(self.terms)
+
+    async def acquire(
+        self, replica_id: str, microgrid_ids: object, lease_seconds: float
+    ) -> dict[int, Taken]:
+        taken = {mg: Taken(self.terms.get(mg, 0) + 1, None) for mg in microgrid_ids}  # type: ignore[attr-defined]
+        self.terms.update({mg: t.term for mg, t in taken.items()})
+        return taken
+
+    async def release(self, replica_id: str, microgrid_id: int, term: int) -> bool:
+        return self.terms.pop(microgrid_id, None) == term
+
+    async def leave(self, replica_id: str) -> None:
+        pass
+
+    async def view(self) -> ClusterView:
+        return ClusterView(
+            leases=[Lease(mg, "me", term, 30.0, None) for mg, term in self.terms.items()],
+            replicas=[Replica_("me", 0.0, 30.0, "")],
+        )
+
+
+async def test_any_failure_of_a_round_is_survived_and_drops_the_leases_in_time() -> None:
+    table = _FlakyTable()
+    keeper = LeaseKeeper(table, replica_id="me", microgrid_ids=[1, 2], lease_seconds=1.0)
+    keeper.start()
+    replica = Replica(keeper)
+    try:
+        await until(lambda: replica.owned() == {1, 2}, [replica])
+        table.failure = RuntimeError("a bug in a statement")
+        table.terms.clear()  # expired meanwhile, from the database's view
+        failed_at = time.monotonic()
+        await until(lambda: not replica.owned(), [replica], within=3)
+        assert time.monotonic() - failed_at <= 1.0 + 0.1
+        table.failure = None
+        await until(lambda: replica.owned() == {1, 2}, [replica])  # the rounds went on
+        assert (len(replica.of(Acquired)), len(replica.of(Lost))) == (4, 2)
+    finally:
+        await _stop(replica)
