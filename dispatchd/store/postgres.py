@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import asyncpg
 
@@ -146,6 +146,18 @@ _CONNECTION_PROBLEMS: tuple[type[BaseException], ...] = (
 """Errors that mean "the database cannot be written now", not "dispatchd is wrong"."""
 
 
+CHANNEL = "dispatchd_leases"
+"""Notified when a lease is released or a replica joins or leaves."""
+
+
+class Listening(Protocol):
+    """A connection that listens on :data:`CHANNEL`."""
+
+    def is_closed(self) -> bool: ...
+
+    async def close(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """One microgrid's lease as the database sees it now."""
@@ -196,6 +208,7 @@ class PostgresStore:
 
     def __init__(self, pool: Any, dsn: str, *, version: str) -> None:
         self._pool = pool
+        self._dsn = dsn
         self._location = mask_dsn(dsn)
         self._version = version
 
@@ -507,17 +520,22 @@ class PostgresStore:
             " INSERT INTO replicas (replica_id, heartbeat_at, started_at, lease_seconds, version)"
             " VALUES ($1, now(), now(), $2, $3)"
             " ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = now(),"
-            " lease_seconds = excluded.lease_seconds, version = excluded.version),"
+            " lease_seconds = excluded.lease_seconds, version = excluded.version"
+            # xmax = 0: the row was inserted, a replica joins: the others rebalance at once.
+            " RETURNING xmax = 0 AS joined),"
+            " told AS (SELECT pg_notify($6, 'joined') FROM beat WHERE joined),"
             " forget AS (DELETE FROM replicas"
             " WHERE heartbeat_at < now() - make_interval(secs => $4) AND replica_id <> $1)"
             " UPDATE leases SET expires_at = now() + make_interval(secs => $2)"
             " WHERE owner = $1 AND microgrid_id = ANY($5::bigint[]) AND expires_at > now()"
+            " AND (SELECT count(*) FROM told) >= 0"
             " RETURNING microgrid_id, term",
             replica_id,
             float(lease_seconds),
             self._version,
             FORGET_REPLICAS_AFTER,
             sorted(set(microgrid_ids)),
+            CHANNEL,
         )
         return {int(row[0]): int(row[1]) for row in rows}
 
@@ -552,18 +570,37 @@ class PostgresStore:
             self._pool.fetchval,
             "WITH released AS (UPDATE leases SET owner = NULL, previous_owner = owner,"
             " expires_at = now() WHERE microgrid_id = $1 AND owner = $2 AND term = $3"
-            " RETURNING 1) SELECT count(*) FROM released",
+            " RETURNING microgrid_id)"
+            " SELECT count(*) FROM (SELECT pg_notify($4, 'released') FROM released) AS told",
             microgrid_id,
             replica_id,
             term,
+            CHANNEL,
         )
         return bool(done)
 
     async def leave(self, replica_id: str) -> None:
         """Remove the membership row at a graceful stop: the others rebalance at once."""
         await self._call(
-            self._pool.execute, "DELETE FROM replicas WHERE replica_id = $1", replica_id
+            self._pool.execute,
+            "WITH gone AS (DELETE FROM replicas WHERE replica_id = $1 RETURNING 1)"
+            " SELECT pg_notify($2, 'left') FROM gone",
+            replica_id,
+            CHANNEL,
         )
+
+    async def listen(self, wake: Callable[[], None]) -> Listening:
+        """Call ``wake`` whenever a lease is released or a replica joins or leaves.
+
+        A connection of its own (``LISTEN`` holds it); the keeper rounds stay
+        the fallback, this only makes a hand-over or a rebalance start at once.
+        """
+        try:
+            connection = await asyncpg.connect(self._dsn, timeout=_CLOSE_GRACE)
+            await connection.add_listener(CHANNEL, lambda *_: wake())
+        except _CONNECTION_PROBLEMS as error:
+            raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
+        return cast(Listening, connection)
 
     async def view(self) -> ClusterView:
         """Every lease and replica, timed by the database's clock, in one snapshot."""

@@ -14,7 +14,8 @@ import structlog
 from dispatchd import metrics
 from dispatchd.leases import LeaseKeeper
 from dispatchd.ownership import Acquired, HandOver, Lost, OwnershipEvent
-from dispatchd.store.postgres import ClusterView, Lease, PostgresStore, Taken
+from dispatchd.store import StoreError
+from dispatchd.store.postgres import ClusterView, Lease, Listening, PostgresStore, Taken
 from dispatchd.store.postgres import Replica as Replica_
 from tests.tcpproxy import TcpProxy
 
@@ -67,11 +68,11 @@ async def until(
 async def cluster(postgres_url: str) -> AsyncIterator[Callable[..., object]]:
     async with AsyncExitStack() as stack:
 
-        async def start(name: str, dsn: str = postgres_url) -> Replica:
+        async def start(name: str, dsn: str = postgres_url, lease: float = LEASE) -> Replica:
             table = await PostgresStore.open(dsn, timeout=LEASE / 3)
             stack.push_async_callback(table.close)
             keeper = LeaseKeeper(
-                table, replica_id=name, microgrid_ids=MICROGRIDS, lease_seconds=LEASE
+                table, replica_id=name, microgrid_ids=MICROGRIDS, lease_seconds=lease
             )
             keeper.start()
             replica = Replica(keeper)
@@ -246,6 +247,9 @@ class _FlakyTable:
     async def leave(self, replica_id: str) -> None:
         pass
 
+    async def listen(self, wake: object) -> Listening:
+        raise StoreError("no notifications here: the rounds do it all")
+
     async def view(self) -> ClusterView:
         return ClusterView(
             leases=[Lease(mg, "me", term, 30.0, None) for mg, term in self.terms.items()],
@@ -270,3 +274,24 @@ async def test_any_failure_of_a_round_is_survived_and_drops_the_leases_in_time()
         assert (len(replica.of(Acquired)), len(replica.of(Lost))) == (4, 2)
     finally:
         await _stop(replica)
+
+
+async def test_a_release_or_a_join_is_acted_on_at_once_not_at_the_next_round(
+    cluster: Callable[..., object],
+) -> None:
+    """With 30 s leases a round comes every 10 s; notifications make it a fraction of that."""
+    a: Replica = await cluster("a", lease=30)  # type: ignore[misc]
+    await until(lambda: a.owned() == set(MICROGRIDS), [a])
+    await a.keeper.wait_round(a.keeper.rounds)  # its listener is open after a round
+    b: Replica = await cluster("b", lease=30)  # type: ignore[misc]
+    joined = time.monotonic()
+    await until(lambda: split_evenly(a, b), [a, b], within=5)  # a hands over on b's join
+    assert time.monotonic() - joined < 3
+    a.keeper.stop_acquiring()
+    leaving = a.keeper.terms()
+    released = time.monotonic()
+    for microgrid_id, term in leaving.items():  # SIGTERM: release, then leave
+        await a.keeper.release(microgrid_id, term)
+    await a.keeper.close()
+    await until(lambda: b.owned() == set(MICROGRIDS), [b], within=5)
+    assert time.monotonic() - released < 3
