@@ -16,9 +16,10 @@ by the migrating transaction, so replicas starting together cannot race.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -310,7 +311,11 @@ class PostgresStore:
         return {int(row[0]) for row in rows}
 
     async def load(self, microgrid_id: int) -> Loaded:
-        async with self._pool.acquire() as db, db.transaction(isolation="repeatable_read"):
+        async with (
+            self._unreachable(),
+            self._pool.acquire() as db,
+            db.transaction(isolation="repeatable_read"),
+        ):
             record_rows = await db.fetch(
                 "SELECT dispatch_id, data FROM records WHERE microgrid_id = $1", microgrid_id
             )
@@ -480,7 +485,7 @@ class PostgresStore:
         ]
 
     async def outbox(self, microgrid_ids: Iterable[int] | None = None) -> list[OutboxItem]:
-        async with self._pool.acquire() as db:
+        async with self._unreachable(), self._pool.acquire() as db:
             return await _read_outbox(db, None if microgrid_ids is None else list(microgrid_ids))
 
     async def remove_from_outbox(self, seqs: Iterable[int]) -> None:
@@ -604,7 +609,11 @@ class PostgresStore:
 
     async def view(self) -> ClusterView:
         """Every lease and replica, timed by the database's clock, in one snapshot."""
-        async with self._pool.acquire() as db, db.transaction(isolation="repeatable_read"):
+        async with (
+            self._unreachable(),
+            self._pool.acquire() as db,
+            db.transaction(isolation="repeatable_read"),
+        ):
             lease_rows = await db.fetch(
                 "SELECT microgrid_id, owner, term,"
                 " extract(epoch FROM expires_at - now())::float8, previous_owner"
@@ -624,6 +633,14 @@ class PostgresStore:
                 for replica_id, age, seconds, version in replica_rows
             ],
         )
+
+    @contextlib.asynccontextmanager
+    async def _unreachable(self) -> AsyncIterator[None]:
+        """A database that cannot be reached is a ``StoreWriteError`` line."""
+        try:
+            yield
+        except _CONNECTION_PROBLEMS as error:
+            raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
 
     async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         """One statement; a database that cannot be reached is a ``StoreWriteError`` line."""

@@ -261,6 +261,9 @@ async def test_a_cut_or_silent_database_is_a_write_error_and_it_recovers(
             proxy.resume()
             with pytest.raises(StoreWriteError):
                 await store.commit(records={(1, 1): "during"})
+            for reading in (store.load(1), store.outbox(), store.view()):
+                with pytest.raises(StoreWriteError):
+                    await reading
             await proxy.accept()
             await store.commit(records={(1, 2): "after"})
             assert (await store.load(1)).records in (
