@@ -28,6 +28,11 @@ What is measured:
   confirms, all in flight at once, timed to the consumer the same way.
 - idle CPU of the daemon (``/proc/<pid>/stat``) over ``--idle-seconds`` with
   10k recurring dispatches and no deadline inside the window.
+
+With ``--postgres-url postgresql://postgres@127.0.0.1:5432/postgres`` every
+daemon started by ``running_daemon`` keeps its state in PostgreSQL instead
+(``state.url``, a database created for it and dropped after; one replica, so
+it holds every lease), and each figure's name says ``[postgresql]``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -62,6 +68,8 @@ from dispatchd.localapi.validation import prepare_create
 
 MICROGRID = 7
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+POSTGRES_SERVER: str | None = None
+"""Set by ``--postgres-url``: daemons keep their state in a database created there."""
 
 
 # ---------------------------------------------------------------- consumer
@@ -133,9 +141,13 @@ async def bound_queue(amqp_url: str, exchange_name: str) -> AsyncIterator[Consum
 # ------------------------------------------------------------------ daemon
 
 
-def daemon_env(amqp_url: str, exchange: str, state_dir: Path) -> dict[str, str]:
+def daemon_env(
+    amqp_url: str, exchange: str, state_dir: Path, state_url: str | None = None
+) -> dict[str, str]:
     """The environment of a daemon with the embedded API and JSON logs."""
+    postgres = {} if state_url is None else {"DISPATCHD_STATE__URL": state_url}
     return {
+        **postgres,
         **{k: v for k, v in os.environ.items() if not k.startswith("DISPATCHD_")},
         "DISPATCHD_AMQP__URL": amqp_url,
         "DISPATCHD_AMQP__EXCHANGE": exchange,
@@ -282,6 +294,8 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def show(name: str, figure: str, target: str = "") -> None:
+    if POSTGRES_SERVER is not None:
+        name = f"[postgresql] {name}"
     print(f"{name:<46} {figure:<38} {('target: ' + target) if target else ''}", flush=True)
 
 
@@ -293,13 +307,33 @@ async def running_daemon(
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp)
         seeding(state)
-        async with bound_queue(amqp_url, exchange) as consumer:
-            daemon = Daemon(daemon_env(amqp_url, exchange, state))
+        async with bound_queue(amqp_url, exchange) as consumer, state_database() as state_url:
+            daemon = Daemon(daemon_env(amqp_url, exchange, state, state_url))
             try:
                 seconds = await daemon.start()
                 yield daemon, consumer, seconds
             finally:
                 await daemon.stop()
+
+
+@contextlib.asynccontextmanager
+async def state_database() -> AsyncIterator[str | None]:
+    """With ``--postgres-url``: a new database's URL, dropped afterwards; else None."""
+    if POSTGRES_SERVER is None:
+        yield None
+        return
+    import asyncpg
+
+    name = f"dispatchd_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_SERVER)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    try:
+        yield urlunsplit(urlsplit(POSTGRES_SERVER)._replace(path=f"/{name}"))
+    finally:
+        admin = await asyncpg.connect(POSTGRES_SERVER)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 async def wait_outbox_empty(daemon: Daemon, within: float = 60) -> None:
@@ -625,7 +659,13 @@ async def main() -> None:
     parser.add_argument("--burst-gap", type=float, default=6.0)
     parser.add_argument("--idle-dispatches", type=int, default=10000)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--postgres-url",
+        help="keep the daemons' state in PostgreSQL on this server (a database per daemon)",
+    )
     args = parser.parse_args()
+    global POSTGRES_SERVER
+    POSTGRES_SERVER = args.postgres_url
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()}", flush=True)
     for size in args.sync_sizes:
         await bench_sync(args.amqp_url, size, args.updates)

@@ -25,7 +25,7 @@ from dispatchd import metrics
 from dispatchd.core.leases import LeaseRow, plan
 from dispatchd.ownership import Acquired, HandOver, Lost, OwnershipEvent
 from dispatchd.store.base import StoreError
-from dispatchd.store.postgres import ClusterView, Taken
+from dispatchd.store.postgres import ClusterView, Listening, Taken
 
 _log = structlog.get_logger(__name__)
 
@@ -46,6 +46,8 @@ class LeaseTable(Protocol):
     async def leave(self, replica_id: str) -> None: ...
 
     async def view(self) -> ClusterView: ...
+
+    async def listen(self, wake: Callable[[], None]) -> Listening: ...
 
 
 _STALE = "\x00stale"
@@ -82,6 +84,9 @@ class LeaseKeeper:
         self._events: asyncio.Queue[OwnershipEvent | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._problem: str | None = None
+        self._wake = asyncio.Event()
+        """Set when the database tells of a release, a join or a leave: a round at once."""
+        self._listening: Listening | None = None
         self.rounds = 0
         """Completed rounds (renew, read, plan), for tests that wait for one."""
         self._round_done = asyncio.Event()
@@ -144,6 +149,9 @@ class LeaseKeeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._listening is not None:
+            with contextlib.suppress(Exception):
+                await self._listening.close(timeout=self._interval)
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(self._interval):
                 await self._table.leave(self.replica_id)
@@ -173,20 +181,33 @@ class LeaseKeeper:
     async def _rounds(self) -> None:
         while True:
             started = self._clock()
+            self._wake.clear()
             try:
                 async with asyncio.timeout(self._interval):
                     await self._round(started)
+                    await self._keep_listening()
                 if self._problem is not None:
                     _log.info("lease database reachable again")
                     self._problem = None
-            except (StoreError, TimeoutError) as error:
-                problem = str(error) or "no answer within a third of cluster.lease_seconds"
+            except Exception as error:  # a round that fails must not end the rounds
+                problem = _problem(error)
                 if problem != self._problem:
                     _log.warning("cannot renew leases", error=problem, held=len(self._held))
                 self._problem = problem
             self.rounds += 1
             self._round_done.set()
-            await asyncio.sleep(max(0.0, started + self._interval - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, started + self._interval - self._clock())):
+                    await self._wake.wait()
+
+    async def _keep_listening(self) -> None:
+        """(Re)open the notification connection; without it the rounds still do it all."""
+        if self._listening is not None and not self._listening.is_closed():
+            return
+        try:
+            self._listening = await self._table.listen(self._wake.set)
+        except StoreError as error:
+            _log.debug("cannot listen for lease changes", error=str(error))
 
     async def _round(self, started: float) -> None:
         asked = dict(self._held)
@@ -266,3 +287,12 @@ class LeaseKeeper:
                 continue
             for microgrid_id in sorted(self._held):
                 self._lose(microgrid_id, f"not renewed for {self._lease_seconds:g} s")
+
+
+def _problem(error: Exception) -> str:
+    """One line about a failed round."""
+    if isinstance(error, TimeoutError):
+        return "no answer within a third of cluster.lease_seconds"
+    if isinstance(error, StoreError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

@@ -32,9 +32,9 @@ from dispatchd.apisync import ApiSync
 from dispatchd.config import Settings
 from dispatchd.core.records import last_seen_from_meta, record_from_text
 from dispatchd.loop import Loop
-from dispatchd.ownership import Acquired, HandOver, Lost, Ownership
+from dispatchd.ownership import Acquired, HandOver, Lost, Ownership, SoloOwnership
 from dispatchd.publisher import Publisher
-from dispatchd.store import Store
+from dispatchd.store import Store, StoreError
 
 _log = structlog.get_logger(__name__)
 
@@ -87,8 +87,19 @@ class Microgrids:
             match event:
                 case Acquired(microgrid_id, term, previous_owner):
                     await self._settled(microgrid_id)
-                    async with self._lock:
-                        await self._start(microgrid_id, term, previous_owner)
+                    try:
+                        async with self._lock:
+                            await self._start(microgrid_id, term, previous_owner)
+                    except StoreError as error:  # e.g. the database went away meanwhile
+                        if isinstance(self._ownership, SoloOwnership):
+                            raise  # one process: its state file is broken, a start-up error
+                        _log.warning(
+                            "cannot load a microgrid; giving it up",
+                            microgrid_id=microgrid_id,
+                            term=term,
+                            error=str(error),
+                        )
+                        await self._release(microgrid_id, term)
                 case Lost(microgrid_id, term):
                     await self.lost({microgrid_id}, term)
                 case HandOver(microgrid_id, term):

@@ -111,7 +111,8 @@ class Store(Protocol):
     ) -> list[OutboxItem]:
         """Apply one engine step atomically and return its new outbox items.
 
-        ``records`` upserts, or deletes where the value is ``None``; ``meta``
+        ``records`` upserts (texts of ``core.records``: JSON, so never a NUL,
+        which PostgreSQL's text cannot hold), or deletes where the value is ``None``; ``meta``
         replaces each given microgrid's meta dict; ``envelopes`` are appended
         to the outbox in order. With ``terms`` the store checks, in the same
         transaction, that this replica still holds every microgrid the commit

@@ -16,11 +16,12 @@ by the migrating transaction, so replicas starting together cannot race.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import asyncpg
 
@@ -82,6 +83,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_SMALL_COMMIT = (
+    "WITH fence AS ("
+    " SELECT l.microgrid_id FROM leases AS l"
+    " JOIN unnest($1::bigint[], $2::bigint[]) AS t(microgrid_id, term)"
+    " ON l.microgrid_id = t.microgrid_id AND l.term = t.term"
+    " WHERE l.owner IS NOT NULL AND l.expires_at > now()"
+    " ORDER BY l.microgrid_id FOR SHARE OF l),"
+    " ok AS (SELECT count(*) = cardinality($1::bigint[]) AS fine FROM fence),"
+    " removed AS (DELETE FROM records WHERE (SELECT fine FROM ok)"
+    " AND (microgrid_id, dispatch_id) IN (SELECT * FROM unnest($3::bigint[], $4::bigint[]))),"
+    " upserted AS (INSERT INTO records (microgrid_id, dispatch_id, data)"
+    " SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::text[]) WHERE (SELECT fine FROM ok)"
+    " ON CONFLICT (microgrid_id, dispatch_id) DO UPDATE SET data = excluded.data),"
+    " metas AS (INSERT INTO meta (microgrid_id, data)"
+    " SELECT * FROM unnest($8::bigint[], $9::text[]) WHERE (SELECT fine FROM ok)"
+    " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data),"
+    # nextval in generate_series order: the seqs grow with the envelopes' order.
+    " seqs AS (SELECT ord, nextval('outbox_seq') AS seq"
+    " FROM generate_series(1, cardinality($10::text[])) AS ord WHERE (SELECT fine FROM ok)),"
+    " appended AS (INSERT INTO outbox"
+    " (seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body)"
+    " SELECT s.seq, m.message_id, m.routing_key, m.type, m.microgrid_id, m.dispatch_id,"
+    " m.headers, m.body FROM unnest($10::text[], $11::text[], $12::text[], $13::bigint[],"
+    " $14::bigint[], $15::text[], $16::bytea[]) WITH ORDINALITY"
+    " AS m(message_id, routing_key, type, microgrid_id, dispatch_id, headers, body, ord)"
+    " JOIN seqs AS s USING (ord) RETURNING seq)"
+    " SELECT (SELECT fine FROM ok), (SELECT array_agg(microgrid_id) FROM fence),"
+    " (SELECT array_agg(seq) FROM appended)"
+)
+"""One usual commit (fewer than ``BULK_ROWS`` rows) as one statement."""
+
 BULK_ROWS = 500
 """From this many rows in one commit, records and outbox rows go in through COPY."""
 _OUTBOX_COLUMNS = (
@@ -109,8 +141,22 @@ _CONNECTION_PROBLEMS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.ReadOnlySQLTransactionError,
+    # A deadlock or serialization failure rolled the transaction back: try again.
+    asyncpg.exceptions.TransactionRollbackError,
 )
 """Errors that mean "the database cannot be written now", not "dispatchd is wrong"."""
+
+
+CHANNEL = "dispatchd_leases"
+"""Notified when a lease is released or a replica joins or leaves."""
+
+
+class Listening(Protocol):
+    """A connection that listens on :data:`CHANNEL`."""
+
+    def is_closed(self) -> bool: ...
+
+    async def close(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +209,7 @@ class PostgresStore:
 
     def __init__(self, pool: Any, dsn: str, *, version: str) -> None:
         self._pool = pool
+        self._dsn = dsn
         self._location = mask_dsn(dsn)
         self._version = version
 
@@ -264,7 +311,11 @@ class PostgresStore:
         return {int(row[0]) for row in rows}
 
     async def load(self, microgrid_id: int) -> Loaded:
-        async with self._pool.acquire() as db, db.transaction(isolation="repeatable_read"):
+        async with (
+            self._unreachable(),
+            self._pool.acquire() as db,
+            db.transaction(isolation="repeatable_read"),
+        ):
             record_rows = await db.fetch(
                 "SELECT dispatch_id, data FROM records WHERE microgrid_id = $1", microgrid_id
             )
@@ -293,32 +344,81 @@ class PostgresStore:
         deletes = [(mg, did) for (mg, did), data in records.items() if data is None]
         metas = [(mg, json.dumps(dict(data), sort_keys=True)) for mg, data in (meta or {}).items()]
         headers = [headers_text(envelope.headers) for envelope in envelopes]
+        touched = set() if terms is None else touched_microgrids(records, meta, envelopes)
         try:
-            async with self._pool.acquire() as db, db.transaction():
-                if terms is not None:
-                    await self._check_terms(db, touched_microgrids(records, meta, envelopes), terms)
-                if deletes:
-                    await db.execute(
-                        "DELETE FROM records WHERE (microgrid_id, dispatch_id) IN"
-                        " (SELECT * FROM unnest($1::bigint[], $2::bigint[]))",
-                        [mg for mg, _ in deletes],
-                        [did for _, did in deletes],
-                    )
-                if upserts:
-                    await _upsert_records(db, upserts)
-                if metas:
-                    await db.execute(
-                        "INSERT INTO meta (microgrid_id, data)"
-                        " SELECT * FROM unnest($1::bigint[], $2::text[])"
-                        " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data",
-                        [mg for mg, _ in metas],
-                        [data for _, data in metas],
-                    )
-                items = await self._append(db, envelopes, headers) if envelopes else []
+            if len(upserts) < BULK_ROWS and len(envelopes) < BULK_ROWS:
+                items = await self._commit_small(
+                    touched, terms or {}, deletes, upserts, metas, envelopes, headers
+                )
+            else:
+                async with self._pool.acquire() as db, db.transaction():
+                    await self._check_terms(db, touched, terms or {})
+                    if deletes:
+                        await db.execute(
+                            "DELETE FROM records WHERE (microgrid_id, dispatch_id) IN"
+                            " (SELECT * FROM unnest($1::bigint[], $2::bigint[]))",
+                            [mg for mg, _ in deletes],
+                            [did for _, did in deletes],
+                        )
+                    if upserts:
+                        await _upsert_records(db, upserts)
+                    if metas:
+                        await db.execute(
+                            "INSERT INTO meta (microgrid_id, data)"
+                            " SELECT * FROM unnest($1::bigint[], $2::text[])"
+                            " ON CONFLICT (microgrid_id) DO UPDATE SET data = excluded.data",
+                            [mg for mg, _ in metas],
+                            [data for _, data in metas],
+                        )
+                    items = await self._append(db, envelopes, headers) if envelopes else []
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
         metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return items
+
+    async def _commit_small(
+        self,
+        touched: set[int],
+        terms: Mapping[int, int],
+        deletes: list[tuple[int, int]],
+        upserts: list[tuple[int, int, str]],
+        metas: list[tuple[int, str]],
+        envelopes: Sequence[Envelope],
+        headers: list[str],
+    ) -> list[OutboxItem]:
+        """A usual step in one statement, so one round trip: its own transaction.
+
+        The same as the bulk path (fence, records, meta, outbox): every write
+        is guarded by the fencing check, whose ``FOR SHARE`` locks are taken
+        before any of them and held to the end of the statement.
+        """
+        fenced = sorted(touched)
+        row = await self._pool.fetchrow(
+            _SMALL_COMMIT,
+            fenced,
+            [terms.get(microgrid_id, -1) for microgrid_id in fenced],
+            [mg for mg, _ in deletes],
+            [did for _, did in deletes],
+            [mg for mg, _, _ in upserts],
+            [did for _, did, _ in upserts],
+            [data for _, _, data in upserts],
+            [mg for mg, _ in metas],
+            [data for _, data in metas],
+            [envelope.message_id for envelope in envelopes],
+            [envelope.routing_key for envelope in envelopes],
+            [envelope.type for envelope in envelopes],
+            [envelope.microgrid_id for envelope in envelopes],
+            [envelope.dispatch_id for envelope in envelopes],
+            headers,
+            [envelope.body for envelope in envelopes],
+        )
+        fine, held, seqs = row[0], row[1] or [], row[2] or []
+        if not fine:
+            raise Fenced(touched - {int(microgrid_id) for microgrid_id in held})
+        return [
+            OutboxItem(seq=seq, envelope=envelope)
+            for seq, envelope in zip(sorted(seqs), envelopes, strict=True)
+        ]
 
     @staticmethod
     async def _check_terms(db: Any, touched: set[int], terms: Mapping[int, int]) -> None:
@@ -385,7 +485,7 @@ class PostgresStore:
         ]
 
     async def outbox(self, microgrid_ids: Iterable[int] | None = None) -> list[OutboxItem]:
-        async with self._pool.acquire() as db:
+        async with self._unreachable(), self._pool.acquire() as db:
             return await _read_outbox(db, None if microgrid_ids is None else list(microgrid_ids))
 
     async def remove_from_outbox(self, seqs: Iterable[int]) -> None:
@@ -425,17 +525,22 @@ class PostgresStore:
             " INSERT INTO replicas (replica_id, heartbeat_at, started_at, lease_seconds, version)"
             " VALUES ($1, now(), now(), $2, $3)"
             " ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = now(),"
-            " lease_seconds = excluded.lease_seconds, version = excluded.version),"
+            " lease_seconds = excluded.lease_seconds, version = excluded.version"
+            # xmax = 0: the row was inserted, a replica joins: the others rebalance at once.
+            " RETURNING xmax = 0 AS joined),"
+            " told AS (SELECT pg_notify($6, 'joined') FROM beat WHERE joined),"
             " forget AS (DELETE FROM replicas"
             " WHERE heartbeat_at < now() - make_interval(secs => $4) AND replica_id <> $1)"
             " UPDATE leases SET expires_at = now() + make_interval(secs => $2)"
             " WHERE owner = $1 AND microgrid_id = ANY($5::bigint[]) AND expires_at > now()"
+            " AND (SELECT count(*) FROM told) >= 0"
             " RETURNING microgrid_id, term",
             replica_id,
             float(lease_seconds),
             self._version,
             FORGET_REPLICAS_AFTER,
             sorted(set(microgrid_ids)),
+            CHANNEL,
         )
         return {int(row[0]): int(row[1]) for row in rows}
 
@@ -470,22 +575,45 @@ class PostgresStore:
             self._pool.fetchval,
             "WITH released AS (UPDATE leases SET owner = NULL, previous_owner = owner,"
             " expires_at = now() WHERE microgrid_id = $1 AND owner = $2 AND term = $3"
-            " RETURNING 1) SELECT count(*) FROM released",
+            " RETURNING microgrid_id)"
+            " SELECT count(*) FROM (SELECT pg_notify($4, 'released') FROM released) AS told",
             microgrid_id,
             replica_id,
             term,
+            CHANNEL,
         )
         return bool(done)
 
     async def leave(self, replica_id: str) -> None:
         """Remove the membership row at a graceful stop: the others rebalance at once."""
         await self._call(
-            self._pool.execute, "DELETE FROM replicas WHERE replica_id = $1", replica_id
+            self._pool.execute,
+            "WITH gone AS (DELETE FROM replicas WHERE replica_id = $1 RETURNING 1)"
+            " SELECT pg_notify($2, 'left') FROM gone",
+            replica_id,
+            CHANNEL,
         )
+
+    async def listen(self, wake: Callable[[], None]) -> Listening:
+        """Call ``wake`` whenever a lease is released or a replica joins or leaves.
+
+        A connection of its own (``LISTEN`` holds it); the keeper rounds stay
+        the fallback, this only makes a hand-over or a rebalance start at once.
+        """
+        try:
+            connection = await asyncpg.connect(self._dsn, timeout=_CLOSE_GRACE)
+            await connection.add_listener(CHANNEL, lambda *_: wake())
+        except _CONNECTION_PROBLEMS as error:
+            raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
+        return cast(Listening, connection)
 
     async def view(self) -> ClusterView:
         """Every lease and replica, timed by the database's clock, in one snapshot."""
-        async with self._pool.acquire() as db, db.transaction(isolation="repeatable_read"):
+        async with (
+            self._unreachable(),
+            self._pool.acquire() as db,
+            db.transaction(isolation="repeatable_read"),
+        ):
             lease_rows = await db.fetch(
                 "SELECT microgrid_id, owner, term,"
                 " extract(epoch FROM expires_at - now())::float8, previous_owner"
@@ -505,6 +633,14 @@ class PostgresStore:
                 for replica_id, age, seconds, version in replica_rows
             ],
         )
+
+    @contextlib.asynccontextmanager
+    async def _unreachable(self) -> AsyncIterator[None]:
+        """A database that cannot be reached is a ``StoreWriteError`` line."""
+        try:
+            yield
+        except _CONNECTION_PROBLEMS as error:
+            raise StoreWriteError(f"state store {self._location}: {_describe(error)}") from error
 
     async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         """One statement; a database that cannot be reached is a ``StoreWriteError`` line."""

@@ -291,3 +291,43 @@ def test_random_confirms_nacks_and_failures_keep_order_and_lose_nothing(
             confirmed = [i.seq for i in model.confirmed if i.dispatch == dispatch]
             assert confirmed == sorted(confirmed)
     assert (len(win), win.in_flight, win.waiting_dispatches) == (0, 0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    letters=st.text(alphabet="ABCD", min_size=1, max_size=30),
+    dropped=st.sets(st.sampled_from("ABCD")),
+    taken_first=st.integers(0, 10),
+)
+def test_dropped_dispatches_never_go_and_the_others_keep_their_order(
+    letters: str, dropped: set[str], taken_first: int
+) -> None:
+    """What another process publishes now leaves the window, even while in flight."""
+    win = window(max_per_dispatch=1)
+    queued = items(letters)
+    for item in queued:
+        win.add(item)
+    in_flight = []
+    while len(in_flight) < taken_first and (item := win.take(0.0)) is not None:
+        in_flight.append(item)
+    gone = win.drop(lambda item: item.dispatch in dropped)
+    assert sorted(item.seq for item in gone) == [i.seq for i in queued if i.dispatch in dropped]
+    assert len(win) == sum(1 for i in queued if i.dispatch not in dropped)
+    sent = [item.seq for item in in_flight]
+    for item in in_flight:  # confirmed after the drop: only the kept ones count
+        assert win.confirm(item) is (item.dispatch not in dropped)
+    sent.extend(take_all_confirming(win))
+    for letter in set(letters) - dropped:  # each kept dispatch complete and in order
+        own = [i.seq for i in queued if i.dispatch == letter]
+        assert [seq for seq in sent if seq in own] == own
+    assert not {i.seq for i in queued if i.dispatch in dropped} & set(sent[len(in_flight) :])
+    assert len(win) == 0 and win.in_flight == 0
+
+
+def take_all_confirming(win: SendWindow[Item, str]) -> list[int]:
+    """Take and confirm one at a time until nothing may go."""
+    taken = []
+    while (item := win.take(0.0)) is not None:
+        taken.append(item.seq)
+        win.confirm(item)
+    return taken

@@ -14,7 +14,9 @@ import structlog
 from dispatchd import metrics
 from dispatchd.leases import LeaseKeeper
 from dispatchd.ownership import Acquired, HandOver, Lost, OwnershipEvent
-from dispatchd.store.postgres import PostgresStore
+from dispatchd.store import StoreError
+from dispatchd.store.postgres import ClusterView, Lease, Listening, PostgresStore, Taken
+from dispatchd.store.postgres import Replica as Replica_
 from tests.tcpproxy import TcpProxy
 
 LEASE = 1.5
@@ -66,11 +68,11 @@ async def until(
 async def cluster(postgres_url: str) -> AsyncIterator[Callable[..., object]]:
     async with AsyncExitStack() as stack:
 
-        async def start(name: str, dsn: str = postgres_url) -> Replica:
+        async def start(name: str, dsn: str = postgres_url, lease: float = LEASE) -> Replica:
             table = await PostgresStore.open(dsn, timeout=LEASE / 3)
             stack.push_async_callback(table.close)
             keeper = LeaseKeeper(
-                table, replica_id=name, microgrid_ids=MICROGRIDS, lease_seconds=LEASE
+                table, replica_id=name, microgrid_ids=MICROGRIDS, lease_seconds=lease
             )
             keeper.start()
             replica = Replica(keeper)
@@ -216,3 +218,80 @@ async def test_releasing_a_lease_taken_meanwhile_counts_it_lost(
     await a.keeper.release(stolen, term)  # as after a fenced commit
     assert stolen not in a.owned()
     assert metrics.REGISTRY.get_sample_value("dispatchd_lease_lost_total") == lost_before + 1
+
+
+class _FlakyTable:
+    """A lease table in memory whose statements can fail with anything."""
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+        self.terms: dict[int, int] = {}
+
+    async def renew(
+        self, replica_id: str, lease_seconds: float, microgrid_ids: object
+    ) -> dict[int, int]:
+        if self.failure is not None:
+            raise self.failure
+        return dict(self.terms)
+
+    async def acquire(
+        self, replica_id: str, microgrid_ids: object, lease_seconds: float
+    ) -> dict[int, Taken]:
+        taken = {mg: Taken(self.terms.get(mg, 0) + 1, None) for mg in microgrid_ids}  # type: ignore[attr-defined]
+        self.terms.update({mg: t.term for mg, t in taken.items()})
+        return taken
+
+    async def release(self, replica_id: str, microgrid_id: int, term: int) -> bool:
+        return self.terms.pop(microgrid_id, None) == term
+
+    async def leave(self, replica_id: str) -> None:
+        pass
+
+    async def listen(self, wake: object) -> Listening:
+        raise StoreError("no notifications here: the rounds do it all")
+
+    async def view(self) -> ClusterView:
+        return ClusterView(
+            leases=[Lease(mg, "me", term, 30.0, None) for mg, term in self.terms.items()],
+            replicas=[Replica_("me", 0.0, 30.0, "")],
+        )
+
+
+async def test_any_failure_of_a_round_is_survived_and_drops_the_leases_in_time() -> None:
+    table = _FlakyTable()
+    keeper = LeaseKeeper(table, replica_id="me", microgrid_ids=[1, 2], lease_seconds=1.0)
+    keeper.start()
+    replica = Replica(keeper)
+    try:
+        await until(lambda: replica.owned() == {1, 2}, [replica])
+        table.failure = RuntimeError("a bug in a statement")
+        table.terms.clear()  # expired meanwhile, from the database's view
+        failed_at = time.monotonic()
+        await until(lambda: not replica.owned(), [replica], within=3)
+        assert time.monotonic() - failed_at <= 1.0 + 0.1
+        table.failure = None
+        await until(lambda: replica.owned() == {1, 2}, [replica])  # the rounds went on
+        assert (len(replica.of(Acquired)), len(replica.of(Lost))) == (4, 2)
+    finally:
+        await _stop(replica)
+
+
+async def test_a_release_or_a_join_is_acted_on_at_once_not_at_the_next_round(
+    cluster: Callable[..., object],
+) -> None:
+    """With 30 s leases a round comes every 10 s; notifications make it a fraction of that."""
+    a: Replica = await cluster("a", lease=30)  # type: ignore[misc]
+    await until(lambda: a.owned() == set(MICROGRIDS), [a])
+    await a.keeper.wait_round(a.keeper.rounds)  # its listener is open after a round
+    b: Replica = await cluster("b", lease=30)  # type: ignore[misc]
+    joined = time.monotonic()
+    await until(lambda: split_evenly(a, b), [a, b], within=5)  # a hands over on b's join
+    assert time.monotonic() - joined < 3
+    a.keeper.stop_acquiring()
+    leaving = a.keeper.terms()
+    released = time.monotonic()
+    for microgrid_id, term in leaving.items():  # SIGTERM: release, then leave
+        await a.keeper.release(microgrid_id, term)
+    await a.keeper.close()
+    await until(lambda: b.owned() == set(MICROGRIDS), [b], within=5)
+    assert time.monotonic() - released < 3

@@ -622,3 +622,29 @@ async def test_close_with_a_silent_broker_keeps_its_time_budget(
         proxy.resume()
     assert took < 0.3 + CLOSE_GRACE + 0.5
     assert store.count_outbox() == 3
+
+
+async def test_a_dropped_microgrid_is_not_published_and_stays_in_the_outbox(
+    store: SqliteStore, consumer: Consumer, exchange_name: str
+) -> None:
+    """Another process runs microgrid 8 now: it publishes those, from the same outbox."""
+    may_send = asyncio.Event()
+    publisher = Publisher(
+        amqp_url=BROKER_URL, exchange=exchange_name, store=store, may_send=may_send
+    )
+    await publisher.start()
+    mine = await commit(store, [make_envelope(d, 0, microgrid_id=7) for d in range(3)])
+    theirs = await commit(store, [make_envelope(d, 0, microgrid_id=8) for d in range(3)])
+    publisher.submit(mine + theirs)
+    assert publisher.drop(8) == 3
+    assert await publisher.wait_drained(8, 0)  # nothing of it is left to wait for
+    assert not await publisher.wait_drained(7, 0)
+    may_send.set()
+    assert await publisher.wait_drained(7, 10)
+    await consumer.wait_ids(item.envelope.message_id for item in mine)
+    assert await publisher.wait_idle(10)
+    await publisher.close(5)
+    published = {message.message_id for message in consumer.messages}
+    assert published == {item.envelope.message_id for item in mine}
+    assert [item.seq for item in await store.outbox()] == [item.seq for item in theirs]
+    assert publisher.unconfirmed == 0

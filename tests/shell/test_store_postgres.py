@@ -95,6 +95,30 @@ async def test_a_commit_with_a_stale_term_is_fenced_and_writes_nothing(
     assert await store.outbox_size() == 0
 
 
+@pytest.mark.parametrize("size", [1, 600])  # one statement; the bulk transaction (COPY)
+async def test_either_way_of_committing_is_fenced_alike(store: PostgresStore, size: int) -> None:
+    term = (await store.acquire("a", [7], lease_seconds=30))[7].term
+    records: dict[tuple[int, int], str | None] = {(7, n): "r" for n in range(size)}
+    items = await store.commit(
+        records=records, envelopes=[envelope(n) for n in range(size)], terms={7: term}
+    )
+    assert [item.envelope.message_id for item in await store.outbox()] == [
+        envelope(n).message_id for n in range(size)
+    ]
+    assert [item.seq for item in items] == sorted({item.seq for item in items})
+    assert await store.release("a", 7, term)
+    with pytest.raises(Fenced):
+        await store.commit(
+            records={(7, n): "stale" for n in range(size)},
+            meta={7: {"x": 1}},
+            envelopes=[envelope(n) for n in range(size)],
+            terms={7: term},
+        )
+    loaded = await store.load(7)
+    assert set(loaded.records.values()) == {"r"} and loaded.meta == {}
+    assert len(loaded.outbox) == size
+
+
 async def test_a_commit_touching_a_microgrid_without_a_term_is_fenced(
     store: PostgresStore,
 ) -> None:
@@ -237,6 +261,9 @@ async def test_a_cut_or_silent_database_is_a_write_error_and_it_recovers(
             proxy.resume()
             with pytest.raises(StoreWriteError):
                 await store.commit(records={(1, 1): "during"})
+            for reading in (store.load(1), store.outbox(), store.view()):
+                with pytest.raises(StoreWriteError):
+                    await reading
             await proxy.accept()
             await store.commit(records={(1, 2): "after"})
             assert (await store.load(1)).records in (

@@ -252,6 +252,7 @@ class Engine(_Converger):
         out = self._advance(now)
         self._drop_microgrid(microgrid_id)
         self._down_since_of[microgrid_id] = last_seen
+        self._microgrids[microgrid_id] = {}  # held here even before its first dispatch
         restored = []
         for stored in records:
             if stored.dispatch.microgrid_id != microgrid_id:
