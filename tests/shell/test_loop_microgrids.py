@@ -19,7 +19,7 @@ from dispatchd.core.wire import Envelope
 from dispatchd.loop import Loop
 from dispatchd.publisher import Publisher
 from dispatchd.store import Fenced, OutboxItem, SqliteStore
-from tests.core.test_engine_support import at, make
+from tests.core.engine_helpers import at, make
 from tests.shell.daemon_harness import daemon_settings
 
 
