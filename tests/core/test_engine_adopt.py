@@ -18,6 +18,7 @@ from dispatchd.core.engine import Created, Engine, Updated
 from dispatchd.core.messages import Message
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchRecord, last_seen_from_meta, record_from_text
+from tests.core.engine_harness import Shape, shapes
 from tests.core.engine_helpers import (
     at,
     bump,
@@ -27,7 +28,6 @@ from tests.core.engine_helpers import (
     run_until,
     summaries,
 )
-from tests.core.test_engine_properties import Shape, shapes
 
 A, B = 7, 8
 IDS = (1, 2, 3)
