@@ -241,10 +241,10 @@ class PostgresStore:
             )
         except _CONNECTION_PROBLEMS as error:
             raise StoreError(
-                f"state store {location}: cannot connect ({_db_error_text(error)})"
+                f"state store {location}: cannot connect ({_db_problem(error)})"
             ) from None
         except asyncpg.PostgresError as error:
-            raise StoreError(f"state store {location}: {_db_error_text(error)}") from None
+            raise StoreError(f"state store {location}: {_db_problem(error)}") from None
         store = cls(pool, dsn, version=version)
         try:
             await (store._migrate() if migrate else store._check_schema())
@@ -275,10 +275,10 @@ class PostgresStore:
                 await db.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
         except _CONNECTION_PROBLEMS as error:
             raise StoreError(
-                f"state store {self._location}: cannot connect ({_db_error_text(error)})"
+                f"state store {self._location}: cannot connect ({_db_problem(error)})"
             ) from None
         except asyncpg.PostgresError as error:
-            raise StoreError(f"state store {self._location}: {_db_error_text(error)}") from None
+            raise StoreError(f"state store {self._location}: {_db_problem(error)}") from None
 
     async def _check_schema(self) -> None:
         try:
@@ -287,7 +287,7 @@ class PostgresStore:
                 found = await self._pool.fetchval("SELECT max(version) FROM schema_version")
         except _CONNECTION_PROBLEMS as error:
             raise StoreError(
-                f"state store {self._location}: cannot connect ({_db_error_text(error)})"
+                f"state store {self._location}: cannot connect ({_db_problem(error)})"
             ) from None
         if found is None:
             raise StoreError(
@@ -373,7 +373,7 @@ class PostgresStore:
                     items = await self._append(db, envelopes, headers) if envelopes else []
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(
-                f"state store {self._location}: {_db_error_text(error)}"
+                f"state store {self._location}: {_db_problem(error)}"
             ) from error
         metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return items
@@ -498,7 +498,7 @@ class PostgresStore:
             await self._pool.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", wanted)
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(
-                f"state store {self._location}: {_db_error_text(error)}"
+                f"state store {self._location}: {_db_problem(error)}"
             ) from error
 
     async def outbox_size(self) -> int:
@@ -609,7 +609,7 @@ class PostgresStore:
             await connection.add_listener(CHANNEL, lambda *_: wake())
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(
-                f"state store {self._location}: {_db_error_text(error)}"
+                f"state store {self._location}: {_db_problem(error)}"
             ) from error
         return cast(Listening, connection)
 
@@ -647,7 +647,7 @@ class PostgresStore:
             yield
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(
-                f"state store {self._location}: {_db_error_text(error)}"
+                f"state store {self._location}: {_db_problem(error)}"
             ) from error
 
     async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
@@ -656,7 +656,7 @@ class PostgresStore:
             return await method(*args)
         except _CONNECTION_PROBLEMS as error:
             raise StoreWriteError(
-                f"state store {self._location}: {_db_error_text(error)}"
+                f"state store {self._location}: {_db_problem(error)}"
             ) from error
 
 
@@ -712,7 +712,7 @@ async def _read_outbox(db: Any, microgrid_ids: list[int] | None) -> list[OutboxI
     ]
 
 
-def _db_error_text(error: BaseException) -> str:
+def _db_problem(error: BaseException) -> str:
     """One line about a database error (never the DSN: asyncpg does not put it in)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
