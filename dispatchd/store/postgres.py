@@ -372,9 +372,7 @@ class PostgresStore:
                         )
                     items = await self._append(db, envelopes, headers) if envelopes else []
         except _CONNECTION_PROBLEMS as error:
-            raise StoreWriteError(
-                f"state store {self._location}: {_db_problem(error)}"
-            ) from error
+            raise StoreWriteError(f"state store {self._location}: {_db_problem(error)}") from error
         metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return items
 
@@ -497,9 +495,7 @@ class PostgresStore:
         try:
             await self._pool.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", wanted)
         except _CONNECTION_PROBLEMS as error:
-            raise StoreWriteError(
-                f"state store {self._location}: {_db_problem(error)}"
-            ) from error
+            raise StoreWriteError(f"state store {self._location}: {_db_problem(error)}") from error
 
     async def outbox_size(self) -> int:
         return int(await self._call(self._pool.fetchval, "SELECT count(*) FROM outbox"))
@@ -608,9 +604,7 @@ class PostgresStore:
             connection = await asyncpg.connect(self._dsn, timeout=_CLOSE_GRACE)
             await connection.add_listener(CHANNEL, lambda *_: wake())
         except _CONNECTION_PROBLEMS as error:
-            raise StoreWriteError(
-                f"state store {self._location}: {_db_problem(error)}"
-            ) from error
+            raise StoreWriteError(f"state store {self._location}: {_db_problem(error)}") from error
         return cast(Listening, connection)
 
     async def view(self) -> ClusterView:
@@ -646,18 +640,14 @@ class PostgresStore:
         try:
             yield
         except _CONNECTION_PROBLEMS as error:
-            raise StoreWriteError(
-                f"state store {self._location}: {_db_problem(error)}"
-            ) from error
+            raise StoreWriteError(f"state store {self._location}: {_db_problem(error)}") from error
 
     async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         """One statement; a database that cannot be reached is a ``StoreWriteError`` line."""
         try:
             return await method(*args)
         except _CONNECTION_PROBLEMS as error:
-            raise StoreWriteError(
-                f"state store {self._location}: {_db_problem(error)}"
-            ) from error
+            raise StoreWriteError(f"state store {self._location}: {_db_problem(error)}") from error
 
 
 async def _upsert_records(db: Any, upserts: list[tuple[int, int, str]]) -> None:
