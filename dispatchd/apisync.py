@@ -39,7 +39,7 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
     ListMicrogridDispatchesResponse,
     StreamMicrogridDispatchesRequest,
 )
-from frequenz.client.common.streaming import Event
+from frequenz.client.common.streaming import Event as StreamEvent
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
 from grpc import ChannelConnectivity
@@ -135,7 +135,7 @@ class Streamed:
     """One stream event."""
 
     microgrid_id: int
-    event: Event
+    event: StreamEvent
     dispatch: Dispatch
 
 
