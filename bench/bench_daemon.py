@@ -253,9 +253,10 @@ def seed(
     *,
     duration: int = 60,
     recurrence: RecurrenceRule.Frequency.ValueType | None = None,
+    now: datetime | None = None,
 ) -> None:
-    """Write one dispatch per start time into the embedded API's database."""
-    now = datetime.now(UTC)
+    """Write one dispatch per start time into the embedded API's database (created at ``now``)."""
+    now = now or datetime.now(UTC)
     storage = Storage(state_dir / "dispatches.sqlite3")
     try:
         for index, start in enumerate(starts):
