@@ -55,7 +55,7 @@ async def bench(args: argparse.Namespace) -> None:
                     await _start_profiled(daemon, args.profile)
                 else:
                     await daemon.start(within=120)
-                await consumer.wait_count(lambda: consumer.count("lifecycle.created") >= count, 120)
+                await consumer.wait_count(lambda: consumer.count("lifecycle.created") >= count, 600)
                 first = datetime.now(UTC)
                 cpu_before = daemon.cpu_seconds()
                 await asyncio.sleep(args.seconds)
@@ -118,7 +118,7 @@ async def _start_profiled(daemon: Daemon, profile: str) -> float:
         limit=1 << 20,
     )
     daemon._reader = asyncio.create_task(daemon._read())
-    await asyncio.wait_for(daemon.synced.wait(), 120)
+    await asyncio.wait_for(daemon.synced.wait(), 600)
     return asyncio.get_running_loop().time() - started
 
 
