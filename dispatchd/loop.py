@@ -53,6 +53,8 @@ FIRST_PART = 100
 HANDOFF_YIELDS = 3
 """Loop turns given to the publisher after each part: its sender starts the
 publishes, they queue their frames, aiormq's writer puts them on the socket."""
+LISTED_BATCH = 200
+"""Listings (of different microgrids, queued together) committed in one transaction."""
 PREPARE_LEAD = 0.5
 """Seconds before a deadline at which its dispatches are readied (see ``Engine.prepare``)."""
 _SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
@@ -191,6 +193,8 @@ class Loop:
         self._prepared_until = EARLIEST
         self._unsaved: _Unsaved | None = None
         self._store_retry = asyncio.Event()
+        self._carried: InboxItem | None = None
+        """An item taken from the inbox behind a batch of listings, handled next."""
 
     def first_sync_due(self, microgrid_id: int) -> None:
         """``api.first_sync_timeout`` has passed: converge the microgrid if still not listed."""
@@ -224,6 +228,10 @@ class Loop:
         burst of starts costs less at its instant), and at the deadline.
         """
         while True:
+            if self._carried is not None:
+                carried, self._carried = self._carried, None
+                await self._step(carried)
+                continue
             deadline = self.engine.next_deadline()
             timeout = None
             preparing = False
@@ -284,15 +292,23 @@ class Loop:
                 messages = step.messages
                 if self._prepared and now >= self._prepared_until:
                     self._prepared = DispatchTexts()  # its window has passed
-            case Listed(microgrid_id, dispatches, initial, unseen_since):
+            case Listed():
+                listed = self._more_listed(item)
                 with gc_paused():
-                    step = engine.relist(
-                        microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
-                    )
-                    await self._commit(step)
-                messages = step.messages
-                if self._after_listed(item, now):
-                    await self._note_synced(step)
+                    steps = [
+                        engine.relist(
+                            x.microgrid_id,
+                            x.dispatches,
+                            now,
+                            initial=x.initial,
+                            unseen_since=x.unseen_since,
+                        )
+                        for x in listed
+                    ]
+                    messages = await self._commit_together(steps)
+                for x, step in zip(listed, steps, strict=True):
+                    if self._after_listed(x, now):
+                        await self._note_synced(step)
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
@@ -311,6 +327,37 @@ class Loop:
             return  # no other process reads this store
         with contextlib.suppress(StoreWriteError):
             await self._store_commit({}, step.meta, [])
+
+    def _more_listed(self, first: Listed) -> list[Listed]:
+        """``first`` and the listings queued right behind it (up to ``LISTED_BATCH``).
+
+        A thousand microgrids list at once at start-up: one transaction (one
+        fsync) for a batch instead of one per microgrid. The first other item
+        met is handled right after the batch, so the inbox order is kept.
+        """
+        batch = [first]
+        inbox = self.inbox
+        while len(batch) < LISTED_BATCH and not inbox.empty():
+            item = inbox.get_nowait()
+            if not isinstance(item, Listed):
+                self._carried = item
+                break
+            batch.append(item)
+        return batch
+
+    async def _commit_together(self, steps: list[Step]) -> list[Message]:
+        """The steps' records and messages, in order, in one transaction; their messages."""
+        if len(steps) == 1:
+            await self._commit(steps[0], bulk=_announcement)
+            return steps[0].messages
+        messages: list[Message] = []
+        records: dict[DispatchKey, DispatchRecord | None] = {}
+        for step in steps:
+            _log_invalid(step.invalid)
+            messages.extend(step.messages)
+            records.update(step.records)  # a later step's record of a key supersedes
+        await self._write(messages, records, steps[-1].meta, _announcement)
+        return messages
 
     def _after_listed(self, item: Listed, now: datetime) -> bool:
         """The first listing of a microgrid marks it synced; all synced is ready.
@@ -361,10 +408,13 @@ class Loop:
 
     # ---------------------------------------------------------- committing
 
-    async def _commit(self, step: Step) -> None:
-        """One transaction for the step's records and the messages they caused, then publish."""
+    async def _commit(self, step: Step, bulk: Callable[[OutboxItem], bool] | None = None) -> None:
+        """One transaction for the step's records and the messages they caused, then publish.
+
+        ``bulk`` picks the messages that may wait behind others (``Publisher.submit``).
+        """
         _log_invalid(step.invalid)
-        await self._write(step.messages, step.records, step.meta)
+        await self._write(step.messages, step.records, step.meta, bulk)
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -393,6 +443,7 @@ class Loop:
         messages: list[Message],
         records: Mapping[DispatchKey, DispatchRecord | None],
         meta: dict[str, Any] | None,
+        bulk: Callable[[OutboxItem], bool] | None = None,
     ) -> None:
         """Encode and store ``messages`` with ``records`` (and ``meta``), then publish them."""
         texts = DispatchTexts(self._prepared)
@@ -416,7 +467,7 @@ class Loop:
             self.store_problem = str(error)
             self._store_retry.set()
             return
-        self._publisher.submit(items)
+        self._publisher.submit(items, bulk)
 
     async def _store_commit(
         self,
@@ -526,6 +577,12 @@ _CHANGES: dict[StreamEvent, Callable[..., Change]] = {
     StreamEvent.UPDATED: Updated,
     StreamEvent.DELETED: Deleted,
 }
+
+
+def _announcement(item: OutboxItem) -> bool:
+    """A lifecycle message of a listing: the bulk that may wait behind transitions and
+    live changes (docs/architecture.md, "Ready, and what is still being published")."""
+    return item.envelope.type == wire.TYPE_LIFECYCLE
 
 
 def _dispatch_key(message: Message) -> DispatchKey:

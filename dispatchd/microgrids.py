@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from frequenz.client.dispatch import DispatchApiClient
 
-from dispatchd.apisync import ApiSync
+from dispatchd.apisync import OPENING_AT_ONCE, ApiSync
 from dispatchd.config import Settings
 from dispatchd.core.records import last_seen_from_meta, record_from_text
 from dispatchd.loop import Loop
@@ -67,6 +67,8 @@ class Microgrids:
         self._ownership = ownership
         self._store = store
         self._loop = loop
+        self._opening = asyncio.Semaphore(OPENING_AT_ONCE)
+        """How many microgrids may open their stream and list at once (one channel)."""
         self._publisher = publisher
         self._client = client
         self._without_sync = frozenset(without_sync)
@@ -167,7 +169,9 @@ class Microgrids:
         running = self.running[microgrid_id] = _Running(term, None)
         if syncing:
             self._loop.syncing.add(microgrid_id)
-            running.sync = ApiSync(self._client, microgrid_id, self._loop.inbox.put)
+            running.sync = ApiSync(
+                self._client, microgrid_id, self._loop.inbox.put, opening=self._opening
+            )
             running.tasks.append(
                 asyncio.create_task(running.sync.run(), name=f"sync-{microgrid_id}")
             )

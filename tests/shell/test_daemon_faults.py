@@ -227,7 +227,7 @@ async def test_broker_unreachable_at_start_then_ready_when_it_opens(
                 await proxy.accept()
                 await asyncio.wait_for(handle.daemon.ready.wait(), WAIT)
                 body = await readyz_until(handle.http_port, 200)
-                assert body == {"ready": True, "missing": []}
+                assert body == {"ready": True, "missing": [], "unpublished": 0}
                 created = await handle.client.create(
                     mg(), "LATE", "NOW", timedelta(seconds=30), TargetIds(1)
                 )

@@ -107,7 +107,7 @@ async def test_http_health_readiness_and_every_metric(
         for path in ("/livez", "/healthz"):
             assert await handle.http_get(path) == (200, b"ok\n")
         status, body = await handle.http_get("/readyz")
-        assert (status, json.loads(body)) == (200, {"ready": True, "missing": []})
+        assert (status, json.loads(body)) == (200, {"ready": True, "missing": [], "unpublished": 0})
         assert (await handle.http_get("/nothing"))[0] == 404
         counters = {
             "running": (
