@@ -342,7 +342,8 @@ class Loop:
             if not isinstance(item, Listed):
                 self._carried = item
                 break
-            batch.append(item)
+            if item.microgrid_id in self.active:  # else from a sync stopped with its microgrid
+                batch.append(item)
         return batch
 
     async def _commit_together(self, steps: list[Step]) -> list[Message]:

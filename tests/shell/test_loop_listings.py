@@ -22,27 +22,28 @@ from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
 from dispatchd.loop import Loop
 from dispatchd.publisher import Publisher
-from dispatchd.store import OutboxItem, Store
+from dispatchd.store import OutboxItem, SqliteStore
 from tests.core.engine_helpers import at, make
 from tests.shell.daemon_harness import daemon_settings
 
 
-class CountingStore(Store):
+class CountingStore(SqliteStore):
     """Records the outbox envelopes of each commit."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.commits: list[list[Envelope]] = []
 
-    def commit(
+    async def commit(
         self,
         *,
         records: Mapping[DispatchKey, str | None] = {},
-        meta: Mapping[str, Any] | None = None,
+        meta: Mapping[int, Mapping[str, Any]] | None = None,
         envelopes: Sequence[Envelope] = (),
+        terms: Mapping[int, int] | None = None,
     ) -> list[OutboxItem]:
         self.commits.append(list(envelopes))
-        return super().commit(records=records, meta=meta, envelopes=envelopes)
+        return await super().commit(records=records, meta=meta, envelopes=envelopes, terms=terms)
 
 
 def _in(microgrid_id: int, dispatch_id: int) -> Any:
@@ -59,17 +60,21 @@ async def test_queued_listings_share_one_commit_and_keep_the_inbox_order(tmp_pat
     changed = replace(
         first, payload={"changed": True}, update_time=first.update_time + timedelta(seconds=1)
     )
+    task = asyncio.create_task(loop.run())
+    for microgrid_id in (1, 2, 3):
+        await asyncio.wait_for(loop.adopt(microgrid_id, [], None), 5)
+    loop.syncing.update((1, 2, 3))
+    # Queued together, with no await between them: the loop finds them all.
     loop.inbox.put_nowait(Listed(1, (first,), initial=True))
     loop.inbox.put_nowait(Listed(2, (second,), initial=True))
     loop.inbox.put_nowait(Streamed(1, StreamEvent.UPDATED, changed))
     loop.inbox.put_nowait(Listed(3, (third,), initial=True))
-    task = asyncio.create_task(loop.run())
     try:
         await asyncio.wait_for(ready.wait(), 10)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        store.close()
+        await store.close()
     committed = [
         [(e.dispatch_id, e.headers["event"]) for e in envelopes] for envelopes in store.commits
     ]

@@ -648,3 +648,28 @@ async def test_a_dropped_microgrid_is_not_published_and_stays_in_the_outbox(
     assert published == {item.envelope.message_id for item in mine}
     assert [item.seq for item in await store.outbox()] == [item.seq for item in theirs]
     assert publisher.unconfirmed == 0
+
+
+async def test_a_dropped_microgrid_leaves_the_bulk_backlog_too(
+    store: SqliteStore, consumer: Consumer, exchange_name: str
+) -> None:
+    """A first sync's backlog of a microgrid that moved is neither published nor waited for."""
+    may_send = asyncio.Event()
+    publisher = Publisher(
+        amqp_url=BROKER_URL, exchange=exchange_name, store=store, may_send=may_send
+    )
+    await publisher.start()
+    mine = await commit(store, [make_envelope(d, 0, microgrid_id=7) for d in range(3)])
+    theirs = await commit(store, [make_envelope(d, 0, microgrid_id=8) for d in range(300)])
+    publisher.submit(mine + theirs, lambda item: True)
+    assert publisher.backlog > 0  # more than the window takes at once wait as bulk
+    assert publisher.drop(8) == 300
+    assert await publisher.wait_drained(8, 0)
+    may_send.set()
+    assert await publisher.wait_drained(7, 10)
+    assert await publisher.wait_idle(10)
+    await publisher.close(5)
+    published = {message.message_id for message in consumer.messages}
+    assert published == {item.envelope.message_id for item in mine}
+    assert publisher.backlog == 0 and publisher.unconfirmed == 0
+    assert len(await store.outbox()) == 300
