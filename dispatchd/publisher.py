@@ -96,6 +96,8 @@ BULK_WINDOW = 50
 """Unconfirmed messages below which the bulk backlog feeds the send window: enough to
 keep the broker's pipeline full, few enough that a live message behind them is not late."""
 
+READ_AHEAD = 500
+"""Bulk messages read back from the outbox at a time (about 0.5 MB in memory)."""
 TRIM_AFTER = 10_000
 """Confirmed messages after which a publisher that falls idle gives the heap memory
 they used back to the operating system (``memory.trim``)."""
@@ -250,6 +252,8 @@ class Publisher:
         # head). Only seqs: the envelopes stay in the store's outbox until they go (a
         # first sync's 50,000 would hold about 55 MB, docs/architecture.md).
         self._backlog: collections.deque[int] = collections.deque()
+        self._read_ahead: collections.deque[OutboxItem] = collections.deque()
+        """The next bulk messages, read back from the outbox (see ``_feed_bulk``)."""
         self._backlog_of: dict[int, int | tuple[int, ...]] = {}
         # Per dispatch, what goes into the window once the send loop has read the
         # seqs back from the store: its bulk seqs taken along by a live message, the
@@ -588,6 +592,9 @@ class Publisher:
         dropped += len(seqs)
         if seqs:
             self._backlog = collections.deque(seq for seq in self._backlog if seq not in seqs)
+            self._read_ahead = collections.deque(
+                item for item in self._read_ahead if item.seq not in seqs
+            )
         self._backlog_count -= dropped
         return dropped
 
@@ -628,31 +635,37 @@ class Publisher:
     async def _feed_bulk(self) -> bool:
         """Move bulk messages into the window while it is short; whether any moved.
 
-        Read back from the store's outbox in batches of up to ``BULK_WINDOW``:
-        refilled once the window is half empty, so a batch is one short read.
+        They are read back from the store's outbox ``READ_AHEAD`` at a time, so
+        the reads (each waits for the store, which a commit may hold through its
+        fsync, or a round trip to PostgreSQL) are few next to the publishes. What
+        was promoted or dropped meanwhile is skipped: not at its dispatch's head.
         """
         window, fed = self._window, False
-        while self._backlog and len(window) < BULK_WINDOW // 2:
-            backlog = self._backlog
-            room = BULK_WINDOW - len(window)
-            seqs = [backlog.popleft() for _ in range(min(room, len(backlog)))]
-            try:
-                items = await self._store.outbox_items(seqs)
-            except BaseException:
-                if backlog is self._backlog:  # not rebuilt by a drop meanwhile
-                    backlog.extendleft(reversed(seqs))
-                raise
-            for item in items:
-                key = _backlog_key(item.envelope)
-                waiting = self._backlog_of.get(key)
-                if waiting is None or _seqs(waiting)[0] != item.seq:
-                    continue  # promoted with a live message of its dispatch, or dropped
-                self._pop_head(key, waiting)
-                self._backlog_count -= 1
-                window.add(item)
-                fed = True
-            if len(items) < len(seqs):
-                self._forget_unread(set(seqs) - {item.seq for item in items})
+        while len(window) < BULK_WINDOW:
+            if not self._read_ahead:
+                backlog = self._backlog
+                if not backlog:
+                    break
+                seqs = [backlog.popleft() for _ in range(min(READ_AHEAD, len(backlog)))]
+                try:
+                    items = await self._store.outbox_items(seqs)
+                except BaseException:
+                    if backlog is self._backlog:  # not rebuilt by a drop meanwhile
+                        backlog.extendleft(reversed(seqs))
+                    raise
+                if len(items) < len(seqs):
+                    self._forget_unread(set(seqs).difference(item.seq for item in items))
+                self._read_ahead.extend(items)  # (a drop meanwhile made a new deque)
+                continue
+            item = self._read_ahead.popleft()
+            key = _backlog_key(item.envelope)
+            waiting = self._backlog_of.get(key)
+            if waiting is None or _seqs(waiting)[0] != item.seq:
+                continue  # promoted with a live message of its dispatch, or dropped
+            self._pop_head(key, waiting)
+            self._backlog_count -= 1
+            window.add(item)
+            fed = True
         return fed
 
     def _pop_head(self, key: int, waiting: int | tuple[int, ...]) -> None:
