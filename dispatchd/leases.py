@@ -185,7 +185,6 @@ class LeaseKeeper:
             try:
                 async with asyncio.timeout(self._interval):
                     await self._round(started)
-                    await self._keep_listening()
                 if self._problem is not None:
                     _log.info("lease database reachable again")
                     self._problem = None
@@ -217,6 +216,8 @@ class LeaseKeeper:
         for microgrid_id, term in asked.items():
             if renewed.get(microgrid_id) != term and self._held.get(microgrid_id) == term:
                 self._lose(microgrid_id, "not renewed: expired or taken over")
+        # Listening before reading: a release or a join after the read wakes the next round.
+        await self._keep_listening()
         view = await self._table.view()
         live = view.live_replicas()
         metrics.CLUSTER_REPLICAS.set(len(set(live) | {self.replica_id}))

@@ -141,7 +141,7 @@ async def test_a_replica_cut_from_the_database_drops_everything_within_the_lease
         await until(lambda: not cut.owned(), [cut], within=LEASE * 3)
         lost = cut.of(Lost)
         assert {event.microgrid_id for _, event in lost} == held
-        assert max(at for at, _ in lost) - cut_at <= LEASE + 0.2
+        assert max(at for at, _ in lost) - cut_at <= LEASE + 0.5  # slack: a loaded event loop
         assert metrics.REGISTRY.get_sample_value("dispatchd_lease_lost_total") == lost_before + 3
         await until(lambda: other.owned() == set(MICROGRIDS), [other])
         proxy.resume()
