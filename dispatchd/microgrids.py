@@ -115,6 +115,11 @@ class Microgrids:
                 self._begin(microgrid_id, self._stop(microgrid_id, running.term, "fenced"))
 
     async def lost(self, microgrid_ids: Collection[int], term: int | None = None) -> None:
+        """Stop these microgrids at once (of ``term`` only, if given); returns when stopped.
+
+        One that is being handed over already goes on with that: whatever it
+        still commits is fenced, what it publishes carries the original ids.
+        """
         for microgrid_id in microgrid_ids:
             running = self.running.get(microgrid_id)
             if running is None or (term is not None and running.term != term):

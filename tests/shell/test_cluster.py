@@ -94,6 +94,21 @@ def split(seen: dict[int, str], *replicas: str, total: int = len(MICROGRIDS)) ->
     return len(seen) == total and all(count == share for count in counts)
 
 
+async def ready(http: aiohttp.ClientSession, base_url: str, within: float = 30) -> None:
+    """Poll ``/readyz`` (a state, not an event) until it answers 200."""
+    text = ""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                async with http.get(f"{base_url}/readyz") as response:
+                    if response.status == 200:
+                        return
+                    text = await response.text()
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"{base_url} not ready within {within} s: {text}") from None
+
+
 def logged(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
     return [line for line in daemon.log if line.get("event") == event]
 
@@ -259,8 +274,7 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
                 for name, replica in replicas.items():
                     (listening,) = logged(replica, "http listening")
                     base_url = f"http://{listening['address']}"
-                    async with http.get(f"{base_url}/readyz") as response:
-                        assert response.status == 200, await response.text()
+                    await ready(http, base_url)  # a microgrid just taken may still be listing
                     async with http.get(f"{base_url}/api/v1/status") as response:
                         document = await response.json()
                     mine = sorted(mg for mg, owner in shares.items() if owner == name)
@@ -269,8 +283,15 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
                     assert [m["microgrid_id"] for m in document["microgrids"]] == mine
                     assert document["ready"] is True, document["missing"]
 
-            # Synced as soon as each owner listed its microgrid, even with nothing to commit.
+            # Synced as soon as each owner listed its microgrid, even with nothing to commit
+            # (the owner stores that right after its ready state says so).
             async with RpcClient(amqp_url, exchange) as rpc:
+                for microgrid_id in MICROGRIDS:
+                    async with asyncio.timeout(10):
+                        while not (
+                            reply := await rpc.call(wire.encode_snapshot_request(microgrid_id))
+                        )["synced"]:
+                            assert reply["dispatches"] == [], reply
                 for _ in range(3):
                     for microgrid_id in MICROGRIDS:
                         reply = await rpc.call(wire.encode_snapshot_request(microgrid_id))

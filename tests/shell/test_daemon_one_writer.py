@@ -4,12 +4,14 @@ Two real processes: the first serves the exchange; the second, with another
 state dir but reading the same dispatches (its embedded API opens the first
 one's database), would publish a second ``created`` for each of them. It
 must stop with one error line naming the exchange and exit 1, without a
-traceback and before it publishes anything.
+traceback and before it publishes anything. A cluster replica (PostgreSQL
+store) beside the SQLite-mode process is refused the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -17,17 +19,27 @@ from datetime import timedelta
 from pathlib import Path
 
 import aio_pika
+import pytest
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch.types import TargetIds
 
+from tests.conftest import temporary_database
 from tests.shell.test_daemon_crash import MICROGRID, DaemonProcess, _at, observed
 
 MARKER = {"dispatch": {"id": 0}, "kind": "marker", "event": "sent"}
 
 
+@pytest.mark.parametrize("second_is", ["sqlite", "replica"])
 async def test_a_second_daemon_on_the_same_exchange_stops_before_publishing(
-    amqp_url: str, unique_name: Callable[[str], str], tmp_path: Path, clean_env: dict[str, str]
+    second_is: str,
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    clean_env: dict[str, str],
+    postgres_server: str,
 ) -> None:
+    """The second is another SQLite-mode process, or a cluster replica (which shares the
+    RPC queue with other replicas only)."""
     exchange = unique_name("one-writer").translate(str.maketrans("[]", "__"))
     env = {
         **clean_env,
@@ -52,23 +64,26 @@ async def test_a_second_daemon_on_the_same_exchange_stops_before_publishing(
                 "the first created", lambda: len(observer.distinct()) == 1, 30
             )
 
-            second = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "dispatchd",
-                "run",
-                env={
-                    **env,
-                    "DISPATCHD_STATE__DIR": str(tmp_path / "second"),
-                    "DISPATCHD_API__LOCAL__DATABASE": str(
-                        tmp_path / "first" / "dispatches.sqlite3"
-                    ),
-                },
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(second.communicate(), 60)
+            second_env = {
+                **env,
+                "DISPATCHD_STATE__DIR": str(tmp_path / "second"),
+                "DISPATCHD_API__LOCAL__DATABASE": str(tmp_path / "first" / "dispatches.sqlite3"),
+            }
+            async with contextlib.AsyncExitStack() as stack:
+                if second_is == "replica":
+                    database = await stack.enter_async_context(temporary_database(postgres_server))
+                    second_env["DISPATCHD_STATE__URL"] = database
+                second = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "dispatchd",
+                    "run",
+                    env=second_env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                out, err = await asyncio.wait_for(second.communicate(), 60)
             assert second.returncode == 1
             text = (out + err).decode()
             assert "Traceback" not in text
@@ -76,7 +91,8 @@ async def test_a_second_daemon_on_the_same_exchange_stops_before_publishing(
             errors = [line for line in lines if line["level"] in ("error", "critical")]
             assert len(errors) == 1, errors
             assert f"exchange {exchange!r}" in errors[0]["error"]
-            assert "another dispatchd" in errors[0]["error"]
+            says = "another dispatchd" if second_is == "sqlite" else "a cluster replica cannot"
+            assert says in errors[0]["error"]
             assert not [line for line in lines if line["event"] == "first sync done"]
 
             # Whatever the second process published is on the queue before this marker.

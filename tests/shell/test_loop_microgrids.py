@@ -104,6 +104,7 @@ async def test_a_fenced_microgrid_is_dropped_and_the_rest_of_the_step_is_committ
     store.commits.clear()
     await loop._commit(loop.engine.advance(at(200)))  # both stop at 170
     assert [touched for touched, _ in store.commits] == [{8}]
+    await loop._publisher.close(0)  # hands back its share of the process-wide outbox gauge
     await store.close()
 
 
@@ -127,4 +128,5 @@ async def test_forget_leaves_no_state_and_no_later_commit(tmp_path: Path) -> Non
     )
     assert [touched for touched, _ in store.commits] == [{8}]
     assert lost == []
+    await loop._publisher.close(0)  # hands back its share of the process-wide outbox gauge
     await store.close()
