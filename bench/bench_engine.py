@@ -144,7 +144,7 @@ def main(sizes: list[int]) -> None:
         relist_s = relist_unchanged(engine, dispatches)
         update_s = update_cost(engine, dispatches, rng)
         began = time.perf_counter()
-        engine.counts(NOW)
+        engine.counts()
         counts_s = time.perf_counter() - began
         due_s, due_n = transition_cost(engine)
         print(

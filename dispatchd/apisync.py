@@ -33,7 +33,7 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
     ListMicrogridDispatchesResponse,
     StreamMicrogridDispatchesRequest,
 )
-from frequenz.client.common.streaming import Event
+from frequenz.client.common.streaming import Event as StreamEvent
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import DispatchEvent
 from grpc import ChannelConnectivity
@@ -125,7 +125,7 @@ class Streamed:
     """One stream event."""
 
     microgrid_id: int
-    event: Event
+    event: StreamEvent
     dispatch: Dispatch
 
 

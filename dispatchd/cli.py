@@ -35,6 +35,7 @@ from dispatchd.config import (
     local_problems,
     redact_urls,
 )
+from dispatchd.core.times import utc
 from dispatchd.logs import MIN_SECRET_LENGTH, configure_from_settings, get_logger, quiet_grpc_core
 
 if TYPE_CHECKING:
@@ -170,9 +171,7 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"expected an ISO 8601 time like 2026-05-01T12:00:00+02:00, got {text!r}"
         ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    return utc(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -383,7 +383,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Sett
     try:
         settings = _resolved(Settings())
     except ValidationError as exc:
-        raise ConfigError([*loading.problems, *map(_describe, exc.errors())]) from None
+        raise ConfigError([*loading.problems, *map(_problem, exc.errors())]) from None
     except ConfigError as exc:
         raise ConfigError([*loading.problems, *exc.problems]) from None
     finally:
@@ -689,7 +689,7 @@ def _read_toml(path: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:
         return {}
 
 
-def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+def _problem(error: Mapping[str, Any]) -> tuple[str, str]:
     """A pydantic error as (dotted key, message); model-level errors have no loc."""
     key = ".".join(str(part) for part in error["loc"]) or "config"
     message = str(error["msg"])

@@ -261,7 +261,7 @@ class Daemon:
         missing = self._missing_for_ready()
         publisher = self.publisher
         loop = self._running()
-        counts = loop.engine.counts(now)
+        counts = loop.engine.counts()
         microgrids = [
             status.microgrid_health(
                 microgrid_id, loop.first_synced_at.get(microgrid_id), counts.get(microgrid_id, {})
@@ -291,14 +291,14 @@ class Daemon:
         query = status.parse_schedule_query(params, now, self._settings.microgrid_ids)
         engine = self._running().engine
         if query.type is None:  # the counts hold the same dispatches as the snapshot
-            counts = engine.counts(now).get(query.microgrid_id, {})
+            counts = engine.counts().get(query.microgrid_id, {})
             status.check_rows(sum(counts.values()), query)
         entries = engine.snapshot(query.microgrid_id, query.type)
         return status.schedule_document(entries, query, now)
 
     def _refresh_metrics(self) -> None:
         """Counted at scrape time, so an idle daemon spends no CPU on them."""
-        for microgrid_id, counts in self._running().engine.counts(self._clock()).items():
+        for microgrid_id, counts in self._running().engine.counts().items():
             for state, count in counts.items():
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
 

@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -36,6 +36,7 @@ from dispatchd.core.engine import Change, Created, Deleted, Engine, Step, Update
 from dispatchd.core.messages import Message, Reason, RunningMessage
 from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchKey, DispatchRecord, record_from_text, record_to_text
+from dispatchd.core.times import EARLIEST
 from dispatchd.publisher import Publisher
 from dispatchd.store import Store, StoreWriteError
 
@@ -132,7 +133,7 @@ class Loop:
         """Why the last write of the state store failed, while it fails."""
         self._prepared = DispatchTexts()
         """Texts of the dispatches due by ``_prepared_until``, encoded ahead."""
-        self._prepared_until = datetime.min.replace(tzinfo=UTC)
+        self._prepared_until = EARLIEST
         self._unsaved: _Unsaved | None = None
         self._store_retry = asyncio.Event()
 
@@ -218,7 +219,7 @@ class Loop:
         if item.microgrid_id not in self.synced:
             self.synced.add(item.microgrid_id)
             self.first_synced_at[item.microgrid_id] = now
-            counts = self.engine.counts(now).get(item.microgrid_id, {})
+            counts = self.engine.counts().get(item.microgrid_id, {})
             _log.info(
                 "first sync done",
                 microgrid_id=item.microgrid_id,

@@ -56,6 +56,7 @@ from aio_pika.exceptions import (
 from aiormq.exceptions import ChannelAccessRefused
 
 from dispatchd import metrics
+from dispatchd.core.records import DispatchKey
 from dispatchd.core.sendwindow import SendWindow
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.store import OutboxItem, Store
@@ -91,11 +92,11 @@ def _kind(envelope: Envelope) -> str:
     return envelope.type.rpartition(".")[2]
 
 
-def _dispatch_key(item: OutboxItem) -> tuple[int, int]:
+def _dispatch_key(item: OutboxItem) -> DispatchKey:
     return (item.envelope.microgrid_id, item.envelope.dispatch_id)
 
 
-OutboxWindow = SendWindow[OutboxItem, tuple[int, int]]
+OutboxWindow = SendWindow[OutboxItem, DispatchKey]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -591,7 +592,7 @@ class Publisher:
         except PublishError:
             metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
             answered = True
-            self._finish(item)
+            self._mark_confirmed(item)
         except DeliveryError as exc:
             answered = True
             self._on_nacked(item, exc)
@@ -606,7 +607,7 @@ class Publisher:
         else:
             self._count_published(envelope)
             answered = True
-            self._finish(item)
+            self._mark_confirmed(item)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -625,7 +626,8 @@ class Publisher:
             self._published_counters[labels] = counter
         counter.inc()
 
-    def _finish(self, item: OutboxItem) -> None:
+    def _mark_confirmed(self, item: OutboxItem) -> None:
+        """The broker confirmed ``item``: count it and let the outbox drop it."""
         if not self._window.confirm(item):
             return
         self._round_confirmed += 1

@@ -36,6 +36,7 @@ from aio_pika.abc import (
 from dispatchd import metrics
 from dispatchd.core import wire
 from dispatchd.core.engine import SnapshotEntry
+from dispatchd.core.records import DispatchKey
 from dispatchd.publisher import CLOSE_GRACE, REFUSED_RETRY, broker_refusal, describe_error
 
 _log = structlog.get_logger(__name__)
@@ -99,7 +100,7 @@ class SnapshotRpc:
         self._turn = asyncio.Lock()
         self._replies = _Replies(amqp_url, connect_timeout)
         # Per (microgrid_id, dispatch_id): the entry last encoded and its encoding.
-        self._encoded: dict[tuple[int, int], tuple[SnapshotEntry, bytes]] = {}
+        self._encoded: dict[DispatchKey, tuple[SnapshotEntry, bytes]] = {}
 
     async def start(self, *, wait: bool = True) -> None:
         """Declare the queue and consume, or keep trying in the background if that fails.
@@ -247,14 +248,7 @@ class SnapshotRpc:
             if cached is not None and _unchanged(cached[0], entry):
                 parts.append(cached[1])
                 continue
-            encoded = wire.encode_snapshot_entry(
-                wire.SnapshotEntry(
-                    dispatch=entry.dispatch,
-                    running=entry.running,
-                    until=entry.until,
-                    sequence=entry.sequence,
-                )
-            )
+            encoded = wire.encode_snapshot_entry(entry)
             cache[key] = (entry, encoded)
             parts.append(encoded)
         if len(cache) > len(entries) + STALE_ENCODINGS:  # deleted dispatches, other microgrids

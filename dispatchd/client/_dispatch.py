@@ -293,14 +293,14 @@ class Dispatch:
 
     # --- value semantics ------------------------------------------------------
 
-    def _key(self) -> tuple[object, ...]:
+    def _value_fields(self) -> tuple[object, ...]:
         return (self.core, self._deleted, self._announced, self._synced, self._missed)
 
     def __eq__(self, other: object) -> bool:
         """Equal when the dispatch and what was announced about it are equal."""
         if not isinstance(other, Dispatch):
             return NotImplemented
-        return self._key() == other._key()
+        return self._value_fields() == other._value_fields()
 
     def __hash__(self) -> int:
         """Dispatches are immutable; hash by id and version."""

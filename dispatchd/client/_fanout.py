@@ -41,7 +41,7 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Transform = Callable[[T], Iterable[T]]
-Key = Callable[[T], Hashable]
+KeyFunc = Callable[[T], Hashable]
 
 
 @dataclass(slots=True)
@@ -71,7 +71,7 @@ class _Pending(Generic[T]):
     """A FIFO bounded by ``limit``: drops the oldest, or coalesces by ``key``."""
 
     def __init__(
-        self, name: str, limit: int, key: Key[T] | None, counts: DeliveryCounts | None
+        self, name: str, limit: int, key: KeyFunc[T] | None, counts: DeliveryCounts | None
     ) -> None:
         """``counts=None``: losses are not a receiver's (a hold), logged at DEBUG only."""
         self.name = name
@@ -220,7 +220,7 @@ class FanOut(Generic[T]):
         prime: Callable[[], Iterable[T]] = tuple,
         *,
         hold: int = 0,
-        key: Key[T] | None = None,
+        key: KeyFunc[T] | None = None,
         counts: DeliveryCounts | None = None,
     ) -> None:
         """``prime`` gives what a new receiver gets first (before live messages);

@@ -325,15 +325,7 @@ class FakeDispatcher(Managing):
             microgrid_id=self.microgrid_id,
             as_of=self.now,
             synced=True,
-            entries=tuple(
-                wire.SnapshotEntry(
-                    dispatch=entry.dispatch,
-                    running=entry.running,
-                    until=entry.until,
-                    sequence=entry.sequence,
-                )
-                for entry in entries
-            ),
+            entries=tuple(entries),
         )
 
     def _current(self, dispatch_id: int) -> CoreDispatch:

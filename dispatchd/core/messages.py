@@ -1,7 +1,8 @@
-"""What the engine decides to say: lifecycle and running messages.
+"""What the engine decides to say: lifecycle and running messages, and snapshot entries.
 
-These are plain values; ``wire`` turns them into AMQP envelopes. They carry
-everything a message body (docs/messages.md § 4) needs except the publish timestamp.
+These are plain values; ``wire`` turns them into AMQP envelopes and snapshot
+replies. They carry everything a message body (docs/messages.md § 4) needs
+except the publish timestamp.
 """
 
 from __future__ import annotations
@@ -94,3 +95,19 @@ class RunningMessage:
 
 
 Message = LifecycleMessage | RunningMessage
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One dispatch in a snapshot and what was last announced for it.
+
+    What a late-joining actor needs to know. ``occurrence`` is the announced
+    occurrence as the engine knows it; the wire does not carry it, so an
+    entry read from a reply has ``None``.
+    """
+
+    dispatch: Dispatch
+    running: bool
+    until: datetime | None
+    sequence: int
+    occurrence: Occurrence | None = None

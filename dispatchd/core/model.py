@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from frequenz.api.dispatch.v1.dispatch_pb2 import Dispatch as PBDispatch
@@ -27,6 +27,8 @@ from frequenz.client.dispatch.types import (
     _target_components_from_protobuf,
 )
 from google.protobuf.struct_pb2 import Struct, Value
+
+from dispatchd.core.times import utc
 
 __all__ = [
     "Dispatch",
@@ -125,16 +127,16 @@ class Dispatch:
             id=int(dispatch.id),
             microgrid_id=microgrid_id,
             type=dispatch.type,
-            start_time=_utc(dispatch.start_time),
+            start_time=utc(dispatch.start_time),
             duration=dispatch.duration,
             target=dispatch.target,
             active=dispatch.active,
             dry_run=dispatch.dry_run,
             payload=dict(dispatch.payload),
             recurrence=Recurrence.from_client(dispatch.recurrence),
-            create_time=_utc(dispatch.create_time),
-            update_time=_utc(dispatch.update_time),
-            end_time=_utc(dispatch.end_time) if dispatch.end_time else None,
+            create_time=utc(dispatch.create_time),
+            update_time=utc(dispatch.update_time),
+            end_time=utc(dispatch.end_time) if dispatch.end_time else None,
         )
 
     def to_client(self) -> ClientDispatch:
@@ -169,7 +171,7 @@ class Dispatch:
             id=metadata.dispatch_id,
             microgrid_id=microgrid_id,
             type=data.type,
-            start_time=_utc(to_datetime(data.start_time)),
+            start_time=utc(to_datetime(data.start_time)),
             duration=timedelta(seconds=data.duration) if data.HasField("duration") else None,
             target=_target_components_from_protobuf(data.target),
             active=data.is_active,
@@ -180,10 +182,10 @@ class Dispatch:
                 if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED and not _has_by_rules(rule)
                 else Recurrence.from_client(RecurrenceRule.from_protobuf(rule))
             ),
-            create_time=_utc(to_datetime(metadata.create_time)),
-            update_time=_utc(to_datetime(metadata.update_time)),
+            create_time=utc(to_datetime(metadata.create_time)),
+            update_time=utc(to_datetime(metadata.update_time)),
             end_time=(
-                _utc(to_datetime(metadata.end_time)) if metadata.HasField("end_time") else None
+                utc(to_datetime(metadata.end_time)) if metadata.HasField("end_time") else None
             ),
         )
 
@@ -225,12 +227,3 @@ def _value_to_python(value: Value) -> Any:
     if kind == "list_value":
         return [_value_to_python(item) for item in value.list_value.values]
     return None
-
-
-def _utc(moment: datetime) -> datetime:
-    """Normalise to an aware UTC datetime so comparisons never mix kinds."""
-    if moment.tzinfo is UTC:
-        return moment
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dispatchd.core import wire
 from dispatchd.core.messages import Occurrence
 from dispatchd.core.model import Dispatch
+from dispatchd.core.times import utc
 
 __all__ = [
     "DispatchKey",
@@ -100,9 +101,9 @@ def record_to_text(record: DispatchRecord, dispatch_text: str | None = None) -> 
     return (
         f'{{"dispatch":{dispatch_text},"announced":{announced_text},'
         f'"sequence":{record.sequence:d},"last_emitted_at":{_time_text(record.last_emitted_at)},'
-        f'"tombstone":{_BOOL_TEXT[record.tombstone]},"pending_missed":[{missed}],'
+        f'"tombstone":{wire.JSON_BOOL[record.tombstone]},"pending_missed":[{missed}],'
         f'"last_pulse":{_time_text(record.last_pulse)},'
-        f'"forgotten":{_BOOL_TEXT[record.forgotten]}}}'
+        f'"forgotten":{wire.JSON_BOOL[record.forgotten]}}}'
     )
 
 
@@ -161,13 +162,9 @@ def _time_text(moment: datetime | None) -> str:
     return "null" if moment is None else f'"{_time(moment)}"'
 
 
-_BOOL_TEXT = {False: "false", True: "true"}
-
-
 def _parse_time(text: str) -> datetime:
     """A stored time: ``Z`` as written now, or ``+00:00`` as written before."""
-    moment = datetime.fromisoformat(text)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc(datetime.fromisoformat(text))
 
 
 def _parse_optional_time(text: str | None) -> datetime | None:

@@ -36,12 +36,12 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dispatchd.core.times import epoch_micros
 from dispatchd.localapi import paging
 from dispatchd.localapi.validation import (
     InvalidRequest,
     Prepared,
     to_datetime,
-    to_micros,
 )
 from dispatchd.store import SchemaTooNew
 
@@ -184,10 +184,10 @@ class Storage:
                 (
                     microgrid_id,
                     data.type,
-                    to_micros(to_datetime(data.start_time)),
+                    epoch_micros(to_datetime(data.start_time)),
                     _micros(end_time),
-                    to_micros(now),
-                    to_micros(now),
+                    epoch_micros(now),
+                    epoch_micros(now),
                     data.is_active,
                     data.is_dry_run,
                     _is_recurring(data),
@@ -198,7 +198,7 @@ class Storage:
             assert dispatch_id is not None
             _write_targets(db, dispatch_id, data.target)
         return StoredDispatch(
-            dispatch_id, microgrid_id, data, to_micros(now), to_micros(now), _micros(end_time)
+            dispatch_id, microgrid_id, data, epoch_micros(now), epoch_micros(now), _micros(end_time)
         )
 
     def get(self, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
@@ -224,9 +224,9 @@ class Storage:
                 " is_active = ?, is_dry_run = ?, is_recurring = ?, data = ? WHERE id = ?",
                 (
                     data.type,
-                    to_micros(to_datetime(data.start_time)),
+                    epoch_micros(to_datetime(data.start_time)),
                     _micros(end_time),
-                    to_micros(now),
+                    epoch_micros(now),
                     data.is_active,
                     data.is_dry_run,
                     _is_recurring(data),
@@ -237,7 +237,7 @@ class Storage:
             db.execute("DELETE FROM dispatch_targets WHERE dispatch_id = ?", (dispatch_id,))
             _write_targets(db, dispatch_id, data.target)
         return StoredDispatch(
-            dispatch_id, microgrid_id, data, old.create_micros, to_micros(now), _micros(end_time)
+            dispatch_id, microgrid_id, data, old.create_micros, epoch_micros(now), _micros(end_time)
         )
 
     def delete(self, microgrid_id: int, dispatch_id: int) -> StoredDispatch | None:
@@ -330,7 +330,7 @@ def _from_row(row: Sequence[Any]) -> StoredDispatch:
 
 
 def _micros(moment: datetime | None) -> int | None:
-    return to_micros(moment) if moment is not None else None
+    return epoch_micros(moment) if moment is not None else None
 
 
 def _timestamp(micros: int) -> Timestamp:
@@ -407,10 +407,10 @@ def _interval_sql(interval: Interval, column: str, where: list[str], params: lis
     where.append(f"d.{column} IS NOT NULL")
     if interval.HasField("start_time"):
         where.append(f"d.{column} >= ?")
-        params.append(to_micros(to_datetime(interval.start_time, field)))
+        params.append(epoch_micros(to_datetime(interval.start_time, field)))
     if interval.HasField("end_time"):
         where.append(f"d.{column} < ?")
-        params.append(to_micros(to_datetime(interval.end_time, field)))
+        params.append(epoch_micros(to_datetime(interval.end_time, field)))
 
 
 def _targets_sql(filter_: DispatchFilter, where: list[str], params: list[Any]) -> None:

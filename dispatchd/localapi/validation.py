@@ -26,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from dispatchd.core.model import Dispatch
 from dispatchd.core.recurrence import Invalid, Schedule
+from dispatchd.core.times import EPOCH, some_month_has_day
 
 START_TIME_TOLERANCE = timedelta(seconds=10)
 """How late a start time may be: a request built "now" needs time to arrive.
@@ -116,12 +117,11 @@ def to_datetime(stamp: Timestamp, field: str = "timestamp") -> datetime:
     """
     if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 10**9:
         raise InvalidRequest(field, "timestamp out of range (years 1 to 9999)")
-    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+    return EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MIN_SECONDS = int((datetime(1, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds())
-_MAX_SECONDS = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH).total_seconds())
+_MIN_SECONDS = int((datetime(1, 1, 1, tzinfo=UTC) - EPOCH).total_seconds())
+_MAX_SECONDS = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - EPOCH).total_seconds())
 
 
 def to_timestamp(moment: datetime) -> Timestamp:
@@ -129,12 +129,6 @@ def to_timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp
-
-
-def to_micros(moment: datetime) -> int:
-    """Microseconds since the epoch: the integer form stored in indexed columns."""
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def check_microgrid_id(microgrid_id: int) -> None:
@@ -419,17 +413,12 @@ def check_recurrence(rule: RecurrenceRule, start: datetime) -> None:
             raise InvalidRequest("recurrence.bymonthdays", f"invalid day {monthday}")
     if rule.bymonthdays and rule.freq == RecurrenceRule.FREQUENCY_WEEKLY:
         raise InvalidRequest("recurrence.bymonthdays", "must not be set with a weekly frequency")
-    if rule.bymonths and rule.bymonthdays and not _some_day_exists(rule.bymonths, rule.bymonthdays):
+    if (
+        rule.bymonths
+        and rule.bymonthdays
+        and not some_month_has_day(rule.bymonths, rule.bymonthdays)
+    ):
         raise InvalidRequest("recurrence.bymonthdays", "no such day in the given months")
-
-
-_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-
-
-def _some_day_exists(months: Iterable[int], monthdays: Iterable[int]) -> bool:
-    """Whether any month/day pair is a real date (else dateutil searches to year 9999)."""
-    longest = max(_DAYS_IN_MONTH[month - 1] for month in months)
-    return any(abs(day) <= longest for day in monthdays)
 
 
 def _check_range(values: Iterable[int], low: int, high: int, field: str) -> None:

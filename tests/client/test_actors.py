@@ -22,14 +22,14 @@ from dispatchd.client import (
 )
 from dispatchd.client.testing import FakeClock
 from tests.client.helpers import T0, announced, core
-from tests.client.support import create
+from tests.client.receiver_helpers import create
 from tests.shell.daemon_harness import MG, DaemonHandle, mg, soon
 
 WAIT = 10.0
 
 
 @dataclass
-class Event:
+class ActorEvent:
     """What a test actor did: ``started``, ``updated`` or ``stopped``."""
 
     what: str
@@ -42,7 +42,7 @@ class Actors:
     """A factory of recording actors, and what they did, in order."""
 
     def __init__(self, failures: int = 0) -> None:
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events: asyncio.Queue[ActorEvent] = asyncio.Queue()
         self.failures = failures
         self.calls: list[float] = []
         self.built = 0
@@ -56,7 +56,7 @@ class Actors:
         self.built += 1
         return RecordingActor(self.built, info, updates, self.events)
 
-    async def next(self) -> Event:
+    async def next(self) -> ActorEvent:
         async with asyncio.timeout(WAIT):
             return await self.events.get()
 
@@ -75,7 +75,7 @@ class RecordingActor:
         number: int,
         info: DispatchInfo,
         updates: Receiver[DispatchInfo],
-        events: asyncio.Queue[Event],
+        events: asyncio.Queue[ActorEvent],
     ) -> None:
         self.number = number
         self.info = info
@@ -84,19 +84,19 @@ class RecordingActor:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._events.put_nowait(Event("started", self.number, self.info))
+        self._events.put_nowait(ActorEvent("started", self.number, self.info))
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         async for info in self._updates:
             self.info = info
-            self._events.put_nowait(Event("updated", self.number, info))
+            self._events.put_nowait(ActorEvent("updated", self.number, info))
 
     async def stop(self, msg: str | None = None) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._events.put_nowait(Event("stopped", self.number))
+        self._events.put_nowait(ActorEvent("stopped", self.number))
 
 
 async def test_an_actor_starts_is_reconfigured_and_stops_with_its_dispatch(

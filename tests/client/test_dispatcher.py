@@ -28,7 +28,7 @@ from dispatchd.client import (
 from dispatchd.core import wire
 from dispatchd.core.messages import Event, Reason
 from tests.client.helpers import core, running_message
-from tests.client.support import create, expect_quiet, states, take, take_until
+from tests.client.receiver_helpers import create, expect_quiet, states, take, take_until
 from tests.shell.daemon_harness import MG, DaemonHandle, QueueObserver, mg, running_daemon, soon
 from tests.shell.scripted_api import CREATED, ScriptedApi, dispatch_pb
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from frequenz.client.dispatch.types import TargetIds
 
-from tests.client.support import create
+from tests.client.receiver_helpers import create
 from tests.shell.daemon_harness import MG, DaemonHandle, mg, soon
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 
 from dispatchd.client import Created, Dispatch, Dispatcher
-from tests.client.support import create, expect_quiet, states, take, take_until
+from tests.client.receiver_helpers import create, expect_quiet, states, take, take_until
 from tests.shell.daemon_harness import MG, DaemonHandle, QueueObserver, mg
 from tests.tcpproxy import TcpProxy
 

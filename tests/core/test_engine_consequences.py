@@ -10,7 +10,7 @@ from __future__ import annotations
 from dispatchd.core.engine import Created, Deleted, Engine, Updated
 from dispatchd.core.messages import RunningMessage
 from dispatchd.core.model import TargetIds
-from tests.core.test_engine_support import (
+from tests.core.engine_helpers import (
     at,
     bump,
     engine_with,

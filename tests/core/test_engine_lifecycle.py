@@ -9,7 +9,7 @@ from typing import Any
 from dispatchd.core.engine import Created, Deleted, Engine, Updated
 from dispatchd.core.messages import Message, RunningMessage
 from dispatchd.core.model import Dispatch, Frequency, Recurrence
-from tests.core.test_engine_support import (
+from tests.core.engine_helpers import (
     MG,
     at,
     bump,
@@ -124,7 +124,7 @@ def test_relist_diffs_created_updated_deleted_and_forgets_finished() -> None:
     assert (MG, 4) in step.records
     ghost = engine.export_record((MG, 4))
     assert ghost is not None and ghost.forgotten and not ghost.tombstone
-    assert engine.counts(at(15))[MG]["finished"] == 0
+    assert engine.counts()[MG]["finished"] == 0
     tombstone = engine.export_record((MG, 3))
     assert tombstone is not None and tombstone.tombstone
 
@@ -203,7 +203,7 @@ def test_invalid_dispatch_never_runs_and_is_reported_once() -> None:
     assert summaries(updated.messages) == [("L", 1, "updated", "PEAK")]
     assert updated.invalid == []
     assert run_until(engine, 1000) == []
-    assert engine.counts(at(20))[MG]["invalid"] == 1
+    assert engine.counts()[MG]["invalid"] == 1
 
 
 def test_by_rules_without_a_frequency_never_run_like_interval_0() -> None:
@@ -221,7 +221,7 @@ def test_by_rules_without_a_frequency_never_run_like_interval_0() -> None:
     assert reason is not None and "frequency" in reason
     assert step.invalid == [((MG, 1), reason)]
     assert run_until(engine, 1000) == []
-    assert engine.counts(at(20))[MG]["invalid"] == 1
+    assert engine.counts()[MG]["invalid"] == 1
 
 
 def test_running_dispatch_made_invalid_stops() -> None:
@@ -388,7 +388,7 @@ def test_snapshot_and_counts() -> None:
     ]
     assert engine.snapshot(MG, "B")[0].running is False
     assert engine.snapshot(99) == []
-    assert engine.counts(at(15)) == {
+    assert engine.counts() == {
         MG: {"scheduled": 1, "running": 2, "finished": 1, "inactive": 1, "invalid": 1}
     }
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from dispatchd.core.engine import Change, Engine, Step
 from dispatchd.core.model import Dispatch
+from tests.core.engine_helpers import MG, at, make
 from tests.core.test_engine_properties import Harness, Lockstep, operations
-from tests.core.test_engine_support import MG, at, make
 
 
 class Preparing(Engine):

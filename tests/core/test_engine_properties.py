@@ -22,7 +22,7 @@ from dispatchd.core.messages import (
 )
 from dispatchd.core.model import Dispatch, Frequency, Recurrence
 from dispatchd.core.recurrence import Invalid, Schedule
-from tests.core.test_engine_support import MG, at, make, persist, reload
+from tests.core.engine_helpers import MG, at, make, persist, reload
 
 IDS = (1, 2, 3, 4)
 
@@ -397,7 +397,7 @@ class Harness:
             assert snapshot[dispatch_id].sequence == self.replay.sequence.get(dispatch_id, 0)
         for dispatch_id in self.deleted:
             assert self.replay.announced.get(dispatch_id) is None
-        assert self.engine.counts(now).get(MG, {}) == self.expected_counts(now)
+        assert self.engine.counts().get(MG, {}) == self.expected_counts(now)
         # nothing more is due now
         assert self.engine.advance(now).messages == []
         deadline = self.engine.next_deadline()

@@ -6,7 +6,7 @@ from typing import Any
 
 from dispatchd.core.engine import Engine
 from dispatchd.core.messages import RunningMessage
-from tests.core.test_engine_support import (
+from tests.core.engine_helpers import (
     MG,
     at,
     bump,

@@ -11,7 +11,7 @@ from hypothesis import assume, given
 
 from dispatchd.core.model import Dispatch, Frequency, Recurrence
 from dispatchd.core.recurrence import Invalid, Schedule
-from tests.core.test_wire import FEW, dispatches, spec_dispatch
+from tests.core.wire_helpers import FEW, dispatches, spec_dispatch
 
 
 def _via_client(dispatch: Dispatch) -> Dispatch:

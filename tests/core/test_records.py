@@ -20,7 +20,7 @@ from dispatchd.core.records import (
     record_to_json,
     record_to_text,
 )
-from tests.core.test_wire import FEW, any_times, dispatches, spec_dispatch
+from tests.core.wire_helpers import FEW, any_times, dispatches, spec_dispatch
 
 _OFFSET = re.compile(r"\d[+-]\d\d:\d\d\"")
 

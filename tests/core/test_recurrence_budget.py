@@ -14,16 +14,10 @@ from hypothesis import HealthCheck, assume, given, settings, target
 from hypothesis import strategies as st
 
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, Weekday
-from dispatchd.core.recurrence import (
-    EVALUATION_BUDGET,
-    Invalid,
-    OverBudget,
-    Schedule,
-    _Parts,
-    _Steps,
-    _Walk,
-)
-from tests.core.test_recurrence import dispatch
+from dispatchd.core.recurrence import EVALUATION_BUDGET, Invalid, OverBudget, Schedule
+from dispatchd.core.recurrence.parts import _Parts
+from dispatchd.core.recurrence.walk import _Steps, _Walk
+from tests.core.recurrence_helpers import dispatch
 
 CALL_BOUND = 4 * EVALUATION_BUDGET
 """Python function calls one build may make: three budgeted searches of at

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from dispatchd.core.model import Dispatch
 from dispatchd.core.recurrence import Invalid, Schedule
-from tests.core.test_recurrence import APPROX_UNIT, dispatch, recurring, starts
+from tests.core.recurrence_helpers import APPROX_UNIT, dispatch, recurring, starts
 
 with_micros = st.datetimes(
     min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)

@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatchd.core.model import Frequency, Recurrence, Weekday
-from dispatchd.core.recurrence import Invalid, Schedule, _off_the_grid, _Parts
-from tests.core.test_recurrence import WEEKDAYS, by_part, dispatch, starts
+from dispatchd.core.recurrence import Invalid, Schedule
+from dispatchd.core.recurrence.bounds import _off_the_grid
+from dispatchd.core.recurrence.parts import _Parts
+from tests.core.recurrence_helpers import WEEKDAYS, by_part, dispatch, starts
 
 _UNIT = {
     Frequency.MINUTELY: timedelta(minutes=1),

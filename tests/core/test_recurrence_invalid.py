@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, Weekday
 from dispatchd.core.recurrence import Invalid, Schedule
-from tests.core.test_recurrence import dispatch as recurrence_dispatch
+from tests.core.recurrence_helpers import dispatch as recurrence_dispatch
 
 START = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 

@@ -21,7 +21,7 @@ from hypothesis import given
 
 from dispatchd.core import wire
 from dispatchd.core.model import Dispatch, Frequency, Recurrence, TargetIds, Weekday
-from tests.core.test_wire import FEW, dispatches, spec_dispatch
+from tests.core.wire_helpers import FEW, dispatches, spec_dispatch
 
 
 @pytest.mark.parametrize(

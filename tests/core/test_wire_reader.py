@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatchd.core import wire
-from tests.core.test_wire import FEW, any_times, reference_time, times, zoned_times
+from tests.core.wire_helpers import FEW, any_times, reference_time, times, zoned_times
 
 
 @pytest.mark.parametrize(

@@ -14,16 +14,13 @@ from hypothesis import strategies as st
 
 from dispatchd.core import wire
 from dispatchd.core.messages import Event, Kind, LifecycleMessage, Message, RunningMessage
-from dispatchd.core.wire import routing
-from tests.core.test_wire import (
+from tests.core.wire_helpers import (
     FEW,
-    any_times,
     lifecycle_messages,
     messages,
     running_messages,
     spec_dispatch,
     spec_message,
-    zoned_times,
 )
 
 ESCAPED_WORD = re.compile(r"(?:[A-Za-z0-9_-]|%[0-9A-F]{2})*")
@@ -343,11 +340,3 @@ def test_binding_with_event_wildcard_matches_every_event_of_a_long_type(length: 
     else:
         with pytest.raises(ValueError, match="concrete microgrid id"):
             wire.binding_key(None, Kind.LIFECYCLE, None, dispatch_type)
-
-
-@FEW
-@given(st.one_of(any_times, zoned_times, st.datetimes()))
-def test_epoch_micros_is_exact(moment: datetime) -> None:
-    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-    expected = (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    assert routing._epoch_micros(moment) == expected

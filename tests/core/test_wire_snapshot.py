@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatchd.core import wire
-from tests.core.test_wire import FEW, any_times, dispatch_types, dispatches, spec_dispatch
+from tests.core.wire_helpers import FEW, any_times, dispatch_types, dispatches, spec_dispatch
 
 # --------------------------------------------------------------------- request
 

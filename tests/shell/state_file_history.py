@@ -14,7 +14,7 @@ from dataclasses import replace
 from dispatchd.core.engine import Deleted, Engine
 from dispatchd.core.messages import Message
 from dispatchd.core.model import Frequency
-from tests.core.test_engine_support import MG, at, make
+from tests.core.engine_helpers import MG, at, make
 
 WRITTEN_AT = 600.25
 """Seconds after ``T0`` at which the state was saved (a fraction, to store microseconds)."""

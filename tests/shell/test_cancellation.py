@@ -19,7 +19,7 @@ from dispatchd.core.engine import Engine
 from dispatchd.loop import Loop
 from dispatchd.publisher import Publisher
 from dispatchd.store import Store
-from tests.core.test_engine_support import MG, at, make
+from tests.core.engine_helpers import MG, at, make
 from tests.shell.daemon_harness import daemon_settings
 
 

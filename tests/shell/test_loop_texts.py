@@ -14,7 +14,7 @@ from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchRecord, record_to_json
 from dispatchd.loop import DispatchTexts
 from tests.core.test_records import records
-from tests.core.test_wire import FEW, spec_dispatch
+from tests.core.wire_helpers import FEW, spec_dispatch
 
 
 def _separately(record: DispatchRecord) -> str:

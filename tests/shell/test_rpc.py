@@ -1,12 +1,14 @@
-"""SnapshotRpc.answer without a broker: cached encodings never outlive a change."""
+"""SnapshotRpc.answer without a broker: every outcome; cached encodings never outlive a change."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from frequenz.client.dispatch.types import TargetIds
 
 from dispatchd.core import wire
@@ -56,15 +58,23 @@ def ask(rpc: SnapshotRpc, dispatch_type: str | None = None) -> dict[str, Any]:
     return parsed
 
 
-def make_rpc(state: State, clock: list[datetime]) -> SnapshotRpc:
+def make_rpc(
+    state: State, clock: list[datetime], synced: Callable[[int], bool] = lambda _: True
+) -> SnapshotRpc:
     return SnapshotRpc(
         amqp_url="amqp://unused/",
         exchange="x",
         microgrid_ids=[7],
         snapshot=state.snapshot,
-        synced=lambda _: True,
+        synced=synced,
         clock=lambda: clock[0],
     )
+
+
+def error_of(body: bytes) -> wire.ErrorReply:
+    reply = wire.decode_snapshot_reply(body)
+    assert isinstance(reply, wire.ErrorReply)
+    return reply
 
 
 def test_replies_follow_every_change_and_stay_byte_identical_to_a_fresh_encoding() -> None:
@@ -86,7 +96,7 @@ def test_replies_follow_every_change_and_stay_byte_identical_to_a_fresh_encoding
     for change in changes:
         state.entries[0] = change(state.entries[0])
         body, _, _ = rpc.answer(wire.encode_snapshot_request(7))
-        fresh = wire.encode_snapshot_reply(7, clock[0], True, state.entries)  # type: ignore[arg-type]
+        fresh = wire.encode_snapshot_reply(7, clock[0], True, state.entries)
         assert body == fresh
     state.entries.append(idle(dispatch(3)))
     assert [d["dispatch"]["id"] for d in ask(rpc)["dispatches"]] == [1, 2, 3]
@@ -101,3 +111,58 @@ def test_encodings_of_deleted_dispatches_do_not_pile_up() -> None:
         state.entries[1] = idle(dispatch(n))  # one dispatch deleted, another created
         assert [d["dispatch"]["id"] for d in ask(rpc)["dispatches"]] == [1, n]
     assert len(rpc._encoded) <= 2 + STALE_ENCODINGS
+
+
+def test_a_reply_says_the_time_and_whether_the_microgrid_is_synced() -> None:
+    state = State()
+    rpc = make_rpc(state, [EPOCH + timedelta(seconds=3)], synced=lambda _: False)
+    reply = ask(rpc)
+    assert (reply["microgrid_id"], reply["as_of"], reply["synced"]) == (
+        7,
+        "2026-01-01T00:00:03Z",
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_body", "method", "outcome"),
+    [
+        (b"not json", "snapshot", "malformed"),
+        (b'{"method": "snapshot"}', "snapshot", "malformed"),
+        (b'{"method": "delete", "microgrid_id": 7}', "unknown", "unknown_method"),
+    ],
+)
+def test_a_bad_request_gets_an_error_reply_named_by_its_code(
+    request_body: bytes, method: str, outcome: str
+) -> None:
+    state = State()
+    body, got_method, got_outcome = make_rpc(state, [EPOCH]).answer(request_body)
+    assert (got_method, got_outcome) == (method, outcome)
+    assert error_of(body).code == outcome
+    assert state.calls == 0
+
+
+def test_a_microgrid_this_daemon_does_not_sync_is_refused_by_name() -> None:
+    state = State()
+    body, method, outcome = make_rpc(state, [EPOCH]).answer(wire.encode_snapshot_request(8))
+    assert (method, outcome) == ("snapshot", "error")
+    error = error_of(body)
+    assert error.code == "unknown_microgrid"
+    assert "microgrid 8" in error.message and "[7]" in error.message
+    assert state.calls == 0
+
+
+def test_a_failing_snapshot_is_still_answered() -> None:
+    def broken(microgrid_id: int, dispatch_type: str | None) -> list[SnapshotEntry]:
+        raise RuntimeError("bug")
+
+    rpc = SnapshotRpc(
+        amqp_url="amqp://unused/",
+        exchange="x",
+        microgrid_ids=[7],
+        snapshot=broken,
+        synced=lambda _: True,
+    )
+    body, method, outcome = rpc.answer(wire.encode_snapshot_request(7))
+    assert (method, outcome) == ("snapshot", "internal")
+    assert error_of(body).code == "internal"

@@ -14,7 +14,7 @@ from dispatchd.core.engine import Engine
 from dispatchd.core.records import DispatchRecord, record_to_text
 from dispatchd.loop import restore_engine
 from dispatchd.store import Store
-from tests.core.test_engine_support import at, run_until
+from tests.core.engine_helpers import at, run_until
 from tests.shell.state_file_history import LISTED, MG, WRITTEN_AT, replay
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "state-2026-11-30.sqlite3"

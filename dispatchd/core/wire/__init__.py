@@ -12,7 +12,8 @@ it. One module per part, all reachable from here (``wire.encode``,
 - ``_reader``: ``WireError``, the time format and the typed JSON readers.
 """
 
-from dispatchd.core.wire._reader import SCHEMA, WireError, format_time, parse_time
+from dispatchd.core.messages import SnapshotEntry
+from dispatchd.core.wire._reader import JSON_BOOL, SCHEMA, WireError, format_time, parse_time
 from dispatchd.core.wire.body import (
     APP_ID,
     CONTENT_TYPE,
@@ -34,7 +35,6 @@ from dispatchd.core.wire.routing import (
 from dispatchd.core.wire.snapshot import (
     SNAPSHOT_METHOD,
     ErrorReply,
-    SnapshotEntry,
     SnapshotReply,
     SnapshotRequest,
     decode_snapshot_reply,
@@ -50,6 +50,7 @@ from dispatchd.core.wire.snapshot import (
 __all__ = [
     "APP_ID",
     "CONTENT_TYPE",
+    "JSON_BOOL",
     "MAX_ROUTING_KEY_BYTES",
     "SCHEMA",
     "SNAPSHOT_METHOD",

@@ -17,7 +17,12 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, TypeVar
 
+from dispatchd.core.times import utc
+
 SCHEMA = "dispatchd/v1"
+
+JSON_BOOL = {False: "false", True: "true"}
+"""A bool as JSON text, for the bodies written by hand."""
 
 
 class WireError(ValueError):
@@ -46,7 +51,7 @@ def format_time(moment: datetime) -> str:
 
 def _format_time(moment: datetime) -> str:
     if moment.tzinfo is not UTC:
-        moment = _as_utc(moment)
+        moment = utc(moment)
     # isoformat (C code) writes a four-digit year, 0 or 6 fraction digits and
     # "+00:00"; only that suffix and the millisecond case need cutting.
     text = moment.isoformat()[:-6]
@@ -93,12 +98,6 @@ def _format_optional_time(moment: datetime | None) -> str | None:
 def _time_or_null(moment: datetime | None) -> str:
     """A time as a JSON string, or ``null``."""
     return "null" if moment is None else f'"{format_time(moment)}"'
-
-
-def _as_utc(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def _utf8(text: str, what: str) -> bytes:

@@ -28,6 +28,7 @@ from dispatchd.core.model import (
     Weekday,
 )
 from dispatchd.core.wire._reader import (
+    JSON_BOOL,
     WireError,
     _bool,
     _describe,
@@ -78,7 +79,7 @@ def dispatch_json_text(dispatch: Dispatch) -> str:
         f'"start_time":"{format_time(dispatch.start_time)}",'
         f'"duration":{_number_text(duration)},'
         f'"target":{_target_text(dispatch.target)},'
-        f'"active":{_BOOL_TEXT[dispatch.active]},"dry_run":{_BOOL_TEXT[dispatch.dry_run]},'
+        f'"active":{JSON_BOOL[dispatch.active]},"dry_run":{JSON_BOOL[dispatch.dry_run]},'
         f'"payload":{_dump_text(dict(dispatch.payload))},'
         f'"recurrence":'
         f"{'null' if recurrence is None else _dump_text(_recurrence_to_json(recurrence))},"
@@ -86,9 +87,6 @@ def dispatch_json_text(dispatch: Dispatch) -> str:
         f'"update_time":"{format_time(dispatch.update_time)}",'
         f'"end_time":{_time_or_null(dispatch.end_time)}}}'
     )
-
-
-_BOOL_TEXT = {False: "false", True: "true"}
 
 
 @lru_cache(maxsize=1024, typed=True)

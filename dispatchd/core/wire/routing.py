@@ -7,10 +7,10 @@ same transition gets the same key and the same id (docs/messages.md).
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from functools import lru_cache
 
 from dispatchd.core.messages import Event, Kind, Message, RunningMessage
+from dispatchd.core.times import epoch_micros
 from dispatchd.core.wire._reader import WireError, _utf8
 
 MAX_ROUTING_KEY_BYTES = 255
@@ -139,16 +139,5 @@ def message_id(message: Message) -> str:
         return f"{dispatch.microgrid_id}.{dispatch.id}.r{message.sequence}"
     return (
         f"{dispatch.microgrid_id}.{dispatch.id}.{message.event.value}."
-        f"{_epoch_micros(dispatch.update_time)}.{_type_digest(message.routing_type)}"
+        f"{epoch_micros(dispatch.update_time)}.{_type_digest(message.routing_type)}"
     )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _epoch_micros(moment: datetime) -> int:
-    """Exact (integer) microseconds since the epoch; a naive time is UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

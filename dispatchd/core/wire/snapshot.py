@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dispatchd.core.model import Dispatch
+from dispatchd.core.messages import SnapshotEntry
 from dispatchd.core.wire._reader import (
     SCHEMA,
     WireError,
@@ -42,16 +42,6 @@ class SnapshotRequest:
 
     microgrid_id: int
     type: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotEntry:
-    """One dispatch in a snapshot and what was last announced for it."""
-
-    dispatch: Dispatch
-    running: bool
-    until: datetime | None
-    sequence: int
 
 
 @dataclass(frozen=True, slots=True)
