@@ -1,11 +1,17 @@
 """API sync: keep one microgrid's dispatches flowing from the dispatch API.
 
-For each connection it opens the stream first, waits until the server has
-registered it (initial metadata), then lists every page, hands the list over,
-and only then the events the stream delivered meanwhile and afterwards. So
-nothing created or changed during start-up or a reconnect is missed; the
+For each connection it opens the stream first, waits briefly until the server
+has registered it (initial metadata), then lists every page, hands the list
+over, and only then the events the stream delivered meanwhile and afterwards.
+So nothing created or changed during start-up or a reconnect is missed; the
 engine's stale-event rules drop what the list already covered. A lost stream
 is reopened with exponential backoff and full jitter, then re-listed.
+
+A server may send the stream's headers only with its first event. Then the
+daemon does not wait for them: it lists at once (ready without delay) and
+lists again once the stream is confirmed (its headers arrive) or after
+``CONFIRM_WAIT`` at the latest; the second listing covers whatever changed
+between the first one and the server registering the stream.
 
 Calls go through ``frequenz-client-dispatch``'s ``DispatchApiClient`` (its
 channel carries the auth key and HMAC signing). The stream is driven through
@@ -47,8 +53,12 @@ _log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
-_HEADERS_WAIT: Final = 5.0
-"""How long to wait for the server to acknowledge a stream before listing anyway."""
+HEADERS_GRACE = 0.1
+"""Seconds to wait for a stream's headers before listing without them: a server that
+sends them on registering answers within a round trip, and one listing is enough."""
+CONFIRM_WAIT = 5.0
+"""Seconds after a listing made without the stream's headers by which it is made
+again, if the headers (or the first event) have not confirmed the stream before."""
 
 
 def api_url(settings: Settings, local_port: int | None = None) -> str:
@@ -208,6 +218,13 @@ class _Stream:
         self.call.cancel()
 
 
+def _ended_at_deadline(item: BaseException | None) -> bool:
+    """The stream ran into its own deadline (``api.stream_timeout``): not the API's fault."""
+    return (
+        isinstance(item, grpc.aio.AioRpcError) and item.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    )
+
+
 class ApiSync:
     """Runs the stream-then-list loop for one microgrid until cancelled."""
 
@@ -243,6 +260,8 @@ class ApiSync:
         """A failure that needs the operator (a refused key), for /readyz."""
         self.renewals = 0
         """Streams renewed before their deadline (no re-list), for tests."""
+        self.relists = 0
+        """Listings made again because the first went out before the stream's headers."""
 
     @property
     def microgrid_id(self) -> int:
@@ -327,7 +346,8 @@ class ApiSync:
         """One connection: open, list, then forward events, renewing the stream in time."""
         streams = [self._open_stream()]
         try:
-            await self._wait_accepted(streams[-1].call)
+            confirmed = await self._wait_accepted(streams[-1].call, HEADERS_GRACE)
+            listing_started = datetime.now(UTC)
             listed = await self._list()
             await self._deliver(replace(listed, unseen_since=self._lost_at))
             self._lost_at = None
@@ -338,11 +358,15 @@ class ApiSync:
             metrics.API_STREAM_UP.labels(**self._labels).set(1)
             metrics.API_LAST_SYNC_TIMESTAMP.labels(**self._labels).set(time.time())
             self.synced.set()
+            if not confirmed:
+                await self._relist_once_confirmed(streams[-1], listing_started)
             while True:
                 await self._forward_until(streams[-1], self._renewal_due(streams[-1]))
                 streams.append(self._open_stream())
-                await self._hand_over(streams[-2], streams[-1])
+                confirmed = await self._hand_over(streams[-2], streams[-1])
                 streams.pop(0).close()
+                if not confirmed:
+                    await self._relist_once_confirmed(streams[-1], datetime.now(UTC), now=True)
                 self.renewals += 1
                 _log.debug("api stream renewed", microgrid_id=self._microgrid_id)
         except _StreamEnded:
@@ -350,6 +374,21 @@ class ApiSync:
         finally:
             for stream in streams:
                 stream.close()
+
+    async def _relist_once_confirmed(
+        self, stream: _Stream, listing_started: datetime, *, now: bool = False
+    ) -> None:
+        """The first listing went out before the server confirmed the stream: list again
+        once it does (or after ``CONFIRM_WAIT``), so a change made between that listing
+        and the stream's registration is not lost. Events wait in the stream's queue.
+        With ``now``, list at once first (a renewal whose predecessor ended meanwhile)."""
+        if now:
+            await self._deliver(replace(await self._list(), unseen_since=listing_started))
+        if not await self._wait_accepted(stream.call, CONFIRM_WAIT):
+            _log.debug("stream still unconfirmed, listing again", microgrid_id=self._microgrid_id)
+        listed = await self._list()
+        await self._deliver(replace(listed, unseen_since=listing_started))
+        self.relists += 1
 
     def _open_stream(self) -> _Stream:
         return _Stream(self._client, self._microgrid_id, self._convert)
@@ -378,19 +417,19 @@ class ApiSync:
         if dispatch is not None:
             await self._deliver(Streamed(mid, item.event, dispatch))
 
-    async def _hand_over(self, old: _Stream, new: _Stream) -> None:
+    async def _hand_over(self, old: _Stream, new: _Stream) -> bool:
         """Make before break: keep forwarding ``old`` until ``new`` is accepted and ``old``
         has ended, so every event is on at least one of them (the engine ignores the
         repeats). ``new``'s events wait in its queue meanwhile.
 
-        If ``old`` ends before ``new`` is accepted, an event may have fallen in
-        between: that is a failure like any other (reconnect and re-list).
+        Returns whether ``new`` was accepted before ``old`` ended; if not, an event may
+        have fallen in between and the caller lists again. ``old`` failing before that
+        is a failure like any other (reconnect and re-list).
         """
         accepted = asyncio.ensure_future(new.call.initial_metadata())
         getting: asyncio.Future[DispatchEvent | BaseException | None] | None = None
         try:
-            old_ended = False
-            while not old_ended:
+            while True:
                 getting = asyncio.ensure_future(old.events.get())
                 waiting: set[asyncio.Future[Any]] = {getting}
                 if not accepted.done():
@@ -401,29 +440,32 @@ class ApiSync:
                     continue
                 item = getting.result()
                 if item is None or isinstance(item, BaseException):
-                    old_ended = True
-                    if not accepted.done():  # a gap is possible: fail, re-list
-                        raise item if isinstance(item, BaseException) else _StreamEnded
-                else:
-                    await self._forward(item)
+                    if accepted.done():
+                        return True
+                    if _ended_at_deadline(item):
+                        return False
+                    raise item if isinstance(item, BaseException) else _StreamEnded
+                await self._forward(item)
         finally:
             accepted.cancel()
             if getting is not None:
                 getting.cancel()
 
-    async def _wait_accepted(self, call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
-        """Wait for the response headers: the server has registered the stream.
-
-        A server that sends headers only with its first event would block us,
-        so after a bound we list anyway (the window is then the server's).
-        """
+    async def _wait_accepted(
+        self,
+        call: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
+        bound: float,
+    ) -> bool:
+        """Whether the response headers came within ``bound`` seconds: the server has
+        registered the stream (a failed call counts too: its events queue ends in it)."""
         try:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
             # that arrives as the awaited result does, and the daemon's stop would hang.
-            async with asyncio.timeout(_HEADERS_WAIT):
+            async with asyncio.timeout(bound):
                 await asyncio.shield(call.initial_metadata())
         except TimeoutError:
-            _log.debug("no stream headers yet, listing anyway", microgrid_id=self._microgrid_id)
+            return False
+        return True
 
     def _convert(self, convert: Callable[[], _T]) -> _T | None:
         """``convert()``, or None (logged and counted) if the dispatch cannot be taken."""

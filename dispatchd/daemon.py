@@ -122,6 +122,7 @@ class Daemon:
             self._refresh_metrics,
             status=self._status,
             schedule=self._schedule,
+            unpublished=lambda: publisher.unconfirmed,
         )
         tasks: list[asyncio.Task[None]] = []
         client: DispatchApiClient | None = None

@@ -84,6 +84,7 @@ class HttpServer:
         *,
         status: StatusProbe | None = None,
         schedule: ScheduleProbe | None = None,
+        unpublished: Callable[[], int] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
@@ -94,6 +95,7 @@ class HttpServer:
         self._refresh = refresh
         self._status = status
         self._schedule = schedule
+        self._unpublished = unpublished
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
         self._runner: web.AppRunner | None = None
@@ -175,7 +177,11 @@ class HttpServer:
     async def _ready(self, _: web.Request) -> web.Response:
         missing = self._readiness()
         metrics.READY.set(0 if missing else 1)
-        return _json({"ready": not missing, "missing": missing}, 503 if missing else 200)
+        body: dict[str, Any] = {"ready": not missing, "missing": missing}
+        if self._unpublished is not None:
+            # Ready means synced and connected; messages may still be on their way.
+            body["unpublished"] = self._unpublished()
+        return _json(body, 503 if missing else 200)
 
     async def _page(self, _: web.Request) -> web.Response:
         return web.Response(body=_status_page(), content_type="text/html", charset="utf-8")

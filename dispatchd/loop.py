@@ -38,7 +38,7 @@ from dispatchd.core.model import Dispatch
 from dispatchd.core.records import DispatchKey, DispatchRecord, record_from_text, record_to_text
 from dispatchd.core.times import EARLIEST
 from dispatchd.publisher import Publisher
-from dispatchd.store import Store, StoreWriteError
+from dispatchd.store import OutboxItem, Store, StoreWriteError
 
 _log = structlog.get_logger(__name__)
 
@@ -200,7 +200,7 @@ class Loop:
                     step = engine.relist(
                         microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
                     )
-                    self._commit(step)
+                    self._commit(step, bulk=_announcement)
                 messages = step.messages
                 self._after_listed(item, now)
             case Streamed(_, event, dispatch):
@@ -256,10 +256,13 @@ class Loop:
 
     # ---------------------------------------------------------- committing
 
-    def _commit(self, step: Step) -> None:
-        """One transaction for the step's records and the messages they caused, then publish."""
+    def _commit(self, step: Step, bulk: Callable[[OutboxItem], bool] | None = None) -> None:
+        """One transaction for the step's records and the messages they caused, then publish.
+
+        ``bulk`` picks the messages that may wait behind others (``Publisher.submit``).
+        """
         _log_invalid(step.invalid)
-        self._write(step.messages, step.records, step.meta)
+        self._write(step.messages, step.records, step.meta, bulk)
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -288,6 +291,7 @@ class Loop:
         messages: list[Message],
         records: Mapping[DispatchKey, DispatchRecord | None],
         meta: dict[str, Any] | None,
+        bulk: Callable[[OutboxItem], bool] | None = None,
     ) -> None:
         """Encode and store ``messages`` with ``records`` (and ``meta``), then publish them."""
         texts = DispatchTexts(self._prepared)
@@ -311,7 +315,7 @@ class Loop:
             self.store_problem = str(error)
             self._store_retry.set()
             return
-        self._publisher.submit(items)
+        self._publisher.submit(items, bulk)
 
     async def save_unsaved(self) -> None:
         """Write what the store refused, with backoff; one ERROR line a minute meanwhile.
@@ -371,6 +375,12 @@ _CHANGES: dict[StreamEvent, Callable[..., Change]] = {
     StreamEvent.UPDATED: Updated,
     StreamEvent.DELETED: Deleted,
 }
+
+
+def _announcement(item: OutboxItem) -> bool:
+    """A lifecycle message of a listing: the bulk that may wait behind transitions and
+    live changes (docs/architecture.md, "Ready, and what is still being published")."""
+    return item.envelope.type == wire.TYPE_LIFECYCLE
 
 
 def _dispatch_key(message: Message) -> DispatchKey:

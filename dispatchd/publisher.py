@@ -30,11 +30,20 @@ seconds (see ``broker_refusal``).
 
 A message leaves the outbox only when the broker confirmed it, or returned
 it as unroutable (no queue bound: topic semantics, counted, never retried).
+
+Bulk messages (the ``created`` announcements of a first sync, re-announcements
+after a re-list) wait in a backlog of their own and enter the send window
+only while it holds fewer than ``BULK_WINDOW`` messages; everything else goes
+in at once. So a start or a live update is behind at most ``BULK_WINDOW``
+bulk messages, not behind all 50,000 of a first sync. Per-dispatch order is
+kept: a message of a dispatch whose bulk messages still wait takes them into
+the window first, in seq order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ssl
 import time
@@ -79,6 +88,10 @@ REFUSED_RETRY = 60.0
 
 NACK_LOG_INTERVAL = 10.0
 """At most one WARNING line about refused (nacked) messages per this many seconds."""
+
+BULK_WINDOW = 200
+"""Unconfirmed messages below which the bulk backlog feeds the send window: enough to
+keep the broker's pipeline full, few enough that a live message behind them is not late."""
 
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
@@ -207,6 +220,11 @@ class Publisher:
         """Seconds until the next connection attempt while not connected (None once connected)."""
 
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Bulk messages not yet in the window, in seq order; per dispatch the same ones
+        # (a promoted one stays in the deque and is skipped: not at its dispatch's head).
+        self._backlog: collections.deque[OutboxItem] = collections.deque()
+        self._backlog_of: dict[tuple[int, int], collections.deque[OutboxItem]] = {}
+        self._backlog_count = 0
         # Wakes the sender when the earliest dispatch waiting after a nack may go again.
         self._retry_timer: asyncio.TimerHandle | None = None
         self._nacks_unlogged = 0
@@ -438,19 +456,61 @@ class Publisher:
 
     # --- submitting and waiting --------------------------------------------
 
-    def submit(self, items: Sequence[OutboxItem]) -> None:
-        """Queue already-committed outbox items (in seq order); returns at once."""
+    def submit(
+        self, items: Sequence[OutboxItem], bulk: Callable[[OutboxItem], bool] | None = None
+    ) -> None:
+        """Queue already-committed outbox items (in seq order); returns at once.
+
+        Items for which ``bulk`` is true wait in the bulk backlog (see the module).
+        """
         if self._closing:
             return  # they are in the outbox: the next start publishes them
         added = 0
+        window = self._window
         for item in items:
-            if item.seq not in self._done_set and self._window.add(item):
+            if item.seq in self._done_set or item.seq in window:
+                continue
+            key = _dispatch_key(item)
+            if bulk is not None and bulk(item):
+                self._backlog.append(item)
+                self._backlog_of.setdefault(key, collections.deque()).append(item)
+                self._backlog_count += 1
+                added += 1
+                continue
+            waiting = self._backlog_of.pop(key, None)
+            if waiting:  # its dispatch's earlier bulk messages go first
+                self._backlog_count -= len(waiting)
+                for earlier in waiting:
+                    window.add(earlier)
+            if window.add(item):
                 added += 1
         if added:
             self._idle.clear()
             self._counted += added
             metrics.OUTBOX_MESSAGES.inc(added)
             self._wake.set()
+
+    def _feed_bulk(self) -> bool:
+        """Move bulk messages into the window while it is short; whether any moved."""
+        window, backlog, fed = self._window, self._backlog, False
+        while backlog and len(window) < BULK_WINDOW:
+            item = backlog.popleft()
+            key = _dispatch_key(item)
+            waiting = self._backlog_of.get(key)
+            if not waiting or waiting[0] is not item:
+                continue  # promoted with a live message of its dispatch
+            waiting.popleft()
+            if not waiting:
+                del self._backlog_of[key]
+            self._backlog_count -= 1
+            window.add(item)
+            fed = True
+        return fed
+
+    @property
+    def backlog(self) -> int:
+        """Bulk messages not yet handed to the send window."""
+        return self._backlog_count
 
     async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (answers False on timeout)
         """True once every submitted item is confirmed and removed from the outbox."""
@@ -463,7 +523,7 @@ class Publisher:
 
     @property
     def unconfirmed(self) -> int:
-        return len(self._window)
+        return len(self._window) + self._backlog_count
 
     def _update_idle(self) -> None:
         if not self.unconfirmed and not self._done:
@@ -510,6 +570,8 @@ class Publisher:
             if item is not None:
                 task = asyncio.create_task(self._publish(item, channel))
                 self._in_flight.add(task)
+                continue
+            if self._feed_bulk():
                 continue
             self._arm_retry_timer()
             self._wake.clear()

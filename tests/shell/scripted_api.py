@@ -16,7 +16,10 @@ real ``grpc.aio`` server on 127.0.0.1:0 serving ``MicrogridDispatchService``
 
 Like the local API it sends the initial metadata as soon as a stream is
 registered, so the daemon lists right after subscribing and nothing pushed
-afterwards is lost. Filters and sort options are ignored: List returns the
+afterwards is lost. With ``headers_on_first_event`` it sends them only with
+the first event (as frequenz-client-dispatch's FakeService does), and
+``registering`` (when given) holds each new stream back from registering
+until the test sets it. Filters and sort options are ignored: List returns the
 put dispatches by id, ``page_size`` (capped at ``max_page_size``) at a time,
 the next page token being the last id of the page.
 """
@@ -128,9 +131,20 @@ def revised(dispatch: Dispatch, update_time: datetime, **data: Any) -> Dispatch:
 class ScriptedApi(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
     """List and Stream for one microgrid, from dispatches and events the test controls."""
 
-    def __init__(self, microgrid_id: int = MG, *, max_page_size: int = 1000) -> None:
+    def __init__(
+        self,
+        microgrid_id: int = MG,
+        *,
+        max_page_size: int = 1000,
+        headers_on_first_event: bool = False,
+        registering: asyncio.Event | None = None,
+    ) -> None:
         self.microgrid_id = microgrid_id
         self.max_page_size = max_page_size
+        self.headers_on_first_event = headers_on_first_event
+        self.registering = registering
+        self.first_event_sent_after_listings: int | None = None
+        """Complete listings served before the first stream event went out."""
         self.url = ""
         """``grpc://127.0.0.1:<port>?ssl=false`` once started."""
         self.streams_opened = 0
@@ -240,12 +254,17 @@ class ScriptedApi(dispatch_pb2_grpc.MicrogridDispatchServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown microgrid")
         # ``None`` queued by ``cut_streams`` ends the stream with UNAVAILABLE.
         stream: asyncio.Queue[StreamMicrogridDispatchesResponse | None] = asyncio.Queue()
+        if self.registering is not None:
+            await self.registering.wait()
         self._streams.add(stream)
         try:
-            await context.send_initial_metadata(())
+            if not self.headers_on_first_event:
+                await context.send_initial_metadata(())
             self.streams_opened += 1
             await self._notify()
             while (response := await stream.get()) is not None:
+                if self.first_event_sent_after_listings is None:
+                    self.first_event_sent_after_listings = self.listings
                 yield response
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream cut by the test")
         finally:

@@ -47,7 +47,7 @@ async def _nowhere(_: SyncItem) -> None:
 async def test_api_sync_stopped_as_the_stream_is_accepted_stops() -> None:
     sync = ApiSync(client=None, microgrid_id=1, deliver=_nowhere)  # type: ignore[arg-type]
     call = _AcceptedCall()
-    task = asyncio.create_task(sync._wait_accepted(call))  # type: ignore[arg-type]
+    task = asyncio.create_task(sync._wait_accepted(call, 5.0))  # type: ignore[arg-type]
     await asyncio.sleep(0)  # waiting for the headers now
     call.headers.set_result(())
     task.cancel()
