@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from frequenz.client.common.streaming import Event as StreamEvent
 
-from dispatchd import metrics, status
+from dispatchd import memory, metrics, status
 from dispatchd.apisync import Backoff, Listed, Streamed, SyncItem, gc_paused
 from dispatchd.config import Settings
 from dispatchd.core import wire
@@ -44,6 +44,8 @@ _log = structlog.get_logger(__name__)
 
 FIRST_PART = 100
 """Messages in the first part of a burst committed in parts (see ``_commit_in_parts``)."""
+SLICE = 2000
+"""Dispatches per transaction of a large step such as a first sync (see ``_commit``)."""
 HANDOFF_YIELDS = 3
 """Loop turns given to the publisher after each part: its sender starts the
 publishes, they queue their frames, aiormq's writer puts them on the socket."""
@@ -260,9 +262,27 @@ class Loop:
         """One transaction for the step's records and the messages they caused, then publish.
 
         ``bulk`` picks the messages that may wait behind others (``Publisher.submit``).
+        A large step (a first sync) is written in slices of about ``SLICE``
+        dispatches, each its own transaction, so only one slice's texts and
+        envelopes are in memory at a time. A slice holds whole dispatches, as
+        in ``_commit_in_parts``; the meta goes with the last one.
         """
         _log_invalid(step.invalid)
-        self._write(step.messages, step.records, step.meta, bulk)
+        if len(step.messages) <= SLICE and len(step.records) <= SLICE:
+            self._write(step.messages, step.records, step.meta, bulk)
+            return
+        records = dict(step.records)
+        for part in _parts(step.messages, SLICE, grow=1):
+            keys = {_dispatch_key(message) for message in part}
+            self._write(part, {key: records.pop(key) for key in keys if key in records}, None, bulk)
+        rest = list(records.items())
+        for start in range(0, len(rest), SLICE):
+            last = start + SLICE >= len(rest)
+            self._write([], dict(rest[start : start + SLICE]), step.meta if last else None)
+        if not rest:
+            self._write([], {}, step.meta)
+        self._store.release_memory()
+        memory.trim()
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -387,8 +407,9 @@ def _dispatch_key(message: Message) -> DispatchKey:
     return message.dispatch.microgrid_id, message.dispatch.id
 
 
-def _parts(messages: list[Message], first: int) -> list[list[Message]]:
-    """Consecutive runs of ``messages``, the first about ``first`` long, each next twice as long.
+def _parts(messages: list[Message], first: int, grow: int = 2) -> list[list[Message]]:
+    """Consecutive runs of ``messages``, the first about ``first`` long, each next ``grow``
+    times as long.
 
     A cut is made only where no dispatch has messages on both sides of it.
     """
@@ -401,7 +422,7 @@ def _parts(messages: list[Message], first: int) -> list[list[Message]]:
         reach = max(reach, last_of[_dispatch_key(message)])
         if reach == index and index + 1 - start >= size:
             parts.append(messages[start : index + 1])
-            start, size = index + 1, size * 2
+            start, size = index + 1, size * grow
     if start < len(messages):
         parts.append(messages[start:])
     return parts

@@ -112,6 +112,16 @@ def _dispatch_key(item: OutboxItem) -> DispatchKey:
 OutboxWindow = SendWindow[OutboxItem, DispatchKey]
 
 
+def _backlog_key(envelope: Envelope) -> int:
+    """The dispatch as one int: the bulk backlog holds tens of thousands of them."""
+    return envelope.microgrid_id << 64 | envelope.dispatch_id
+
+
+def _seqs(held: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A dispatch's waiting bulk seqs (one is held as a bare int, the usual case)."""
+    return (held,) if isinstance(held, int) else held
+
+
 def describe_error(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -222,8 +232,10 @@ class Publisher:
         self._in_flight: set[asyncio.Task[None]] = set()
         # Bulk messages not yet in the window, in seq order; per dispatch the same ones
         # (a promoted one stays in the deque and is skipped: not at its dispatch's head).
-        self._backlog: collections.deque[OutboxItem] = collections.deque()
-        self._backlog_of: dict[tuple[int, int], collections.deque[OutboxItem]] = {}
+        # Only their seqs are kept: the envelopes stay in the store's outbox until they
+        # go (a first sync's 50,000 would hold about 55 MB, docs/architecture.md).
+        self._backlog: collections.deque[int] = collections.deque()
+        self._backlog_of: dict[int, int | tuple[int, ...]] = {}
         self._backlog_count = 0
         # Wakes the sender when the earliest dispatch waiting after a nack may go again.
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -470,18 +482,20 @@ class Publisher:
         for item in items:
             if item.seq in self._done_set or item.seq in window:
                 continue
-            key = _dispatch_key(item)
+            key = _backlog_key(item.envelope)
             if bulk is not None and bulk(item):
-                self._backlog.append(item)
-                self._backlog_of.setdefault(key, collections.deque()).append(item)
+                self._backlog.append(item.seq)
+                held = self._backlog_of.get(key)
+                self._backlog_of[key] = item.seq if held is None else (*_seqs(held), item.seq)
                 self._backlog_count += 1
                 added += 1
                 continue
             waiting = self._backlog_of.pop(key, None)
-            if waiting:  # its dispatch's earlier bulk messages go first
-                self._backlog_count -= len(waiting)
-                for earlier in waiting:
-                    window.add(earlier)
+            if waiting is not None:  # its dispatch's earlier bulk messages go first
+                earlier = _seqs(waiting)
+                self._backlog_count -= len(earlier)
+                for parked in self._store.outbox_items(earlier):
+                    window.add(parked)
             if window.add(item):
                 added += 1
         if added:
@@ -491,20 +505,28 @@ class Publisher:
             self._wake.set()
 
     def _feed_bulk(self) -> bool:
-        """Move bulk messages into the window while it is short; whether any moved."""
+        """Move bulk messages into the window while it is short; whether any moved.
+
+        Read back from the store's outbox in batches of up to ``BULK_WINDOW``:
+        refilled once the window is half empty, so a batch is one short read.
+        """
         window, backlog, fed = self._window, self._backlog, False
-        while backlog and len(window) < BULK_WINDOW:
-            item = backlog.popleft()
-            key = _dispatch_key(item)
-            waiting = self._backlog_of.get(key)
-            if not waiting or waiting[0] is not item:
-                continue  # promoted with a live message of its dispatch
-            waiting.popleft()
-            if not waiting:
-                del self._backlog_of[key]
-            self._backlog_count -= 1
-            window.add(item)
-            fed = True
+        while backlog and len(window) < BULK_WINDOW // 2:
+            room = BULK_WINDOW - len(window)
+            seqs = [backlog.popleft() for _ in range(min(room, len(backlog)))]
+            for item in self._store.outbox_items(seqs):
+                key = _backlog_key(item.envelope)
+                waiting = self._backlog_of.get(key)
+                if waiting is None or _seqs(waiting)[0] != item.seq:
+                    continue  # promoted with a live message of its dispatch
+                rest = _seqs(waiting)[1:]
+                if not rest:
+                    del self._backlog_of[key]
+                else:
+                    self._backlog_of[key] = rest[0] if len(rest) == 1 else rest
+                self._backlog_count -= 1
+                window.add(item)
+                fed = True
         return fed
 
     @property

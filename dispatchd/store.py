@@ -122,8 +122,9 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_CACHE_KIB = 64 * 1024
-"""Upper bound of SQLite's page cache; it only grows this far during big steps."""
+_CACHE_KIB = 8 * 1024
+"""Upper bound of SQLite's page cache: a transaction of the daemon writes at most a
+slice of a large step (``loop.SLICE`` dispatches, a few MB), which fits in it."""
 WAL_LIMIT = 4 * 1024 * 1024
 """Bytes the WAL file may keep: a larger one is checkpointed and truncated after the
 commit that grew it (a first sync of 50k dispatches writes tens of MB at once)."""
@@ -167,8 +168,8 @@ class Store:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self._db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
-            # A first sync writes tens of MB in one transaction; with the default
-            # 2 MB page cache SQLite spills and re-reads pages mid-transaction.
+            # With the default 2 MB page cache SQLite would spill and re-read pages
+            # in the middle of a slice of a first sync.
             self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             self._migrate()
         except sqlite3.DatabaseError as error:
@@ -347,6 +348,23 @@ class Store:
             items = [item for item in items if item.seq not in self._unremoved]
         return items
 
+    def release_memory(self) -> None:
+        """Free SQLite's page cache (after a large step filled it; it refills on demand)."""
+        with self._lock:
+            self._db.execute("PRAGMA shrink_memory")
+
+    def outbox_items(self, seqs: Sequence[int]) -> list[OutboxItem]:
+        """The outbox items with these seqs that are still there, in seq order.
+
+        The publisher reads its bulk backlog back with this, a batch at a time.
+        """
+        if not seqs:
+            return []
+        marks = ",".join("?" * len(seqs))
+        with self._lock:
+            cursor = self._db.execute(f"{_OUTBOX_SELECT} WHERE seq IN ({marks}) ORDER BY seq", seqs)
+            return _outbox_items(cursor)
+
     def outbox_size(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT count(*) FROM outbox").fetchone()
@@ -358,27 +376,33 @@ class Store:
 
     @staticmethod
     def _read_outbox(db: sqlite3.Connection) -> list[OutboxItem]:
-        cursor = db.execute(
-            "SELECT seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
-            " FROM outbox ORDER BY seq"
+        return _outbox_items(db.execute(f"{_OUTBOX_SELECT} ORDER BY seq"))
+
+
+_OUTBOX_SELECT = (
+    "SELECT seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
+    " FROM outbox"
+)
+
+
+def _outbox_items(cursor: sqlite3.Cursor) -> list[OutboxItem]:
+    return [
+        OutboxItem(
+            seq=int(seq),
+            envelope=Envelope(
+                message_id=str(message_id),
+                routing_key=str(routing_key),
+                body=bytes(body),
+                headers=json.loads(headers),
+                type=str(type_),
+                microgrid_id=int(microgrid_id),
+                dispatch_id=int(dispatch_id),
+            ),
         )
-        return [
-            OutboxItem(
-                seq=int(seq),
-                envelope=Envelope(
-                    message_id=str(message_id),
-                    routing_key=str(routing_key),
-                    body=bytes(body),
-                    headers=json.loads(headers),
-                    type=str(type_),
-                    microgrid_id=int(microgrid_id),
-                    dispatch_id=int(dispatch_id),
-                ),
-            )
-            for seq, message_id, routing_key, type_, microgrid_id, dispatch_id, headers, body in (
-                cursor
-            )
-        ]
+        for seq, message_id, routing_key, type_, microgrid_id, dispatch_id, headers, body in (
+            cursor
+        )
+    ]
 
 
 _HEADERS_ENCODER = json.JSONEncoder(sort_keys=True)
