@@ -122,7 +122,7 @@ async def profile(amqp_url: str, size: int, top: int) -> None:
         # No consumer in this process (its copies would be counted).
         queue = parked_queue(amqp_url, exchange)
         await queue.__aenter__()
-        tracemalloc.start(1)
+        tracemalloc.start(4)
         daemon = InProcess(settings)
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop))
@@ -144,6 +144,10 @@ async def profile(amqp_url: str, size: int, top: int) -> None:
         f"tracemalloc {size}: traced at ready", f"{traced / 2**20:.1f} MiB, peak {peak / 2**20:.1f}"
     )
     show(f"tracemalloc {size}: traced after publishing", f"{traced_after / 2**20:.1f} MiB")
+    print(f"\ntop {top} allocation sites at ready, with their callers:")
+    for stat in at_ready.statistics("traceback")[:top]:
+        where = " <- ".join(f"{_short(f.filename)}:{f.lineno}" for f in reversed(stat.traceback))
+        print(f"  {stat.size / 2**20:7.2f} MiB {stat.count:>9,} blocks  {where}")
     for name, snapshot in (("at ready", at_ready), ("after publishing", after)):
         print(f"\ntop {top} lines {name}:")
         for stat in snapshot.statistics("lineno")[:top]:

@@ -138,6 +138,8 @@ class Loop:
         self._prepared_until = EARLIEST
         self._unsaved: _Unsaved | None = None
         self._store_retry = asyncio.Event()
+        self._release_due = False
+        """A large step was written: give its memory back once it is done (see ``_commit``)."""
 
     def first_sync_due(self) -> None:
         """``api.first_sync_timeout`` has passed: converge the microgrids still not listed."""
@@ -197,14 +199,11 @@ class Loop:
                 messages = step.messages
                 if self._prepared and now >= self._prepared_until:
                     self._prepared = DispatchTexts()  # its window has passed
-            case Listed(microgrid_id, dispatches, initial, unseen_since):
-                with gc_paused():
-                    step = engine.relist(
-                        microgrid_id, dispatches, now, initial=initial, unseen_since=unseen_since
-                    )
-                    self._commit(step, bulk=_announcement)
-                messages = step.messages
+            case Listed():
+                self._relist(item, now)
+                self._release_memory()  # now that the step's objects are gone
                 self._after_listed(item, now)
+                return
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
@@ -215,6 +214,27 @@ class Loop:
                 messages = step.messages
         _log_messages(messages)
         self.recent.extend(messages)
+        self._release_memory()
+
+    def _relist(self, item: Listed, now: datetime) -> None:
+        with gc_paused():
+            step = self.engine.relist(
+                item.microgrid_id,
+                item.dispatches,
+                now,
+                initial=item.initial,
+                unseen_since=item.unseen_since,
+            )
+            self._commit(step, bulk=_announcement)
+        _log_messages(step.messages)
+        self.recent.extend(step.messages)
+
+    def _release_memory(self) -> None:
+        """After a large step: SQLite's page cache and the heap's free pages go back."""
+        if self._release_due:
+            self._release_due = False
+            self._store.release_memory()
+            memory.trim()
 
     def _after_listed(self, item: Listed, now: datetime) -> None:
         """The first listing of a microgrid marks it synced; all synced is ready."""
@@ -281,8 +301,7 @@ class Loop:
             self._write([], dict(rest[start : start + SLICE]), step.meta if last else None)
         if not rest:
             self._write([], {}, step.meta)
-        self._store.release_memory()
-        memory.trim()
+        self._release_due = True
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.

@@ -64,7 +64,7 @@ from aio_pika.exceptions import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from dispatchd import metrics
+from dispatchd import memory, metrics
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.sendwindow import SendWindow
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
@@ -92,6 +92,10 @@ NACK_LOG_INTERVAL = 10.0
 BULK_WINDOW = 200
 """Unconfirmed messages below which the bulk backlog feeds the send window: enough to
 keep the broker's pipeline full, few enough that a live message behind them is not late."""
+
+TRIM_AFTER = 10_000
+"""Confirmed messages after which a publisher that falls idle gives the heap memory
+they used back to the operating system (``memory.trim``)."""
 
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
@@ -237,6 +241,8 @@ class Publisher:
         self._backlog: collections.deque[int] = collections.deque()
         self._backlog_of: dict[int, int | tuple[int, ...]] = {}
         self._backlog_count = 0
+        self._since_trim = 0
+        """Messages confirmed since the heap was last trimmed (see ``TRIM_AFTER``)."""
         # Wakes the sender when the earliest dispatch waiting after a nack may go again.
         self._retry_timer: asyncio.TimerHandle | None = None
         self._nacks_unlogged = 0
@@ -522,6 +528,8 @@ class Publisher:
                 rest = _seqs(waiting)[1:]
                 if not rest:
                     del self._backlog_of[key]
+                    if not self._backlog_of:
+                        self._backlog_of = {}  # a dict keeps its largest size: 2.5 MB at 50k
                 else:
                     self._backlog_of[key] = rest[0] if len(rest) == 1 else rest
                 self._backlog_count -= 1
@@ -550,6 +558,9 @@ class Publisher:
     def _update_idle(self) -> None:
         if not self.unconfirmed and not self._done:
             self._idle.set()
+            if self._since_trim >= TRIM_AFTER:  # a drained backlog: its memory goes back
+                self._since_trim = 0
+                memory.trim()
 
     # --- the send loop -----------------------------------------------------
 
@@ -715,6 +726,7 @@ class Publisher:
         if not self._window.confirm(item):
             return
         self._round_confirmed += 1
+        self._since_trim += 1
         self._done.append(item.seq)
         self._done_set.add(item.seq)
 
