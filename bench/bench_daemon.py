@@ -161,6 +161,7 @@ class Daemon:
         self.api_port = 0
         self.http_port = 0
         self._reader: asyncio.Task[None] | None = None
+        self._client: DispatchApiClient | None = None
 
     async def start(self, within: float = 300) -> float:
         """Spawn and wait for the first sync; returns the seconds it took."""
@@ -231,9 +232,12 @@ class Daemon:
         return Daemon(dict(self.env))
 
     def client(self) -> DispatchApiClient:
-        return DispatchApiClient(
-            server_url=f"grpc://127.0.0.1:{self.api_port}?ssl=false", auth_key="bench"
-        )
+        """One client of the daemon's API, connected once (not per update)."""
+        if self._client is None:
+            self._client = DispatchApiClient(
+                server_url=f"grpc://127.0.0.1:{self.api_port}?ssl=false", auth_key="bench"
+            )
+        return self._client
 
     async def stop(self) -> None:
         if self.process is None or self.process.returncode is not None:
@@ -253,9 +257,10 @@ def seed(
     *,
     duration: int = 60,
     recurrence: RecurrenceRule.Frequency.ValueType | None = None,
+    now: datetime | None = None,
 ) -> None:
-    """Write one dispatch per start time into the embedded API's database."""
-    now = datetime.now(UTC)
+    """Write one dispatch per start time into the embedded API's database (created at ``now``)."""
+    now = now or datetime.now(UTC)
     storage = Storage(state_dir / "dispatches.sqlite3")
     try:
         for index, start in enumerate(starts):
@@ -319,7 +324,13 @@ async def bench_sync(amqp_url: str, size: int, updates: int) -> None:
         seconds,
     ):
         rss = daemon.rss_mib()
+        at_ready = await update_latency(daemon, consumer, size, 1 + size // 2, 0)
         show(f"sync {size}: spawn -> ready", f"{seconds:.2f} s", "50k within 5 s")
+        show(
+            f"sync {size}: update right after ready -> consumer",
+            f"{at_ready * 1e3:.1f} ms, {len(consumer.messages):,} of {size:,} created out by then",
+            "within 50 ms",
+        )
         show(f"sync {size}: first log line -> ready", f"{daemon.internal_ready_seconds():.2f} s")
         listed = daemon.logged("listed dispatches")["seconds"]
         show(f"sync {size}: API list", f"{listed:.2f} s")
@@ -383,34 +394,41 @@ async def bench_sync_separate_api(amqp_url: str, size: int) -> None:
             await api.stop()
 
 
+async def update_latency(
+    daemon: Daemon, consumer: Consumer, size: int, dispatch_id: int, n: int
+) -> float:
+    """Seconds from ``DispatchApiClient.update`` of one payload to its ``updated`` arriving."""
+    client = daemon.client()
+    before = len(consumer.messages)
+    started = time.time()
+    await client.update(
+        microgrid_id=MicrogridId(MICROGRID),
+        dispatch_id=dispatch_id,  # type: ignore[arg-type]
+        new_fields={"payload": {"power_w": n}},
+    )
+
+    def arrived(since: int = before, wanted: int = dispatch_id) -> bool:
+        return any(
+            m.body["event"] == "updated" and m.body["dispatch"]["id"] == wanted
+            for m in consumer.messages[since:]
+        )
+
+    await consumer.wait_count(arrived, 60)
+    got = next(
+        m
+        for m in consumer.messages[before:]
+        if m.body["event"] == "updated" and m.body["dispatch"]["id"] == dispatch_id
+    )
+    return got.at - started
+
+
 async def bench_updates(daemon: Daemon, consumer: Consumer, size: int, updates: int) -> None:
     if updates < 1:
         return
-    client = daemon.client()
-    latencies: list[float] = []
-    for n in range(updates):
-        dispatch_id = 1 + (n * 7919) % size
-        before = len(consumer.messages)
-        started = time.time()
-        await client.update(
-            microgrid_id=MicrogridId(MICROGRID),
-            dispatch_id=dispatch_id,  # type: ignore[arg-type]
-            new_fields={"payload": {"power_w": n}},
-        )
-
-        def arrived(since: int = before, wanted: int = dispatch_id) -> bool:
-            return any(
-                m.body["event"] == "updated" and m.body["dispatch"]["id"] == wanted
-                for m in consumer.messages[since:]
-            )
-
-        await consumer.wait_count(arrived, 30)
-        got = next(
-            m
-            for m in consumer.messages[before:]
-            if m.body["event"] == "updated" and m.body["dispatch"]["id"] == dispatch_id
-        )
-        latencies.append(got.at - started)
+    latencies = [
+        await update_latency(daemon, consumer, size, 1 + (n * 7919) % size, n)
+        for n in range(updates)
+    ]
     p50, p99, worst = quantiles(latencies)
     show(
         f"update via API -> consumer, {size} known",

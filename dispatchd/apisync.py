@@ -78,6 +78,12 @@ def api_url(settings: Settings, local_port: int | None = None) -> str:
     return f"grpc://{host}:{local_port if local_port is not None else port}?ssl=false"
 
 
+OPENING_AT_ONCE: Final = 32
+"""Microgrids that open their stream and list at the same time (per channel). A
+thousand streams opened at once make the API answer every stream's headers late,
+past ``HEADERS_GRACE``, and each microgrid would be listed twice."""
+
+
 RECONNECT_BACKOFF_MS: Final = (250, 1000)
 """gRPC's own connection backoff (initial, maximum): an API that answers again is
 reached within about a second, instead of gRPC's default of up to 120 s."""
@@ -237,8 +243,11 @@ class ApiSync:
         backoff: Backoff = Backoff(),
         page_size: int = 1000,
         refused_retry: float | None = None,
+        opening: asyncio.Semaphore | None = None,
     ) -> None:
         self._client = client
+        self._opening = opening or asyncio.Semaphore(1)
+        """Shared by the microgrids of one channel: how many may open and list at once."""
         self._microgrid_id = microgrid_id
         self._deliver = deliver
         self._backoff = backoff
@@ -344,11 +353,13 @@ class ApiSync:
 
     async def _connect_once(self) -> None:
         """One connection: open, list, then forward events, renewing the stream in time."""
-        streams = [self._open_stream()]
+        streams: list[_Stream] = []
         try:
-            confirmed = await self._wait_accepted(streams[-1].call, HEADERS_GRACE)
-            listing_started = datetime.now(UTC)
-            listed = await self._list()
+            async with self._opening:
+                streams.append(self._open_stream())
+                confirmed = await self._wait_accepted(streams[-1].call, HEADERS_GRACE)
+                listing_started = datetime.now(UTC)
+                listed = await self._list()
             await self._deliver(replace(listed, unseen_since=self._lost_at))
             self._lost_at = None
             if self.problem is not None:

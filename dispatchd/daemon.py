@@ -30,7 +30,7 @@ import structlog
 from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import __version__, metrics, status
-from dispatchd.apisync import ApiSync, api_client, api_url
+from dispatchd.apisync import OPENING_AT_ONCE, ApiSync, api_client, api_url
 from dispatchd.config import Settings
 from dispatchd.core import wire
 from dispatchd.http import HttpServer, QueryParams
@@ -137,8 +137,9 @@ class Daemon:
             # microgrid's first list, which may show it changed while we were down.
             engine.hold(self._clock())
             client = api_client(self._settings, self.local_api_port)
+            opening = asyncio.Semaphore(OPENING_AT_ONCE)
             for microgrid_id in settings.microgrid_ids:
-                sync = ApiSync(client, microgrid_id, loop.inbox.put)
+                sync = ApiSync(client, microgrid_id, loop.inbox.put, opening=opening)
                 self._syncs.append(sync)
                 tasks.append(asyncio.create_task(sync.run(), name=f"sync-{microgrid_id}"))
             tasks.append(asyncio.create_task(loop.run(), name="engine"))

@@ -49,6 +49,8 @@ SLICE = 2000
 HANDOFF_YIELDS = 3
 """Loop turns given to the publisher after each part: its sender starts the
 publishes, they queue their frames, aiormq's writer puts them on the socket."""
+LISTED_BATCH = 200
+"""Listings (of different microgrids, queued together) committed in one transaction."""
 PREPARE_LEAD = 0.5
 """Seconds before a deadline at which its dispatches are readied (see ``Engine.prepare``)."""
 _SCHEDULED_REASONS = frozenset({Reason.STARTED, Reason.ENDED})
@@ -140,6 +142,8 @@ class Loop:
         self._store_retry = asyncio.Event()
         self._release_due = False
         """A large step was written: give its memory back once it is done (see ``_commit``)."""
+        self._carried: InboxItem | None = None
+        """An item taken from the inbox behind a batch of listings, handled next."""
 
     def first_sync_due(self) -> None:
         """``api.first_sync_timeout`` has passed: converge the microgrids still not listed."""
@@ -156,6 +160,10 @@ class Loop:
         burst of starts costs less at its instant), and at the deadline.
         """
         while True:
+            if self._carried is not None:
+                carried, self._carried = self._carried, None
+                await self._step(carried)
+                continue
             deadline = self.engine.next_deadline()
             timeout = None
             preparing = False
@@ -200,9 +208,10 @@ class Loop:
                 if self._prepared and now >= self._prepared_until:
                     self._prepared = DispatchTexts()  # its window has passed
             case Listed():
-                self._relist(item, now)
+                listed = self._relist(item, now)
                 self._release_memory()  # now that the step's objects are gone
-                self._after_listed(item, now)
+                for x in listed:
+                    self._after_listed(x, now)
                 return
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
@@ -216,18 +225,24 @@ class Loop:
         self.recent.extend(messages)
         self._release_memory()
 
-    def _relist(self, item: Listed, now: datetime) -> None:
+    def _relist(self, first: Listed, now: datetime) -> list[Listed]:
+        """Apply ``first`` and the listings queued behind it; returns them."""
+        listed = self._more_listed(first)
         with gc_paused():
-            step = self.engine.relist(
-                item.microgrid_id,
-                item.dispatches,
-                now,
-                initial=item.initial,
-                unseen_since=item.unseen_since,
-            )
-            self._commit(step, bulk=_announcement)
-        _log_messages(step.messages)
-        self.recent.extend(step.messages)
+            steps = [
+                self.engine.relist(
+                    x.microgrid_id,
+                    x.dispatches,
+                    now,
+                    initial=x.initial,
+                    unseen_since=x.unseen_since,
+                )
+                for x in listed
+            ]
+            messages = self._commit_together(steps)
+        _log_messages(messages)
+        self.recent.extend(messages)
+        return listed
 
     def _release_memory(self) -> None:
         """After a large step: SQLite's page cache and the heap's free pages go back."""
@@ -235,6 +250,40 @@ class Loop:
             self._release_due = False
             self._store.release_memory()
             memory.trim()
+
+    def _more_listed(self, first: Listed) -> list[Listed]:
+        """``first`` and the listings queued right behind it (up to ``LISTED_BATCH``).
+
+        A thousand microgrids list at once at start-up: one transaction (one
+        fsync) for a batch instead of one per microgrid. The first other item
+        met is handled right after the batch, so the inbox order is kept.
+        """
+        batch = [first]
+        inbox = self.inbox
+        while len(batch) < LISTED_BATCH and not inbox.empty():
+            item = inbox.get_nowait()
+            if not isinstance(item, Listed):
+                self._carried = item
+                break
+            batch.append(item)
+        return batch
+
+    def _commit_together(self, steps: list[Step]) -> list[Message]:
+        """The steps' records and messages, in order, in one transaction (in slices when
+        large, see ``_commit``); their messages."""
+        if len(steps) == 1:
+            self._commit(steps[0], bulk=_announcement)
+            return steps[0].messages
+        messages: list[Message] = []
+        records: dict[DispatchKey, DispatchRecord | None] = {}
+        invalid: list[tuple[DispatchKey, str]] = []
+        for step in steps:
+            invalid.extend(step.invalid)
+            messages.extend(step.messages)
+            records.update(step.records)  # a later step's record of a key supersedes
+        together = Step(messages=messages, records=records, invalid=invalid, meta=steps[-1].meta)
+        self._commit(together, bulk=_announcement)  # in slices when large
+        return messages
 
     def _after_listed(self, item: Listed, now: datetime) -> None:
         """The first listing of a microgrid marks it synced; all synced is ready."""

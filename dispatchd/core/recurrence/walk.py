@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Final
 
@@ -78,6 +79,9 @@ class _Walk:
             and parts.freq not in (Frequency.DAILY, Frequency.WEEKLY)
         )
         self._minute_set = frozenset(self._minutes)
+        self._every_minute = (
+            parts.freq == Frequency.MINUTELY and len(self._hours) == 24 and len(self._minutes) == 60
+        )
 
     def forward(self, t: datetime, stop: datetime = LATEST) -> Iterator[datetime]:
         """Starts in [t, stop], ascending."""
@@ -89,11 +93,13 @@ class _Walk:
             for day in self._days(month, reverse=False):
                 if day < first_day:
                     continue
-                for moment in self._times(day, reverse=False):
+                positions = self._positions(day)
+                if day == first_day:  # skip the times before t without building them
+                    positions = positions[bisect_left(positions, self._position_from(t)) :]
+                for moment in self._moments(day, positions):
                     if moment > stop:
                         return
-                    if moment >= t:
-                        yield moment
+                    yield moment
             month += 1
 
     def backward(self, t: datetime) -> Iterator[datetime]:
@@ -104,12 +110,39 @@ class _Walk:
             for day in self._days(month, reverse=True):
                 if day > last_day:
                     continue
-                for moment in self._times(day, reverse=True):
-                    if self._dtstart <= moment <= t:
-                        yield moment
-                    elif moment < self._dtstart:
+                positions = self._positions(day)
+                if day == last_day:  # skip the times after t without building them
+                    positions = positions[: bisect_right(positions, self._position_to(t))]
+                for moment in self._moments(day, positions[::-1]):
+                    if moment < self._dtstart:
                         return
+                    yield moment
             month -= 1
+
+    def _position_from(self, t: datetime) -> int:
+        """The first minute of t's day whose start (at dtstart's second) is at or after t."""
+        position = t.hour * 60 + t.minute
+        second = self._dtstart.second
+        if (t.second, t.microsecond) > (second, 0):
+            position += 1
+        return position
+
+    def _position_to(self, t: datetime) -> int:
+        """The last minute of t's day whose start (at dtstart's second) is at or before t."""
+        position = t.hour * 60 + t.minute
+        if t.second < self._dtstart.second:
+            position -= 1
+        return position
+
+    def _moments(self, ordinal: int, positions: Sequence[int]) -> Iterator[datetime]:
+        """The starts at ``positions`` (minutes of the day), built one at a time."""
+        if not positions:
+            return
+        day = date.fromordinal(ordinal)
+        year, month, number, second = day.year, day.month, day.day, self._dtstart.second
+        for position in positions:
+            hour, minute = divmod(position, 60)
+            yield datetime(year, month, number, hour, minute, second, tzinfo=UTC)
 
     def _days(self, month: int, *, reverse: bool) -> list[int]:
         """Ordinals of the days of ``month`` (years*12 + month-1) the rule allows."""
@@ -150,35 +183,34 @@ class _Walk:
             return ((ordinal - weekday - self._week0) // 7) % parts.interval == 0
         return True
 
-    def _times(self, ordinal: int, *, reverse: bool) -> list[datetime]:
-        """The allowed starts on one day, in order."""
+    def _positions(self, ordinal: int) -> Sequence[int]:
+        """The allowed starts on one day as minutes of the day, ascending.
+
+        Steps are spent as if every candidate time were looked at; an every-minute
+        rule's grid is a ``range``, so a walk that takes one start builds one.
+        """
         parts = self._parts
         hours, minutes = self._hours, self._minutes
         grid = self._grid(ordinal)
         if grid is None:
-            pairs = [(h, m) for h in hours for m in minutes]
-            self._steps.spend(len(pairs))
-        else:
-            first, step = grid
-            per_day = _MINUTES_PER_DAY if parts.freq == Frequency.MINUTELY else 24
-            if first >= per_day:  # the grid skips this day
-                self._steps.spend(1)
-                return []
-            candidates = len(hours) * len(minutes)
-            if candidates <= (per_day - first + step - 1) // step:
-                pairs = [(h, m) for h in hours for m in minutes if self._on_grid(h, m, grid)]
-                self._steps.spend(candidates)
-            else:
-                pairs = self._grid_pairs(first, step)
-                self._steps.spend(len(pairs) + 1)
-        if not pairs:
-            return []
-        day = date.fromordinal(ordinal)
-        second = self._dtstart.second
-        moments = [
-            datetime(day.year, day.month, day.day, h, m, second, tzinfo=UTC) for h, m in pairs
-        ]
-        return moments[::-1] if reverse else moments
+            self._steps.spend(len(hours) * len(minutes))
+            return [h * 60 + m for h in hours for m in minutes]
+        first, step = grid
+        per_day = _MINUTES_PER_DAY if parts.freq == Frequency.MINUTELY else 24
+        if first >= per_day:  # the grid skips this day
+            self._steps.spend(1)
+            return ()
+        candidates = len(hours) * len(minutes)
+        on_grid = (per_day - first + step - 1) // step
+        if self._every_minute:
+            self._steps.spend(candidates if candidates <= on_grid else on_grid + 1)
+            return range(first, _MINUTES_PER_DAY, step)
+        if candidates <= on_grid:
+            self._steps.spend(candidates)
+            return [h * 60 + m for h in hours for m in minutes if self._on_grid(h, m, grid)]
+        pairs = self._grid_pairs(first, step)
+        self._steps.spend(len(pairs) + 1)
+        return [h * 60 + m for h, m in pairs]
 
     def _grid(self, ordinal: int) -> tuple[int, int] | None:
         """For HOURLY/MINUTELY: the first hour (minute) of the day on the
