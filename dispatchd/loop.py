@@ -334,13 +334,14 @@ class Loop:
         A large step (a first sync) is written in slices of about ``SLICE``
         dispatches, each its own transaction, so only one slice's texts and
         envelopes are in memory at a time. A slice holds whole dispatches, as
-        in ``_commit_in_parts``; the meta goes with the last one.
+        in ``_commit_in_parts``; the meta goes with the last one. A sliced
+        step's ``records`` are emptied as they are written.
         """
         _log_invalid(step.invalid)
         if len(step.messages) <= SLICE and len(step.records) <= SLICE:
             self._write(step.messages, step.records, step.meta, bulk)
             return
-        records = dict(step.records)
+        records = step.records  # taken apart as the slices are written: a copy is megabytes
         for part in _parts(step.messages, SLICE, grow=1):
             keys = {_dispatch_key(message) for message in part}
             self._write(part, {key: records.pop(key) for key in keys if key in records}, None, bulk)
