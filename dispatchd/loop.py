@@ -342,15 +342,17 @@ class Loop:
             self._write(step.messages, step.records, step.meta, bulk)
             return
         records = step.records  # taken apart as the slices are written: a copy is megabytes
-        for part in _parts(step.messages, SLICE, grow=1):
+        parts = _parts(step.messages, SLICE, grow=1)
+        for index, part in enumerate(parts):
             keys = {_dispatch_key(message) for message in part}
-            self._write(part, {key: records.pop(key) for key in keys if key in records}, None, bulk)
+            taken = {key: records.pop(key) for key in keys if key in records}
+            last = index == len(parts) - 1 and not records
+            self._write(part, taken, step.meta if last else None, bulk)
         rest = list(records.items())
+        records.clear()
         for start in range(0, len(rest), SLICE):
             last = start + SLICE >= len(rest)
             self._write([], dict(rest[start : start + SLICE]), step.meta if last else None)
-        if not rest:
-            self._write([], {}, step.meta)
         self._release_due = True
 
     async def _commit_in_parts(self, step: Step) -> None:

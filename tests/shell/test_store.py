@@ -91,6 +91,14 @@ def test_outbox_keeps_commit_order_across_commits_and_removals(store: Store) -> 
     assert store.outbox_size() == 4
 
 
+def test_outbox_items_reads_back_the_given_seqs_that_are_still_there(store: Store) -> None:
+    items = store.commit(envelopes=[envelope(n) for n in range(5)])
+    store.remove_from_outbox([items[2].seq])
+    wanted = [items[4].seq, items[0].seq, items[2].seq, items[3].seq]
+    assert store.outbox_items(wanted) == [items[0], items[3], items[4]]
+    assert store.outbox_items([]) == []
+
+
 def test_seq_is_never_reused_after_the_newest_item_was_removed(store: Store) -> None:
     (item,) = store.commit(envelopes=[envelope(1)])
     store.remove_from_outbox([item.seq])
