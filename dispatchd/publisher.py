@@ -93,6 +93,8 @@ BULK_WINDOW = 50
 """Unconfirmed messages below which the bulk backlog feeds the send window: enough to
 keep the broker's pipeline full, few enough that a live message behind them is not late."""
 
+READ_AHEAD = 500
+"""Bulk messages read back from the outbox at a time (about 0.5 MB in memory)."""
 TRIM_AFTER = 10_000
 """Confirmed messages after which a publisher that falls idle gives the heap memory
 they used back to the operating system (``memory.trim``)."""
@@ -239,6 +241,8 @@ class Publisher:
         # Only their seqs are kept: the envelopes stay in the store's outbox until they
         # go (a first sync's 50,000 would hold about 55 MB, docs/architecture.md).
         self._backlog: collections.deque[int] = collections.deque()
+        self._read_ahead: collections.deque[OutboxItem] = collections.deque()
+        """The next bulk messages, read back from the outbox (see ``_feed_bulk``)."""
         self._backlog_of: dict[int, int | tuple[int, ...]] = {}
         self._backlog_count = 0
         self._since_trim = 0
@@ -513,28 +517,34 @@ class Publisher:
     def _feed_bulk(self) -> bool:
         """Move bulk messages into the window while it is short; whether any moved.
 
-        Read back from the store's outbox in batches of up to ``BULK_WINDOW``:
-        refilled once the window is half empty, so a batch is one short read.
+        They are read back from the store's outbox ``READ_AHEAD`` at a time, so
+        the reads (each waits for the store's lock, which a commit may hold
+        through its fsync) are few next to the publishes.
         """
-        window, backlog, fed = self._window, self._backlog, False
-        while backlog and len(window) < BULK_WINDOW // 2:
-            room = BULK_WINDOW - len(window)
-            seqs = [backlog.popleft() for _ in range(min(room, len(backlog)))]
-            for item in self._store.outbox_items(seqs):
-                key = _backlog_key(item.envelope)
-                waiting = self._backlog_of.get(key)
-                if waiting is None or _seqs(waiting)[0] != item.seq:
-                    continue  # promoted with a live message of its dispatch
-                rest = _seqs(waiting)[1:]
-                if not rest:
-                    del self._backlog_of[key]
-                    if not self._backlog_of:
-                        self._backlog_of = {}  # a dict keeps its largest size: 2.5 MB at 50k
-                else:
-                    self._backlog_of[key] = rest[0] if len(rest) == 1 else rest
-                self._backlog_count -= 1
-                window.add(item)
-                fed = True
+        window, read_ahead, fed = self._window, self._read_ahead, False
+        while len(window) < BULK_WINDOW:
+            if not read_ahead:
+                backlog = self._backlog
+                if not backlog:
+                    break
+                seqs = [backlog.popleft() for _ in range(min(READ_AHEAD, len(backlog)))]
+                read_ahead.extend(self._store.outbox_items(seqs))
+                continue
+            item = read_ahead.popleft()
+            key = _backlog_key(item.envelope)
+            waiting = self._backlog_of.get(key)
+            if waiting is None or _seqs(waiting)[0] != item.seq:
+                continue  # promoted with a live message of its dispatch
+            rest = _seqs(waiting)[1:]
+            if not rest:
+                del self._backlog_of[key]
+                if not self._backlog_of:
+                    self._backlog_of = {}  # a dict keeps its largest size: 2.5 MB at 50k
+            else:
+                self._backlog_of[key] = rest[0] if len(rest) == 1 else rest
+            self._backlog_count -= 1
+            window.add(item)
+            fed = True
         return fed
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from dispatchd.core.times import utc
 __all__ = [
     "Dispatch",
     "Frequency",
+    "Payload",
     "Recurrence",
     "TargetCategories",
     "TargetComponents",
@@ -181,7 +182,7 @@ class Dispatch:
             target=shared(_target_components_from_protobuf(data.target)),
             active=data.is_active,
             dry_run=data.is_dry_run,
-            payload=_struct_to_dict(data.payload),
+            payload=Payload.of(_struct_to_dict(data.payload)),
             recurrence=(
                 None
                 if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED and not _has_by_rules(rule)
@@ -233,6 +234,53 @@ def shared(value: _HashableT) -> _HashableT:
     if len(_SHARED) < _SHARED_LIMIT:
         _SHARED[key] = value
     return value
+
+
+class Payload(Mapping[str, Any]):
+    """A listed dispatch's payload: an immutable mapping kept as two tuples.
+
+    A dict of two keys takes 200 bytes; this takes about 100, and the keys
+    tuple is shared by every payload with the same keys (docs/architecture.md,
+    "Memory at scale"). Equal to any mapping with the same items, like a dict.
+    """
+
+    __slots__ = ("_keys", "_values")
+
+    _LARGEST = 16
+    """Payloads with more keys stay dicts: a lookup here walks the keys."""
+
+    def __init__(self, keys: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        self._keys = keys
+        self._values = values
+
+    @classmethod
+    def of(cls, items: dict[str, Any]) -> Mapping[str, Any]:
+        """``items`` as a ``Payload``, or as it is when it is large."""
+        if len(items) > cls._LARGEST:
+            return items
+        return cls(shared(tuple(items)), tuple(items.values()))
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._values[self._keys.index(key)]
+        except ValueError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Payload) and other._keys is self._keys:
+            return self._values == other._values
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def _struct_to_dict(struct: Struct) -> dict[str, Any]:
