@@ -131,8 +131,8 @@ async def profile(amqp_url: str, size: int, top: int) -> None:
         at_ready = tracemalloc.take_snapshot()
         traced, peak = tracemalloc.get_traced_memory()
         types_at_ready = _types()
-        while daemon.publisher is None or daemon.publisher.unconfirmed:
-            await asyncio.sleep(0.05)
+        assert daemon.publisher is not None
+        await daemon.publisher.wait_idle(600)
         gc.collect()
         after = tracemalloc.take_snapshot()
         traced_after, _ = tracemalloc.get_traced_memory()
@@ -196,8 +196,8 @@ async def breakdown(amqp_url: str, size: int) -> None:
             task = asyncio.create_task(daemon.run(stop))
             await asyncio.wait_for(daemon.ready.wait(), 600)
             show(f"breakdown {size}: at ready", rss())
-            while daemon.publisher is None or daemon.publisher.unconfirmed:
-                await asyncio.sleep(0.05)
+            assert daemon.publisher is not None
+            await daemon.publisher.wait_idle(600)
             await asyncio.sleep(1)
             show(f"breakdown {size}: after publishing", rss())
             gc.collect()
