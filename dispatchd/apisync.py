@@ -376,10 +376,10 @@ class ApiSync:
                 streams.append(self._open_stream())
                 confirmed = await self._hand_over(streams[-2], streams[-1])
                 streams.pop(0).close()
-                if not confirmed:
-                    await self._relist_once_confirmed(streams[-1], datetime.now(UTC), now=True)
                 self.renewals += 1
                 _log.debug("api stream renewed", microgrid_id=self._microgrid_id)
+                if not confirmed:
+                    await self._relist_once_confirmed(streams[-1], datetime.now(UTC), now=True)
         except _StreamEnded:
             return
         finally:

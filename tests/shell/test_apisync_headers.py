@@ -18,7 +18,7 @@ from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import apisync
 from dispatchd.apisync import ApiSync, Listed, Streamed, SyncItem
-from tests.shell.daemon_harness import MG
+from tests.shell.daemon_harness import MG, metric
 from tests.shell.scripted_api import UPDATED, ScriptedApi, dispatch_pb, revised
 
 WAIT = 10.0
@@ -138,3 +138,32 @@ async def test_a_server_that_sends_headers_at_once_is_listed_once() -> None:
             await delivered.wait_streamed()
             assert len(delivered.listings()) == 1
             assert sync.relists == 0
+
+
+async def test_a_renewal_whose_successor_stays_silent_lists_instead_of_reconnecting() -> None:
+    """The old stream runs into its deadline before the new one's headers come: no
+    failure and no backoff, a listing at once and another once the new one is confirmed."""
+    delivered = Delivered()
+    one = dispatch_pb(1, "A", LATER, timedelta(seconds=60), payload={"v": 1})
+    async with ScriptedApi(headers_on_first_event=True) as api:
+        api.put(one)
+        client = DispatchApiClient(
+            server_url=api.url, auth_key="k", stream_timeout=timedelta(seconds=1.5)
+        )
+        sync = ApiSync(client, MG, delivered.deliver)
+        reconnects = metric("dispatchd_api_reconnects_total", microgrid_id=str(MG))
+        task = asyncio.create_task(sync.run())
+        try:
+            await api.wait_streams(2, WAIT)  # the successor is registered, still silent
+            two = revised(one, datetime.now(UTC), payload={"v": 2})
+            api.put(two)
+            await api.push(UPDATED, two)  # confirms the successor: listed again
+            await delivered.wait_for(
+                lambda: any(_payloads(x)[1] == {"v": 2} for x in delivered.listings())
+            )
+            assert sync.renewals >= 1
+            assert metric("dispatchd_api_reconnects_total", microgrid_id=str(MG)) == reconnects
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.disconnect()
