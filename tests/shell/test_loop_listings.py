@@ -74,7 +74,6 @@ async def test_queued_listings_share_one_commit_and_keep_the_inbox_order(tmp_pat
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await publisher.close(0)  # hands back its share of the process-wide outbox gauge
         await store.close()
     committed = [
         [(e.dispatch_id, e.headers["event"]) for e in envelopes] for envelopes in store.commits
