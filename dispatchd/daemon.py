@@ -128,6 +128,9 @@ class Daemon:
                 # published (e.g. their stops), never synced.
                 unconfigured = await store.microgrids() - set(settings.microgrid_ids)
                 ownership = SoloOwnership([*settings.microgrid_ids, *sorted(unconfigured)])
+                # Alone, it owns every configured microgrid, as a cluster's replicas do together.
+                metrics.MICROGRIDS_OWNED.set(len(settings.microgrid_ids))
+            metrics.MICROGRIDS_CONFIGURED.set(len(settings.microgrid_ids))
         except BaseException:
             await store.close()
             raise

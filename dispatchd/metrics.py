@@ -138,6 +138,13 @@ MICROGRIDS_OWNED = Gauge(
     registry=REGISTRY,
 )
 
+MICROGRIDS_CONFIGURED = Gauge(
+    "dispatchd_microgrids_configured",
+    "Microgrids in this process's microgrid_ids setting; replicas of a cluster share them, "
+    "so fewer owned than configured over a cluster means one runs nowhere.",
+    registry=REGISTRY,
+)
+
 CLUSTER_REPLICAS = Gauge(
     "dispatchd_cluster_replicas",
     "Live replicas seen in the membership table at the last renewal (PostgreSQL store).",

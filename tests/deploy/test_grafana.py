@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -90,11 +91,25 @@ def test_every_metric_the_dashboard_queries_exists_with_its_labels() -> None:
         "dispatchd_broker_up",
         "dispatchd_rpc_requests_total",
         "dispatchd_ready",
+        "dispatchd_microgrids_owned",
+        "dispatchd_microgrids_configured",
+        "dispatchd_cluster_replicas",
+        "dispatchd_lease_acquired_total",
+        "dispatchd_lease_released_total",
+        "dispatchd_lease_lost_total",
+        "dispatchd_store_commit_seconds_bucket",
     } <= queried
 
 
-def test_the_lateness_panel_shows_p50_and_p99() -> None:
-    (panel,) = [p for p in dashboard()["panels"] if p["title"] == "Transition lateness"]
+def test_each_lease_event_is_shown_per_replica() -> None:
+    (panel,) = [p for p in dashboard()["panels"] if p["title"] == "Lease events"]
+    for target in panel["targets"]:
+        assert GROUPING.findall(target["expr"]) == ["instance"], target["expr"]
+
+
+@pytest.mark.parametrize("title", ["Transition lateness", "Store commit latency"])
+def test_the_latency_panels_show_p50_and_p99(title: str) -> None:
+    (panel,) = [p for p in dashboard()["panels"] if p["title"] == title]
     quantiles = sorted(
         re.match(r"histogram_quantile\((0\.\d+),", target["expr"]).group(1)  # type: ignore[union-attr]
         for target in panel["targets"]

@@ -27,6 +27,7 @@ import pytest
 from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import TargetIds
+from prometheus_client.parser import text_string_to_metric_families
 
 from dispatchd.config import LocalApiConfig
 from dispatchd.core import wire
@@ -107,6 +108,16 @@ async def ready(http: aiohttp.ClientSession, base_url: str, within: float = 30) 
                 await asyncio.sleep(0.2)
     except TimeoutError:
         raise AssertionError(f"{base_url} not ready within {within} s: {text}") from None
+
+
+def gauges(exposition: str) -> dict[str, float]:
+    """The unlabelled samples of a /metrics text, by name."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 def logged(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
@@ -282,6 +293,11 @@ async def test_a_killed_replica_is_taken_over_and_a_stopped_one_hands_over_at_on
                     assert document["cluster"]["owned"] == mine
                     assert [m["microgrid_id"] for m in document["microgrids"]] == mine
                     assert document["ready"] is True, document["missing"]
+                    # What DispatchdMicrogridUnowned sums over the replicas.
+                    async with http.get(f"{base_url}/metrics") as response:
+                        exported = gauges(await response.text())
+                    assert exported["dispatchd_microgrids_configured"] == len(MICROGRIDS)
+                    assert exported["dispatchd_microgrids_owned"] == len(mine)
 
             # Synced as soon as each owner listed its microgrid, even with nothing to commit
             # (the owner stores that right after its ready state says so).

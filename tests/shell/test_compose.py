@@ -212,7 +212,14 @@ def test_prometheus_scrapes_dispatchd_and_rabbitmq_and_loads_the_alerts() -> Non
         for job in config["scrape_configs"]
     }
     _, http_port = split_host_port(service_settings("dispatchd").http.listen)
-    assert targets == {"dispatchd": [f"dispatchd:{http_port}"], "rabbitmq": ["rabbitmq:15692"]}
+    replicas = [
+        f"{name}:{split_host_port(service_settings(name).http.listen)[1]}" for name in REPLICAS
+    ]
+    assert targets == {
+        "dispatchd": [f"dispatchd:{http_port}"],
+        "rabbitmq": ["rabbitmq:15692"],
+        "dispatchd-cluster": replicas,  # one job: the cluster alerts sum over it
+    }
     # Rule files resolve against the config file's directory, in the container too.
     for rule_file in config["rule_files"]:
         in_container = str(Path(config_path).parent / rule_file)

@@ -180,6 +180,9 @@ async def test_http_health_readiness_and_every_metric(
     assert values[("dispatchd_dispatches", (("microgrid_id", "7"), ("state", "finished")))] >= 1
     assert values[("dispatchd_broker_up", ())] == 1
     assert values[("dispatchd_api_stream_up", (("microgrid_id", "7"),))] == 1
+    # Alone on SQLite it owns every configured microgrid, as a cluster does together.
+    assert values[("dispatchd_microgrids_configured", ())] == 1
+    assert values[("dispatchd_microgrids_owned", ())] == 1
 
 
 class Lines(io.StringIO):
