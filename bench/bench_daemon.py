@@ -408,6 +408,7 @@ async def bench_sync_separate_api(amqp_url: str, size: int) -> None:
             async with bound_queue(amqp_url, exchange) as consumer:
                 env = daemon_env(amqp_url, exchange, Path(tmp))
                 env["DISPATCHD_API__URL"] = f"grpc://127.0.0.1:{api.api_port}?ssl=false"
+                env["DISPATCHD_API__AUTH_KEY"] = "bench"  # the local API without keys takes any
                 daemon = Daemon(env)
                 try:
                     seconds = await daemon.start()

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from frequenz.client.common.streaming import Event as StreamEvent
 
-from dispatchd import metrics, status
+from dispatchd import memory, metrics, status
 from dispatchd.apisync import Backoff, Listed, Streamed, SyncItem, gc_paused
 from dispatchd.config import Settings
 from dispatchd.core import wire
@@ -50,6 +50,8 @@ _log = structlog.get_logger(__name__)
 
 FIRST_PART = 100
 """Messages in the first part of a burst committed in parts (see ``_commit_in_parts``)."""
+SLICE = 2000
+"""Dispatches per transaction of a large step such as a first sync (see ``_commit``)."""
 HANDOFF_YIELDS = 3
 """Loop turns given to the publisher after each part: its sender starts the
 publishes, they queue their frames, aiormq's writer puts them on the socket."""
@@ -193,6 +195,8 @@ class Loop:
         self._prepared_until = EARLIEST
         self._unsaved: _Unsaved | None = None
         self._store_retry = asyncio.Event()
+        self._release_due = False
+        """A large step was written: give its memory back once it is done (see ``_commit``)."""
         self._carried: InboxItem | None = None
         """An item taken from the inbox behind a batch of listings, handled next."""
 
@@ -293,22 +297,12 @@ class Loop:
                 if self._prepared and now >= self._prepared_until:
                     self._prepared = DispatchTexts()  # its window has passed
             case Listed():
-                listed = self._more_listed(item)
-                with gc_paused():
-                    steps = [
-                        engine.relist(
-                            x.microgrid_id,
-                            x.dispatches,
-                            now,
-                            initial=x.initial,
-                            unseen_since=x.unseen_since,
-                        )
-                        for x in listed
-                    ]
-                    messages = await self._commit_together(steps)
-                for x, step in zip(listed, steps, strict=True):
+                listed = await self._relist(item, now)
+                await self._release_memory()  # now that the step's objects are gone
+                for x, meta in listed:
                     if self._after_listed(x, now):
-                        await self._note_synced(step)
+                        await self._note_synced(meta)
+                return
             case Streamed(_, event, dispatch):
                 change = _CHANGES.get(event)
                 if change is None:
@@ -319,14 +313,41 @@ class Loop:
                 messages = step.messages
         _log_messages(messages)
         self.recent.extend(messages)
+        await self._release_memory()
 
-    async def _note_synced(self, step: Step) -> None:
+    async def _relist(self, first: Listed, now: datetime) -> list[tuple[Listed, dict[str, Any]]]:
+        """Apply ``first`` and the listings queued behind it; returns them with their meta."""
+        listed = self._more_listed(first)
+        with gc_paused():
+            steps = [
+                self.engine.relist(
+                    x.microgrid_id,
+                    x.dispatches,
+                    now,
+                    initial=x.initial,
+                    unseen_since=x.unseen_since,
+                )
+                for x in listed
+            ]
+            messages = await self._commit_together(steps)
+        _log_messages(messages)
+        self.recent.extend(messages)
+        return [(x, step.meta) for x, step in zip(listed, steps, strict=True)]
+
+    async def _release_memory(self) -> None:
+        """After a large step: the store's cache and the heap's free pages go back."""
+        if self._release_due:
+            self._release_due = False
+            await self._store.release_memory()
+            memory.trim()
+
+    async def _note_synced(self, meta: dict[str, Any]) -> None:
         """Store that the microgrid finished its first sync in this term (its meta), so
         other replicas answer snapshots of it as synced; a failure waits for the next commit."""
         if not self._shared:
             return  # no other process reads this store
         with contextlib.suppress(StoreWriteError):
-            await self._store_commit({}, step.meta, [])
+            await self._store_commit({}, meta, [])
 
     def _more_listed(self, first: Listed) -> list[Listed]:
         """``first`` and the listings queued right behind it (up to ``LISTED_BATCH``).
@@ -347,17 +368,20 @@ class Loop:
         return batch
 
     async def _commit_together(self, steps: list[Step]) -> list[Message]:
-        """The steps' records and messages, in order, in one transaction; their messages."""
+        """The steps' records and messages, in order, in one transaction (in slices when
+        large, see ``_commit``); their messages."""
         if len(steps) == 1:
             await self._commit(steps[0], bulk=_announcement)
             return steps[0].messages
         messages: list[Message] = []
         records: dict[DispatchKey, DispatchRecord | None] = {}
+        invalid: list[tuple[DispatchKey, str]] = []
         for step in steps:
-            _log_invalid(step.invalid)
+            invalid.extend(step.invalid)
             messages.extend(step.messages)
             records.update(step.records)  # a later step's record of a key supersedes
-        await self._write(messages, records, steps[-1].meta, _announcement)
+        together = Step(messages=messages, records=records, invalid=invalid, meta=steps[-1].meta)
+        await self._commit(together, bulk=_announcement)  # in slices when large
         return messages
 
     def _after_listed(self, item: Listed, now: datetime) -> bool:
@@ -413,9 +437,29 @@ class Loop:
         """One transaction for the step's records and the messages they caused, then publish.
 
         ``bulk`` picks the messages that may wait behind others (``Publisher.submit``).
+        A large step (a first sync) is written in slices of about ``SLICE``
+        dispatches, each its own (fenced) transaction, so only one slice's texts
+        and envelopes are in memory at a time. A slice holds whole dispatches, as
+        in ``_commit_in_parts``; the meta goes with the last one. A sliced
+        step's ``records`` are emptied as they are written.
         """
         _log_invalid(step.invalid)
-        await self._write(step.messages, step.records, step.meta, bulk)
+        if len(step.messages) <= SLICE and len(step.records) <= SLICE:
+            await self._write(step.messages, step.records, step.meta, bulk)
+            return
+        records = step.records  # taken apart as the slices are written: a copy is megabytes
+        parts = _parts(step.messages, SLICE, grow=1)
+        for index, part in enumerate(parts):
+            keys = {_dispatch_key(message) for message in part}
+            taken = {key: records.pop(key) for key in keys if key in records}
+            last = index == len(parts) - 1 and not records
+            await self._write(part, taken, step.meta if last else None, bulk)
+        rest = list(records.items())
+        records.clear()
+        for start in range(0, len(rest), SLICE):
+            last = start + SLICE >= len(rest)
+            await self._write([], dict(rest[start : start + SLICE]), step.meta if last else None)
+        self._release_due = True
 
     async def _commit_in_parts(self, step: Step) -> None:
         """Commit a burst of due transitions in growing parts, publishing each at once.
@@ -590,8 +634,9 @@ def _dispatch_key(message: Message) -> DispatchKey:
     return message.dispatch.microgrid_id, message.dispatch.id
 
 
-def _parts(messages: list[Message], first: int) -> list[list[Message]]:
-    """Consecutive runs of ``messages``, the first about ``first`` long, each next twice as long.
+def _parts(messages: list[Message], first: int, grow: int = 2) -> list[list[Message]]:
+    """Consecutive runs of ``messages``, the first about ``first`` long, each next ``grow``
+    times as long.
 
     A cut is made only where no dispatch has messages on both sides of it.
     """
@@ -604,7 +649,7 @@ def _parts(messages: list[Message], first: int) -> list[list[Message]]:
         reach = max(reach, last_of[_dispatch_key(message)])
         if reach == index and index + 1 - start >= size:
             parts.append(messages[start : index + 1])
-            start, size = index + 1, size * 2
+            start, size = index + 1, size * grow
     if start < len(messages):
         parts.append(messages[start:])
     return parts

@@ -37,7 +37,10 @@ only while it holds fewer than ``BULK_WINDOW`` messages; everything else goes
 in at once. So a start or a live update is behind at most ``BULK_WINDOW``
 bulk messages, not behind all 50,000 of a first sync. Per-dispatch order is
 kept: a message of a dispatch whose bulk messages still wait takes them into
-the window first, in seq order.
+the window first, in seq order. The backlog keeps only seqs: the envelopes stay
+in the store's outbox and the send loop reads them back a batch at a time
+(docs/architecture.md, "Memory at scale"); so does a promotion, queued by
+``submit`` for the send loop, which reads the store.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from aio_pika.exceptions import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from dispatchd import metrics
+from dispatchd import memory, metrics
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.sendwindow import SendWindow
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
@@ -93,6 +96,12 @@ BULK_WINDOW = 50
 """Unconfirmed messages below which the bulk backlog feeds the send window: enough to
 keep the broker's pipeline full, few enough that a live message behind them is not late."""
 
+READ_AHEAD = 500
+"""Bulk messages read back from the outbox at a time (about 0.5 MB in memory)."""
+TRIM_AFTER = 10_000
+"""Confirmed messages after which a publisher that falls idle gives the heap memory
+they used back to the operating system (``memory.trim``)."""
+
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
 
@@ -110,6 +119,20 @@ def _dispatch_key(item: OutboxItem) -> DispatchKey:
 
 
 OutboxWindow = SendWindow[OutboxItem, DispatchKey]
+
+
+def _backlog_key(envelope: Envelope) -> int:
+    """The dispatch as one int: the bulk backlog holds tens of thousands of them."""
+    return envelope.microgrid_id << 64 | envelope.dispatch_id
+
+
+def _microgrid_of_key(key: int) -> int:
+    return key >> 64
+
+
+def _seqs(held: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A dispatch's waiting bulk seqs (one is held as a bare int, the usual case)."""
+    return (held,) if isinstance(held, int) else held
 
 
 def describe_error(exc: BaseException) -> str:
@@ -224,11 +247,22 @@ class Publisher:
         """Seconds until the next connection attempt while not connected (None once connected)."""
 
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Bulk messages not yet in the window, in seq order; per dispatch the same ones
-        # (a promoted one stays in the deque and is skipped: not at its dispatch's head).
-        self._backlog: collections.deque[OutboxItem] = collections.deque()
-        self._backlog_of: dict[tuple[int, int], collections.deque[OutboxItem]] = {}
+        # Seqs of bulk messages not yet in the window, in seq order; per dispatch the same
+        # ones (a promoted one stays in the deque and is skipped: not at its dispatch's
+        # head). Only seqs: the envelopes stay in the store's outbox until they go (a
+        # first sync's 50,000 would hold about 55 MB, docs/architecture.md).
+        self._backlog: collections.deque[int] = collections.deque()
+        self._read_ahead: collections.deque[OutboxItem] = collections.deque()
+        """The next bulk messages, read back from the outbox (see ``_feed_bulk``)."""
+        self._backlog_of: dict[int, int | tuple[int, ...]] = {}
+        # Per dispatch, what goes into the window once the send loop has read the
+        # seqs back from the store: its bulk seqs taken along by a live message, the
+        # live message, and whatever of the dispatch came after them (in order).
+        self._promoting: dict[int, list[int | OutboxItem]] = {}
         self._backlog_count = 0
+        """Bulk seqs waiting plus entries being promoted: submitted, not in the window."""
+        self._since_trim = 0
+        """Messages confirmed since the heap was last trimmed (see ``TRIM_AFTER``)."""
         # Wakes the sender when the earliest dispatch waiting after a nack may go again.
         self._retry_timer: asyncio.TimerHandle | None = None
         self._nacks_unlogged = 0
@@ -475,26 +509,35 @@ class Publisher:
         if self._closing:
             return  # they are in the outbox: the next start publishes them
         added = 0
-        window = self._window
+        window, promoting = self._window, self._promoting
         for item in items:
             if item.seq in self._done_set or item.seq in window:
                 continue
-            key = _dispatch_key(item)
-            if bulk is not None and bulk(item):
-                self._backlog.append(item)
-                self._backlog_of.setdefault(key, collections.deque()).append(item)
-                self._backlog_count += 1
-                self._unsettled[item.envelope.microgrid_id] += 1
+            key = _backlog_key(item.envelope)
+            queued = promoting.get(key)
+            if queued is not None:  # behind its dispatch's promotion, bulk or not
+                queued.append(item if bulk is None or not bulk(item) else item.seq)
+            elif bulk is not None and bulk(item):
+                self._backlog.append(item.seq)
+                held = self._backlog_of.get(key)
+                self._backlog_of[key] = item.seq if held is None else (*_seqs(held), item.seq)
+            else:
+                waiting = self._backlog_of.pop(key, None)
+                if waiting is None:
+                    if window.add(item):
+                        added += 1
+                        self._unsettled[item.envelope.microgrid_id] += 1
+                    continue
+                # Its dispatch's earlier bulk messages go first: the send loop reads them.
+                promoting[key] = [*_seqs(waiting), item]
+                self._backlog_count -= len(_seqs(waiting))
+                self._backlog_count += len(promoting[key])
                 added += 1
+                self._unsettled[item.envelope.microgrid_id] += 1
                 continue
-            waiting = self._backlog_of.pop(key, None)
-            if waiting:  # its dispatch's earlier bulk messages go first
-                self._backlog_count -= len(waiting)
-                for earlier in waiting:
-                    window.add(earlier)
-            if window.add(item):
-                added += 1
-                self._unsettled[item.envelope.microgrid_id] += 1
+            self._backlog_count += 1
+            self._unsettled[item.envelope.microgrid_id] += 1
+            added += 1
         if added:
             self._idle.clear()
             self._counted += added
@@ -507,14 +550,14 @@ class Publisher:
         For a microgrid another process runs now: it republishes them (with the
         same ``message_id``s). Returns how many were dropped.
         """
-        dropped = self._window.drop(lambda item: item.envelope.microgrid_id == microgrid_id)
-        dropped.extend(self._drop_backlog(microgrid_id))
+        dropped = len(self._window.drop(lambda item: item.envelope.microgrid_id == microgrid_id))
+        dropped += self._drop_backlog(microgrid_id)
         if dropped:
-            self._counted -= len(dropped)
-            metrics.OUTBOX_MESSAGES.dec(len(dropped))
-            self._settle_microgrid(microgrid_id, len(dropped))
+            self._counted -= dropped
+            metrics.OUTBOX_MESSAGES.dec(dropped)
+            self._settle_microgrid(microgrid_id, dropped)
             self._update_idle()
-        return len(dropped)
+        return dropped
 
     async def wait_drained(self, microgrid_id: int, timeout: float) -> bool:  # noqa: ASYNC109 (answers False on timeout)
         """True once every submitted message of the microgrid left the outbox."""
@@ -538,34 +581,114 @@ class Publisher:
         if drained is not None:
             drained.set()
 
-    def _drop_backlog(self, microgrid_id: int) -> list[OutboxItem]:
-        """Take the microgrid's waiting bulk messages out of the backlog."""
-        keys = [key for key in self._backlog_of if key[0] == microgrid_id]
-        if not keys:
-            return []
-        dropped = [item for key in keys for item in self._backlog_of.pop(key)]
-        self._backlog_count -= len(dropped)
-        self._backlog = collections.deque(
-            item for item in self._backlog if item.envelope.microgrid_id != microgrid_id
-        )
+    def _drop_backlog(self, microgrid_id: int) -> int:
+        """Take the microgrid's waiting bulk seqs and promotions out; how many there were."""
+        dropped = 0
+        promoting = [key for key in self._promoting if _microgrid_of_key(key) == microgrid_id]
+        for key in promoting:
+            dropped += len(self._promoting.pop(key))
+        keys = [key for key in self._backlog_of if _microgrid_of_key(key) == microgrid_id]
+        seqs = {seq for key in keys for seq in _seqs(self._backlog_of.pop(key))}
+        dropped += len(seqs)
+        if seqs:
+            self._backlog = collections.deque(seq for seq in self._backlog if seq not in seqs)
+            self._read_ahead = collections.deque(
+                item for item in self._read_ahead if item.seq not in seqs
+            )
+        self._backlog_count -= dropped
         return dropped
 
-    def _feed_bulk(self) -> bool:
-        """Move bulk messages into the window while it is short; whether any moved."""
-        window, backlog, fed = self._window, self._backlog, False
-        while backlog and len(window) < BULK_WINDOW:
-            item = backlog.popleft()
-            key = _dispatch_key(item)
+    def _forget_missing(self, key: int, count: int) -> None:
+        """Waiting messages no longer in the outbox (removed by the microgrid's new
+        owner before this process dropped it): nothing is left to send or wait for."""
+        self._backlog_count -= count
+        self._counted -= count
+        metrics.OUTBOX_MESSAGES.dec(count)
+        self._settle_microgrid(_microgrid_of_key(key), count)
+
+    async def _promote(self) -> None:
+        """Move the queued promotions into the window, their bulk seqs read from the store.
+
+        Entries that arrive for a dispatch while its seqs are read stay queued
+        behind it and are moved on the next call.
+        """
+        taken = [(key, entries, len(entries)) for key, entries in self._promoting.items()]
+        wanted = [entry for _, entries, _ in taken for entry in entries if isinstance(entry, int)]
+        read = {item.seq: item for item in await self._store.outbox_items(wanted)}
+        for key, entries, count in taken:
+            if self._promoting.get(key) is not entries:
+                continue  # dropped with its microgrid meanwhile
+            missing = 0
+            for entry in entries[:count]:
+                item = read.get(entry) if isinstance(entry, int) else entry
+                if item is None:
+                    missing += 1
+                else:
+                    self._window.add(item)
+            self._backlog_count -= count - missing
+            if missing:
+                self._forget_missing(key, missing)
+            del entries[:count]
+            if not entries:
+                del self._promoting[key]
+
+    async def _feed_bulk(self) -> bool:
+        """Move bulk messages into the window while it is short; whether any moved.
+
+        They are read back from the store's outbox ``READ_AHEAD`` at a time, so
+        the reads (each waits for the store, which a commit may hold through its
+        fsync, or a round trip to PostgreSQL) are few next to the publishes. What
+        was promoted or dropped meanwhile is skipped: not at its dispatch's head.
+        """
+        window, fed = self._window, False
+        while len(window) < BULK_WINDOW:
+            if not self._read_ahead:
+                backlog = self._backlog
+                if not backlog:
+                    break
+                seqs = [backlog.popleft() for _ in range(min(READ_AHEAD, len(backlog)))]
+                try:
+                    items = await self._store.outbox_items(seqs)
+                except BaseException:
+                    if backlog is self._backlog:  # not rebuilt by a drop meanwhile
+                        backlog.extendleft(reversed(seqs))
+                    raise
+                if len(items) < len(seqs):
+                    self._forget_unread(set(seqs).difference(item.seq for item in items))
+                self._read_ahead.extend(items)  # (a drop meanwhile made a new deque)
+                continue
+            item = self._read_ahead.popleft()
+            key = _backlog_key(item.envelope)
             waiting = self._backlog_of.get(key)
-            if not waiting or waiting[0] is not item:
-                continue  # promoted with a live message of its dispatch
-            waiting.popleft()
-            if not waiting:
-                del self._backlog_of[key]
+            if waiting is None or _seqs(waiting)[0] != item.seq:
+                continue  # promoted with a live message of its dispatch, or dropped
+            self._pop_head(key, waiting)
             self._backlog_count -= 1
             window.add(item)
             fed = True
         return fed
+
+    def _pop_head(self, key: int, waiting: int | tuple[int, ...]) -> None:
+        rest = _seqs(waiting)[1:]
+        if rest:
+            self._backlog_of[key] = rest[0] if len(rest) == 1 else rest
+            return
+        del self._backlog_of[key]
+        if not self._backlog_of:
+            self._backlog_of = {}  # a dict keeps its largest size: 2.5 MB at 50k
+
+    def _forget_unread(self, unread: set[int]) -> None:
+        """Seqs asked for and not in the outbox any more (a rare path: it scans)."""
+        for key, waiting in list(self._backlog_of.items()):
+            gone = [seq for seq in _seqs(waiting) if seq in unread]
+            if not gone:
+                continue
+            rest = tuple(seq for seq in _seqs(waiting) if seq not in unread)
+            if rest:
+                self._backlog_of[key] = rest[0] if len(rest) == 1 else rest
+            else:
+                del self._backlog_of[key]
+            self._forget_missing(key, len(gone))
 
     @property
     def backlog(self) -> int:
@@ -588,6 +711,9 @@ class Publisher:
     def _update_idle(self) -> None:
         if not self.unconfirmed and not self._done:
             self._idle.set()
+            if self._since_trim >= TRIM_AFTER:  # a drained backlog: its memory goes back
+                self._since_trim = 0
+                memory.trim()
 
     # --- the send loop -----------------------------------------------------
 
@@ -637,8 +763,17 @@ class Publisher:
                 task = asyncio.create_task(self._publish(item, channel))
                 self._in_flight.add(task)
                 continue
-            if self._feed_bulk():
-                continue
+            try:
+                if self._promoting:
+                    await self._promote()
+                    continue
+                if await self._feed_bulk():
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fail_round(f"cannot read the outbox: {describe_error(exc)}")
+                break
             self._arm_retry_timer()
             self._wake.clear()
             await self._wake.wait()
@@ -759,6 +894,7 @@ class Publisher:
         if not self._window.confirm(item):
             return
         self._round_confirmed += 1
+        self._since_trim += 1
         self._done.append(item.seq)
         self._done_set.add(item.seq)
         self._microgrid_of_done[item.seq] = item.envelope.microgrid_id

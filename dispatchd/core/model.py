@@ -9,10 +9,11 @@ the recurrence is our own frozen copy of its mutable ``RecurrenceRule``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from frequenz.api.dispatch.v1.dispatch_pb2 import Dispatch as PBDispatch
 from frequenz.api.dispatch.v1.dispatch_pb2 import RecurrenceRule as PBRecurrenceRule
@@ -33,6 +34,7 @@ from dispatchd.core.times import utc
 __all__ = [
     "Dispatch",
     "Frequency",
+    "Payload",
     "Recurrence",
     "TargetCategories",
     "TargetComponents",
@@ -126,10 +128,10 @@ class Dispatch:
         return cls(
             id=int(dispatch.id),
             microgrid_id=microgrid_id,
-            type=dispatch.type,
+            type=sys.intern(dispatch.type),
             start_time=utc(dispatch.start_time),
             duration=dispatch.duration,
-            target=dispatch.target,
+            target=shared(dispatch.target),
             active=dispatch.active,
             dry_run=dispatch.dry_run,
             payload=dict(dispatch.payload),
@@ -167,23 +169,28 @@ class Dispatch:
         metadata = message.metadata
         data = message.data
         rule = data.recurrence
+        create_time = utc(to_datetime(metadata.create_time))
+        update_time = utc(to_datetime(metadata.update_time))
         return cls(
             id=metadata.dispatch_id,
             microgrid_id=microgrid_id,
-            type=data.type,
+            type=sys.intern(data.type),
             start_time=utc(to_datetime(data.start_time)),
-            duration=timedelta(seconds=data.duration) if data.HasField("duration") else None,
-            target=_target_components_from_protobuf(data.target),
+            duration=shared(timedelta(seconds=data.duration))
+            if data.HasField("duration")
+            else None,
+            target=shared(_target_components_from_protobuf(data.target)),
             active=data.is_active,
             dry_run=data.is_dry_run,
-            payload=_struct_to_dict(data.payload),
+            payload=Payload.of(_struct_to_dict(data.payload)),
             recurrence=(
                 None
                 if rule.freq == PBRecurrenceRule.FREQUENCY_UNSPECIFIED and not _has_by_rules(rule)
                 else Recurrence.from_client(RecurrenceRule.from_protobuf(rule))
             ),
-            create_time=utc(to_datetime(metadata.create_time)),
-            update_time=utc(to_datetime(metadata.update_time)),
+            create_time=create_time,
+            # Never updated: one object for both (a dispatch is kept for its lifetime).
+            update_time=create_time if update_time == create_time else update_time,
             end_time=(
                 utc(to_datetime(metadata.end_time)) if metadata.HasField("end_time") else None
             ),
@@ -206,9 +213,82 @@ def _has_by_rules(rule: RecurrenceRule | PBRecurrenceRule) -> bool:
     )
 
 
+_SHARED_LIMIT = 4096
+"""Distinct values ``shared`` remembers; past it, values are simply not shared."""
+_SHARED: dict[tuple[type, object], Any] = {}
+
+_HashableT = TypeVar("_HashableT", bound=Hashable)
+
+
+def shared(value: _HashableT) -> _HashableT:
+    """One object for equal values of the same type (targets and durations repeat a lot).
+
+    Every known dispatch is kept in memory; at 50,000 dispatches one target
+    object each is 11 MB (docs/architecture.md, "Memory at scale"). Values are
+    immutable, so sharing them changes nothing but the memory.
+    """
+    key = (type(value), value)
+    found: _HashableT | None = _SHARED.get(key)
+    if found is not None:
+        return found
+    if len(_SHARED) < _SHARED_LIMIT:
+        _SHARED[key] = value
+    return value
+
+
+class Payload(Mapping[str, Any]):
+    """A listed dispatch's payload: an immutable mapping kept as two tuples.
+
+    A dict of two keys takes 200 bytes; this takes about 100, and the keys
+    tuple is shared by every payload with the same keys (docs/architecture.md,
+    "Memory at scale"). Equal to any mapping with the same items, like a dict.
+    """
+
+    __slots__ = ("_keys", "_values")
+
+    _LARGEST = 16
+    """Payloads with more keys stay dicts: a lookup here walks the keys."""
+
+    def __init__(self, keys: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        self._keys = keys
+        self._values = values
+
+    @classmethod
+    def of(cls, items: dict[str, Any]) -> Mapping[str, Any]:
+        """``items`` as a ``Payload``, or as it is when it is large."""
+        if len(items) > cls._LARGEST:
+            return items
+        return cls(shared(tuple(items)), tuple(items.values()))
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._values[self._keys.index(key)]
+        except ValueError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Payload) and other._keys is self._keys:
+            return self._values == other._values
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 def _struct_to_dict(struct: Struct) -> dict[str, Any]:
-    """What ``MessageToDict`` gives for a ``Struct`` (the payload), without its descriptor walk."""
-    return {key: _value_to_python(value) for key, value in struct.fields.items()}
+    """What ``MessageToDict`` gives for a ``Struct`` (the payload), without its descriptor walk.
+
+    The keys are interned: every dispatch of a type has the same ones.
+    """
+    return {sys.intern(key): _value_to_python(value) for key, value in struct.fields.items()}
 
 
 def _value_to_python(value: Value) -> Any:

@@ -125,6 +125,18 @@ class Store(Protocol):
         """The unconfirmed messages (of ``microgrid_ids``, or all), in seq order."""
         ...
 
+    async def outbox_items(self, seqs: Sequence[int]) -> list[OutboxItem]:
+        """The outbox items with these seqs that are still there, in seq order.
+
+        The publisher reads its bulk backlog back with this, a batch at a time
+        (docs/architecture.md, "Memory at scale").
+        """
+        ...
+
+    async def release_memory(self) -> None:
+        """Give back what a large step made the store cache in this process."""
+        ...
+
     async def remove_from_outbox(self, seqs: Iterable[int]) -> None:
         """Forget messages the broker confirmed (or returned as unroutable)."""
         ...

@@ -488,6 +488,17 @@ class PostgresStore:
         async with self._unreachable(), self._pool.acquire() as db:
             return await _read_outbox(db, None if microgrid_ids is None else list(microgrid_ids))
 
+    async def outbox_items(self, seqs: Sequence[int]) -> list[OutboxItem]:
+        """The outbox items with these seqs that are still there, in seq order."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return []
+        async with self._unreachable(), self._pool.acquire() as db:
+            return await _read_outbox(db, None, wanted)
+
+    async def release_memory(self) -> None:
+        """Nothing to free here: the page cache is the database server's."""
+
     async def remove_from_outbox(self, seqs: Iterable[int]) -> None:
         wanted = sorted(set(seqs))
         if not wanted:
@@ -676,9 +687,15 @@ def _seconds(value: object) -> float:
     return number if number == number else float("-inf")
 
 
-async def _read_outbox(db: Any, microgrid_ids: list[int] | None) -> list[OutboxItem]:
+async def _read_outbox(
+    db: Any, microgrid_ids: list[int] | None, seqs: list[int] | None = None
+) -> list[OutboxItem]:
     columns = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
-    if microgrid_ids is None:
+    if seqs is not None:
+        rows = await db.fetch(
+            f"SELECT {columns} FROM outbox WHERE seq = ANY($1::bigint[]) ORDER BY seq", seqs
+        )
+    elif microgrid_ids is None:
         rows = await db.fetch(f"SELECT {columns} FROM outbox ORDER BY seq")
     else:
         rows = await db.fetch(

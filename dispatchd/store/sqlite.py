@@ -96,8 +96,9 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _cre
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_CACHE_KIB = 64 * 1024
-"""Upper bound of SQLite's page cache; it only grows this far during big steps."""
+_CACHE_KIB = 8 * 1024
+"""Upper bound of SQLite's page cache: a transaction of the daemon writes at most a
+slice of a large step (``loop.SLICE`` dispatches, a few MB), which fits in it."""
 WAL_LIMIT = 4 * 1024 * 1024
 """Bytes the WAL file may keep: a larger one is checkpointed and truncated after the
 commit that grew it (a first sync of 50k dispatches writes tens of MB at once)."""
@@ -142,8 +143,8 @@ class SqliteStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self._db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
-            # A first sync writes tens of MB in one transaction; with the default
-            # 2 MB page cache SQLite spills and re-reads pages mid-transaction.
+            # With the default 2 MB page cache SQLite would spill and re-read pages
+            # in the middle of a slice of a first sync.
             self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             self._migrate()
         except sqlite3.DatabaseError as error:
@@ -344,6 +345,25 @@ class SqliteStore:
             items = [item for item in items if item.seq not in self._unremoved]
         return items
 
+    async def outbox_items(self, seqs: Sequence[int]) -> list[OutboxItem]:
+        """The outbox items with these seqs that are still there, in seq order."""
+        wanted = sorted(set(seqs) - self._unremoved)
+        if not wanted:
+            return []
+        marks = ", ".join("?" * len(wanted))
+        with self._transaction() as db:
+            return self._outbox_items(
+                db.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE seq IN ({marks}) ORDER BY seq",
+                    wanted,
+                )
+            )
+
+    async def release_memory(self) -> None:
+        """Free SQLite's page cache (after a large step filled it; it refills on demand)."""
+        with self._lock:
+            self._db.execute("PRAGMA shrink_memory")
+
     async def outbox_size(self) -> int:
         return self.count_outbox()
 
@@ -365,16 +385,20 @@ class SqliteStore:
     def _read_outbox(
         db: sqlite3.Connection, microgrid_ids: Iterable[int] | None = None
     ) -> list[OutboxItem]:
-        columns = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
         if microgrid_ids is None:
-            cursor = db.execute(f"SELECT {columns} FROM outbox ORDER BY seq")
+            cursor = db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY seq")
         else:
             wanted = sorted(set(microgrid_ids))
             marks = ", ".join("?" * len(wanted))
             cursor = db.execute(
-                f"SELECT {columns} FROM outbox WHERE microgrid_id IN ({marks}) ORDER BY seq",
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE microgrid_id IN ({marks})"
+                " ORDER BY seq",
                 wanted,
             )
+        return SqliteStore._outbox_items(cursor)
+
+    @staticmethod
+    def _outbox_items(cursor: sqlite3.Cursor) -> list[OutboxItem]:
         return [
             OutboxItem(
                 seq=int(seq),
@@ -392,6 +416,9 @@ class SqliteStore:
                 cursor
             )
         ]
+
+
+_OUTBOX_COLUMNS = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
 
 
 def _next_outbox_seq(db: sqlite3.Connection) -> int:

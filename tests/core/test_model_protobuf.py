@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from frequenz.client.dispatch.types import Dispatch as ClientDispatch
 from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from dispatchd.core.model import Dispatch, Frequency, Recurrence
+from dispatchd.core.model import Dispatch, Frequency, Payload, Recurrence
 from dispatchd.core.recurrence import Invalid, Schedule
 from tests.core.wire_helpers import FEW, dispatches, spec_dispatch
 
@@ -73,3 +75,38 @@ def test_by_rules_without_a_frequency_stay_a_rule_and_are_invalid() -> None:
     plain = replace(base, recurrence=None)
     assert Dispatch.from_protobuf(plain.to_protobuf(), plain.microgrid_id).recurrence is None
     assert _via_client(plain).recurrence is None
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=5,
+)
+
+
+@given(st.dictionaries(st.text(), _JSON_VALUES, max_size=20), st.randoms())
+def test_a_payload_is_the_mapping_it_was_built_from(items: dict[str, Any], rng: Any) -> None:
+    payload = Payload.of(items)
+    assert payload == items and items == payload
+    assert dict(payload) == items and list(payload) == list(items)
+    shuffled = list(items.items())
+    rng.shuffle(shuffled)
+    assert payload == Payload.of(dict(shuffled))
+    for key, value in items.items():
+        assert payload[key] == value
+    if "\x00missing" not in items:
+        with pytest.raises(KeyError):
+            payload["\x00missing"]
+    if items:
+        changed = {**items, next(iter(items)): "changed"}
+        assert (payload == Payload.of(changed)) == (items == changed)
+
+
+def test_listed_dispatches_share_their_targets_and_payload_keys() -> None:
+    first, second = (
+        Dispatch.from_protobuf(replace(spec_dispatch(), id=n).to_protobuf(), 7) for n in (1, 2)
+    )
+    assert first.target is second.target
+    assert isinstance(first.payload, Payload) and isinstance(second.payload, Payload)
+    assert first.payload == second.payload and len(first.payload) > 0
+    assert first.payload._keys is second.payload._keys

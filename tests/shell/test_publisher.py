@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -673,3 +673,75 @@ async def test_a_dropped_microgrid_leaves_the_bulk_backlog_too(
     assert published == {item.envelope.message_id for item in mine}
     assert publisher.backlog == 0 and publisher.unconfirmed == 0
     assert len(await store.outbox()) == 300
+
+
+class GatedReads(SqliteStore):
+    """Holds every read of outbox items until ``gate`` is set; ``reading`` tells one began."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reading = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def outbox_items(self, seqs: Sequence[int]) -> list[OutboxItem]:
+        self.reading.set()
+        await self.gate.wait()
+        return await super().outbox_items(seqs)
+
+
+def _position(consumer: Consumer, microgrid_id: int, dispatch_id: int, n: int) -> int:
+    ids = [message.message_id for message in consumer.messages]
+    return ids.index(f"{microgrid_id}-{dispatch_id}-{n}")
+
+
+async def test_a_live_message_takes_its_dispatchs_bulk_along_read_back_from_the_store(
+    tmp_path: Path, consumer: Consumer, exchange_name: str
+) -> None:
+    """The backlog holds seqs; a live message read in behind them keeps its dispatch's order,
+    even one submitted while the send loop is still reading them back."""
+    store = GatedReads(tmp_path / "state.sqlite3")
+    may_send = asyncio.Event()
+    publisher = Publisher(
+        amqp_url=BROKER_URL, exchange=exchange_name, store=store, may_send=may_send
+    )
+    await publisher.start()
+    created = await commit(store, [make_envelope(d, 0, event="created") for d in range(300)])
+    publisher.submit(created, lambda item: item.envelope.headers["event"] == "created")
+    publisher.submit(await commit(store, [make_envelope(299, 1, event="updated")]))
+    may_send.set()
+    await asyncio.wait_for(store.reading.wait(), 10)  # the promotion's read
+    publisher.submit(await commit(store, [make_envelope(299, 2, event="updated")]))
+    assert publisher.unconfirmed == 302
+    store.gate.set()
+    await consumer.wait_ids([f"7-{d}-0" for d in range(300)] + ["7-299-1", "7-299-2"])
+    assert await publisher.wait_idle(10)
+    await publisher.close(5)
+    own = [_position(consumer, 7, 299, n) for n in range(3)]
+    assert own == sorted(own)
+    last_created = max(_position(consumer, 7, d, 0) for d in range(299))
+    assert own[2] < last_created  # the live ones did not wait for the whole backlog
+    assert await store.outbox() == []
+    await store.close()
+
+
+async def test_bulk_messages_gone_from_the_outbox_are_not_waited_for(
+    store: SqliteStore, consumer: Consumer, exchange_name: str
+) -> None:
+    """The microgrid's new owner published and removed them before this process dropped it."""
+    may_send = asyncio.Event()
+    publisher = Publisher(
+        amqp_url=BROKER_URL, exchange=exchange_name, store=store, may_send=may_send
+    )
+    await publisher.start()
+    mine = await commit(store, [make_envelope(d, 0, microgrid_id=7) for d in range(3)])
+    theirs = await commit(store, [make_envelope(d, 0, microgrid_id=8) for d in range(300)])
+    publisher.submit(theirs + mine, lambda item: True)
+    publisher.submit(await commit(store, [make_envelope(5, 1, microgrid_id=8)]))  # a promotion
+    await store.remove_from_outbox(item.seq for item in theirs)
+    may_send.set()
+    assert await publisher.wait_drained(8, 10)
+    assert await publisher.wait_idle(10)
+    await publisher.close(5)
+    published = {message.message_id for message in consumer.messages}
+    assert published == {item.envelope.message_id for item in mine} | {"8-5-1"}
+    assert publisher.backlog == 0 and publisher.unconfirmed == 0

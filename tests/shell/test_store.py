@@ -124,6 +124,16 @@ async def test_outbox_keeps_commit_order_across_commits_and_removals(store: Stor
     assert await store.outbox_size() == 4
 
 
+async def test_outbox_items_reads_back_the_given_seqs_that_are_still_there(
+    store: Store,
+) -> None:
+    items = await store.commit(envelopes=[envelope(n, microgrid_id=7 + n % 2) for n in range(5)])
+    await store.remove_from_outbox([items[2].seq])
+    wanted = [items[4].seq, items[0].seq, items[2].seq, items[3].seq]
+    assert await store.outbox_items(wanted) == [items[0], items[3], items[4]]
+    assert await store.outbox_items([]) == []
+
+
 async def test_seq_is_never_reused_after_the_newest_item_was_removed(store: Store) -> None:
     (item,) = await store.commit(envelopes=[envelope(1)])
     await store.remove_from_outbox([item.seq])

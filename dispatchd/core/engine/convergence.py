@@ -145,7 +145,7 @@ class _Converger:
         if invalid is not None:
             self._new_invalid.append((key, invalid))
         record = _Record(key=key, dispatch=dispatch, schedule=schedule, invalid=invalid)
-        record.finished_from = _finished_from(schedule)
+        record.finished_from = _finished_from(schedule, dispatch.end_time)
         return record
 
     def _set_missed(self, record: _Record, since: datetime, now: datetime) -> None:

@@ -320,7 +320,7 @@ class Engine(_Converger):
             record.dispatch = dispatch
             record.forgotten = False
             record.schedule, record.invalid = _build(dispatch)
-            record.finished_from = _finished_from(record.schedule)
+            record.finished_from = _finished_from(record.schedule, dispatch.end_time)
             if record.invalid is not None and record.invalid != previous_invalid:
                 self._new_invalid.append((key, record.invalid))
             start_reason = Reason.STARTED if mode is _Mode.CHANGE else Reason.RESUMED

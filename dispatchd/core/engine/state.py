@@ -133,13 +133,17 @@ def _schedule_of(record: _Record) -> Schedule | None:
     return schedule
 
 
-def _finished_from(schedule: Schedule | None) -> datetime | None:
-    """The instant from which the schedule has nothing left to run, computed once."""
+def _finished_from(schedule: Schedule | None, end_time: datetime | None) -> datetime | None:
+    """The instant from which the schedule has nothing left to run, computed once.
+
+    ``end_time`` is the dispatch's, as the API sent it: usually that instant
+    for a one-off, and then the same object is kept (one per dispatch in memory).
+    """
     if schedule is None:
         return None
     last_end = schedule.last_end()
     if last_end is not None:
-        return last_end
+        return end_time if last_end == end_time else last_end
     if schedule.next_run_after(EARLIEST) is None:
         return EARLIEST  # no occurrence at all
     return LATEST

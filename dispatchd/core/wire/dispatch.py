@@ -26,6 +26,7 @@ from dispatchd.core.model import (
     TargetComponents,
     TargetIds,
     Weekday,
+    shared,
 )
 from dispatchd.core.wire._reader import (
     JSON_BOOL,
@@ -128,7 +129,7 @@ def _dispatch_from_json(obj: Any, microgrid_id: int, path: str) -> Dispatch:
         type=_str(*field("type")),
         start_time=time("start_time"),
         duration=_optional(_duration_from_json, *field("duration")),
-        target=_target_from_json(*field("target")),
+        target=shared(_target_from_json(*field("target"))),
         active=_bool(*field("active")),
         dry_run=_bool(*field("dry_run")),
         payload=_object(*field("payload")),
