@@ -70,6 +70,29 @@ class OutboxItem:
     envelope: Envelope
 
 
+OUTBOX_COLUMNS = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
+"""The outbox columns that ``outbox_items_of`` reads, in its order (both stores)."""
+
+
+def outbox_items_of(rows: Iterable[Sequence[Any]]) -> list[OutboxItem]:
+    """Outbox rows (``OUTBOX_COLUMNS``) as items: both stores keep them alike."""
+    return [
+        OutboxItem(
+            seq=int(seq),
+            envelope=Envelope(
+                message_id=str(message_id),
+                routing_key=str(routing_key),
+                body=bytes(body),
+                headers=json.loads(headers),
+                type=str(type_),
+                microgrid_id=int(microgrid_id),
+                dispatch_id=int(dispatch_id),
+            ),
+        )
+        for seq, message_id, routing_key, type_, microgrid_id, dispatch_id, headers, body in rows
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     """One microgrid's stored state, as read when its owner starts it."""

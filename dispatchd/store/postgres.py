@@ -30,6 +30,7 @@ from dispatchd.config import mask_dsn
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
 from dispatchd.store.base import (
+    OUTBOX_COLUMNS,
     Fenced,
     Loaded,
     OutboxItem,
@@ -37,6 +38,7 @@ from dispatchd.store.base import (
     StoreError,
     StoreWriteError,
     headers_text,
+    outbox_items_of,
     touched_microgrids,
 )
 
@@ -690,7 +692,7 @@ def _seconds(value: object) -> float:
 async def _read_outbox(
     db: Any, microgrid_ids: list[int] | None, seqs: list[int] | None = None
 ) -> list[OutboxItem]:
-    columns = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
+    columns = OUTBOX_COLUMNS
     if seqs is not None:
         rows = await db.fetch(
             f"SELECT {columns} FROM outbox WHERE seq = ANY($1::bigint[]) ORDER BY seq", seqs
@@ -702,21 +704,7 @@ async def _read_outbox(
             f"SELECT {columns} FROM outbox WHERE microgrid_id = ANY($1::bigint[]) ORDER BY seq",
             microgrid_ids,
         )
-    return [
-        OutboxItem(
-            seq=int(seq),
-            envelope=Envelope(
-                message_id=str(message_id),
-                routing_key=str(routing_key),
-                body=bytes(body),
-                headers=json.loads(headers),
-                type=str(type_),
-                microgrid_id=int(microgrid_id),
-                dispatch_id=int(dispatch_id),
-            ),
-        )
-        for seq, message_id, routing_key, type_, microgrid_id, dispatch_id, headers, body in rows
-    ]
+    return outbox_items_of(rows)
 
 
 def _db_problem(error: BaseException) -> str:

@@ -30,6 +30,7 @@ from dispatchd import metrics
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
 from dispatchd.store.base import (
+    OUTBOX_COLUMNS,
     Loaded,
     OutboxItem,
     SchemaTooNew,
@@ -37,6 +38,7 @@ from dispatchd.store.base import (
     StoreError,
     StoreWriteError,
     headers_text,
+    outbox_items_of,
 )
 
 STATE_FILE = "dispatchd.sqlite3"
@@ -352,9 +354,9 @@ class SqliteStore:
             return []
         marks = ", ".join("?" * len(wanted))
         with self._transaction() as db:
-            return self._outbox_items(
+            return outbox_items_of(
                 db.execute(
-                    f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE seq IN ({marks}) ORDER BY seq",
+                    f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE seq IN ({marks}) ORDER BY seq",
                     wanted,
                 )
             )
@@ -386,39 +388,15 @@ class SqliteStore:
         db: sqlite3.Connection, microgrid_ids: Iterable[int] | None = None
     ) -> list[OutboxItem]:
         if microgrid_ids is None:
-            cursor = db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY seq")
+            cursor = db.execute(f"SELECT {OUTBOX_COLUMNS} FROM outbox ORDER BY seq")
         else:
             wanted = sorted(set(microgrid_ids))
             marks = ", ".join("?" * len(wanted))
             cursor = db.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE microgrid_id IN ({marks})"
-                " ORDER BY seq",
+                f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE microgrid_id IN ({marks}) ORDER BY seq",
                 wanted,
             )
-        return SqliteStore._outbox_items(cursor)
-
-    @staticmethod
-    def _outbox_items(cursor: sqlite3.Cursor) -> list[OutboxItem]:
-        return [
-            OutboxItem(
-                seq=int(seq),
-                envelope=Envelope(
-                    message_id=str(message_id),
-                    routing_key=str(routing_key),
-                    body=bytes(body),
-                    headers=json.loads(headers),
-                    type=str(type_),
-                    microgrid_id=int(microgrid_id),
-                    dispatch_id=int(dispatch_id),
-                ),
-            )
-            for seq, message_id, routing_key, type_, microgrid_id, dispatch_id, headers, body in (
-                cursor
-            )
-        ]
-
-
-_OUTBOX_COLUMNS = "seq, message_id, routing_key, type, microgrid_id, dispatch_id, headers, body"
+        return outbox_items_of(cursor)
 
 
 def _next_outbox_seq(db: sqlite3.Connection) -> int:
