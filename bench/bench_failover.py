@@ -9,7 +9,7 @@ drops), waits until the microgrids are split evenly, gives every microgrid a
 dispatch that starts 1 s after the kill, kills the replica owning microgrid 1
 with SIGKILL and measures, at a consumer bound to the exchange, the time from
 the kill to the first ``running`` message of each microgrid it owned. The
-promise (docs/running-a-cluster.md) is ``lease_seconds + 5 s``. Note the
+promise (docs/replicas.md) is ``lease_seconds + 5 s``. Note the
 machine's load (``uptime``) with every figure.
 """
 

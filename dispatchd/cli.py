@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster",
         help="inspect a cluster of replicas (PostgreSQL state.url)",
         description="Inspect a cluster of replicas sharing one PostgreSQL database "
-        "(state.url); see docs/running-a-cluster.md.",
+        "(state.url); see docs/replicas.md.",
     )
     cluster_commands = cluster.add_subparsers(
         dest="cluster_command", metavar="SUBCOMMAND", required=True

@@ -296,7 +296,7 @@ class StateConfig(_Section):
     """Where the daemon keeps its state: SQLite in ``dir``, or PostgreSQL at ``url``.
 
     With ``url`` set, replicas sharing the database divide the microgrids
-    among themselves (docs/running-a-cluster.md).
+    among themselves (docs/replicas.md).
     """
 
     dir: Path = Path("./var")

@@ -8,7 +8,7 @@ the daemon to hand surplus microgrids over (``HandOver``; the daemon drains
 and calls :meth:`LeaseKeeper.release`). If no renewal succeeded for
 ``lease_seconds`` by its own monotonic clock it drops every microgrid at once
 (``Lost``): by then the database may let another replica take them, and the
-fencing check refuses this replica's commits anyway (docs/running-a-cluster.md).
+fencing check refuses this replica's commits anyway (docs/replicas.md).
 """
 
 from __future__ import annotations

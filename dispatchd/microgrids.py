@@ -2,7 +2,7 @@
 
 The events come from an ``ownership.Ownership``: in the SQLite mode every
 configured microgrid is acquired once at start; in a cluster, leases decide
-(docs/running-a-cluster.md). Per microgrid, without disturbing the others:
+(docs/replicas.md). Per microgrid, without disturbing the others:
 
 - ``Acquired``: load its records, meta and outbox from the store, republish
   the outbox (original ``message_id``s), hand the records to the engine (held

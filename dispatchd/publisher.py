@@ -230,7 +230,7 @@ class Publisher:
         self._refused_retry = refused_retry
         self.on_declare = on_declare
         # The daemon's RPC consumer: a second dispatchd on the exchange must be refused
-        # before it publishes anything (docs/running-a-cluster.md, "One writer per exchange").
+        # before it publishes anything (docs/replicas.md, "One writer per exchange").
         self._may_send = may_send
 
         self._connection: AbstractRobustConnection | None = None

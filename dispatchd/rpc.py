@@ -15,7 +15,7 @@ body. Nothing a client sends can stop the consumer or touch publishing:
 - requests are answered one at a time with at most ``PREFETCH`` handed over
   by the broker, so a burst waits in the queue instead of in the event loop.
 
-The consumer also guards the exchange (docs/running-a-cluster.md, "One writer
+The consumer also guards the exchange (docs/replicas.md, "One writer
 per exchange"): with the SQLite store it consumes exclusively, so a second
 dispatchd on the same exchange cannot take it and stops (``ExchangeTaken``)
 before it has published anything; cluster replicas consume non-exclusively,

@@ -8,7 +8,7 @@ leases, one above it hands microgrids over, and each prefers microgrids by a
 rendezvous hash of (replica, microgrid), so replicas reach for different
 free leases first and a replica keeps the same microgrids across rebalances.
 
-Fair share = ceil(microgrids / live replicas) (docs/running-a-cluster.md).
+Fair share = ceil(microgrids / live replicas) (docs/replicas.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What every state store offers: the engine's records, meta and the outbox, per microgrid.
 
 Two backends implement :class:`Store`: SQLite (one process, the default) and
-PostgreSQL (replicas sharing the microgrids by leases, docs/running-a-cluster.md).
+PostgreSQL (replicas sharing the microgrids by leases, docs/replicas.md).
 Every method is async so a networked database fits; the SQLite store answers
 inline, as before, since one commit is one short local transaction.
 """

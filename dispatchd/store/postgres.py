@@ -7,7 +7,7 @@ the database's clock (``now()``), never a replica's. Every commit given
 ``terms`` checks, inside its transaction and with the lease rows locked, that
 this replica still holds each microgrid it writes with that term, so a
 replica that lost a lease can never commit for that microgrid again
-(docs/running-a-cluster.md explains the whole scheme).
+(docs/replicas.md explains the whole scheme).
 
 The schema is created and migrated at start-up under an advisory lock held
 by the migrating transaction, so replicas starting together cannot race.
