@@ -9,7 +9,16 @@ seconds whose starts are spread evenly over one minute, so each second about
 1/60 of them start and as many stop. After the first sync's ``created``
 messages are confirmed, the daemon's CPU (user + system, ``/proc``) is
 measured over ``--seconds``; the consumer (this script) stamps every
-``running`` message on arrival. ``--profile`` runs the daemon under cProfile
+``running`` message on arrival.
+
+Recurring starts fall on whole seconds (rules are evaluated at one-second
+resolution), so each second about 1/60 of the dispatches start and as many
+stop at the same instant: a burst. The ceiling for it is measured after the
+daemon stops: the window's messages (bodies, headers, properties), one
+second's burst at a time, published with confirms by a bare loop of aiormq's
+``basic_publish(wait=False)`` (what the Publisher does) to an exchange no
+consumer of this process reads: this process's CPU per message, and the time
+from the first publish of a burst to its last confirm. ``--profile`` runs the daemon under cProfile
 (``python -m cProfile``) and writes the profile when it stops; the CPU
 figure is then not comparable.
 """
@@ -18,17 +27,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 import tempfile
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aio_pika
+import aiormq
 from frequenz.api.dispatch.v1.dispatch_pb2 import RecurrenceRule
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_daemon import Daemon, bound_queue, daemon_env, quantiles, seed, show
+from bench_daemon import Daemon, Received, bound_queue, daemon_env, quantiles, seed, show
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -81,6 +94,9 @@ async def bench(args: argparse.Namespace) -> None:
             ).total_seconds()
             for m in starts_only
         ]
+        carried = [
+            m.at - datetime.fromisoformat(m.body["emitted_at"]).timestamp() for m in starts_only
+        ]
     show("load average at the end", f"{os.getloadavg()}")
     show(f"transitions published in {args.seconds:.0f} s", f"{len(running):,}")
     show(
@@ -96,7 +112,72 @@ async def bench(args: argparse.Namespace) -> None:
     )
     p50, p99, worst = quantiles(woke)
     show("emitted_at - scheduled_for", f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}")
+    p50, p99, worst = quantiles(carried)
+    show("consumer arrival - emitted_at", f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}")
     show("daemon RSS at the end", f"{rss:.0f} MiB")
+    await show_ceiling(args.amqp_url, running)
+
+
+async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
+    """The bare aiormq loop on the same messages, one second's burst at a time."""
+    bursts = [
+        list(burst)
+        for _, burst in itertools.groupby(
+            sorted(running, key=lambda m: m.body["scheduled_for"]),
+            key=lambda m: m.body["scheduled_for"],
+        )
+    ]
+    exchange_name = f"bench-minutely-bare-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(
+            exclusive=True, auto_delete=True, arguments={"x-max-length": 1000}
+        )
+        await queue.bind(exchange_name, "#")  # routed and queued as for an actor, not read
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        seconds: list[float] = []
+        cpu = time.process_time()
+        for number, burst in enumerate(bursts):
+            started = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    underlay.basic_publish(
+                        m.raw,
+                        exchange=exchange_name,
+                        routing_key=m.routing_key,
+                        properties=aiormq.spec.Basic.Properties(
+                            content_type="application/json",
+                            delivery_mode=2,
+                            message_id=f"bare-{number}-{n}",
+                            timestamp=datetime.now(UTC),
+                            message_type=m.body["kind"],
+                            app_id="dispatchd",
+                            headers=m.headers,
+                        ),
+                        mandatory=True,
+                        wait=False,
+                    )
+                    for n, m in enumerate(burst)
+                )
+            )
+            seconds.append(time.perf_counter() - started)
+        cpu = time.process_time() - cpu
+        await channel.exchange_delete(exchange_name)
+    finally:
+        await connection.close()
+    sizes = sorted(len(burst) for burst in bursts)
+    show(
+        "ceiling: bare aiormq publish, CPU",
+        f"{cpu / len(running) * 1e6:.0f} µs per message = {cpu:.2f} CPU-s for the window",
+    )
+    p50, p99, worst = quantiles(seconds)
+    show(
+        f"ceiling: one burst ({sizes[len(sizes) // 2]} messages) to its last confirm",
+        f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+    )
 
 
 async def _start_profiled(daemon: Daemon, profile: str) -> float:

@@ -100,7 +100,8 @@ READ_AHEAD = 500
 """Bulk messages read back from the outbox at a time (about 0.5 MB in memory)."""
 TRIM_AFTER = 10_000
 """Confirmed messages after which a publisher that falls idle gives the heap memory
-they used back to the operating system (``memory.trim``)."""
+they used back to the operating system (``memory.trim``) and has the collector set
+the long-lived objects aside (``memory.settle``), while nothing is waiting to go out."""
 
 DeclareHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
@@ -713,6 +714,7 @@ class Publisher:
             self._idle.set()
             if self._since_trim >= TRIM_AFTER:  # a drained backlog: its memory goes back
                 self._since_trim = 0
+                memory.settle()
                 memory.trim()
 
     # --- the send loop -----------------------------------------------------

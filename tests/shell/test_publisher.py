@@ -14,7 +14,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from dispatchd import metrics
+from dispatchd import memory, metrics
+from dispatchd import publisher as publisher_module
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.store import OutboxItem, SqliteStore
@@ -226,6 +227,30 @@ async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
     # No removal (a commit with an fsync, in a thread) competes with the sends mid-burst.
     assert [sorted(batch) for batch in store.removed_batches] == [[i.seq for i in items]]
     assert store.count_outbox() == 0
+
+
+async def test_once_a_large_backlog_is_out_the_idle_publisher_settles_the_heap(
+    store: SqliteStore,
+    consumer: Consumer,
+    exchange_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(publisher_module, "TRIM_AFTER", 100)
+    monkeypatch.setattr(memory, "settle", lambda: calls.append("settle"))
+    monkeypatch.setattr(memory, "trim", lambda: calls.append("trim"))
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    few = [make_envelope(d, 0) for d in range(99)]
+    publisher.submit(await commit(store, few))
+    assert await publisher.wait_idle(30)
+    assert calls == []  # below TRIM_AFTER: nothing to give back
+    more = [make_envelope(d, 1) for d in range(99)]
+    publisher.submit(await commit(store, more))
+    assert await publisher.wait_idle(30)
+    await consumer.wait_ids(e.message_id for e in few + more)
+    await publisher.close(5)
+    assert calls == ["settle", "trim"]
 
 
 async def test_in_flight_is_bounded_globally_and_per_dispatch(
