@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from dispatchd.core.engine import Engine
+import pytest
+
+from dispatchd import loop as loop_module
+from dispatchd.core.engine import Created, Engine
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
 from dispatchd.loop import Loop
@@ -30,6 +34,7 @@ class FencingStore(SqliteStore):
         super().__init__(path)
         self.taken: set[int] = set()
         self.commits: list[tuple[set[int], Mapping[int, int] | None]] = []
+        self.metas: list[Mapping[int, Mapping[str, Any]] | None] = []
 
     async def commit(
         self,
@@ -42,6 +47,7 @@ class FencingStore(SqliteStore):
         touched = {mg for mg, _ in records or {}} | set(meta or {})
         touched |= {envelope.microgrid_id for envelope in envelopes}
         self.commits.append((touched, terms))
+        self.metas.append(meta)
         if touched & self.taken:
             raise Fenced(touched & self.taken)
         return await super().commit(records=records, meta=meta, envelopes=envelopes, terms=terms)
@@ -128,5 +134,28 @@ async def test_forget_leaves_no_state_and_no_later_commit(tmp_path: Path) -> Non
     )
     assert [touched for touched, _ in store.commits] == [{8}]
     assert lost == []
+    await loop._publisher.close(0)  # hands back its share of the process-wide outbox gauge
+    await store.close()
+
+
+async def test_a_commit_writes_the_meta_of_its_microgrids_and_all_of_them_once_a_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 1,000 microgrids the meta of all of them in every commit cost 3 ms a commit."""
+    store = FencingStore(tmp_path / "state.sqlite3")
+    loop, _ = make_loop(tmp_path, store, {7: 1, 8: 1, 9: 1})
+    await adopt_all(loop, [7, 8, 9])
+    monotonic = [1000.0]
+    monkeypatch.setattr(loop_module, "time", SimpleNamespace(monotonic=lambda: monotonic[0]))
+    await loop._commit(loop.engine.relist(7, [make(1, start=150)], at(100), initial=True))
+    await loop._commit(loop.engine.apply(Created(make(3, start=170)), at(100)))
+    monotonic[0] += loop_module.META_REFRESH
+    await loop._commit(
+        loop.engine.relist(8, [make(2, start=150, microgrid_id=8)], at(101), initial=True)
+    )
+    await loop._commit(loop.engine.apply(Created(make(4, start=170, microgrid_id=8)), at(102)))
+    assert [set(meta or {}) for meta in store.metas] == [{7, 8, 9}, {7}, {7, 8, 9}, {8}]
+    assert (await store.load(9)).meta == store.metas[2][9]  # (as of the refresh)
+    assert (await store.load(8)).meta == store.metas[3][8]
     await loop._publisher.close(0)  # hands back its share of the process-wide outbox gauge
     await store.close()
