@@ -92,7 +92,7 @@ REFUSED_RETRY = 60.0
 NACK_LOG_INTERVAL = 10.0
 """At most one WARNING line about refused (nacked) messages per this many seconds."""
 
-BULK_WINDOW = 50
+BULK_WINDOW = 16
 """Unconfirmed messages below which the bulk backlog feeds the send window: enough to
 keep the broker's pipeline full, few enough that a live message behind them is not late."""
 
