@@ -176,9 +176,10 @@ class Loop:
         self._terms = terms
         """The held microgrids' lease terms, which fence every commit."""
         self._on_fenced = on_fenced
-        self._shared = shared
-        """Other replicas read the store (PostgreSQL): they learn from it what is synced."""
         """Told of microgrids whose commit the store refused: another process owns them."""
+        self._shared = shared
+        """Other replicas read the store (PostgreSQL): they learn from it what is synced, and
+        a microgrid acquired from one of them converges at once (see ``adopt``)."""
         self.active: set[int] = set()
         """Microgrids adopted and not forgotten: only their messages are committed."""
         self.syncing: set[int] = set()
@@ -216,8 +217,12 @@ class Loop:
     async def adopt(
         self, microgrid_id: int, records: list[DispatchRecord], last_seen: datetime | None
     ) -> None:
-        """Run a microgrid from its stored state, held until its first list (as a restart).
+        """Run a microgrid from its stored state.
 
+        Alone (SQLite), it is held until its first list, as after a restart:
+        the stored view may be stale. In a cluster it converges at once from
+        the stored state (``resumed``, ``missed_runs``), as a takeover must,
+        API or no API (docs/replicas.md); its first list then reconciles.
         Returns once the engine has it, so its API sync may start.
         """
         done = asyncio.get_running_loop().create_future()
@@ -283,7 +288,7 @@ class Loop:
             case _FirstSyncDue(microgrid_id):
                 messages = await self._first_sync_due(microgrid_id, now)
             case _Adopt(microgrid_id, records, last_seen, done):
-                step = engine.adopt(microgrid_id, records, last_seen, now, converge=False)
+                step = engine.adopt(microgrid_id, records, last_seen, now, converge=self._shared)
                 self._reset(microgrid_id)
                 self.active.add(microgrid_id)
                 await self._commit(step)

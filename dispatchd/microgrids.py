@@ -5,10 +5,10 @@ configured microgrid is acquired once at start; in a cluster, leases decide
 (docs/replicas.md). Per microgrid, without disturbing the others:
 
 - ``Acquired``: load its records, meta and outbox from the store, republish
-  the outbox (original ``message_id``s), hand the records to the engine (held
-  like after a restart, see ``Engine.adopt``), then start its API sync (stream
-  first, then list), which converges it; if the list does not come within
-  ``api.first_sync_timeout``, it converges from the stored state.
+  the outbox (original ``message_id``s), hand the records to the engine
+  (``Loop.adopt``: in a cluster converged at once; alone, held like after a
+  restart until its first list or ``api.first_sync_timeout``), then start its
+  API sync (stream first, then list).
 - ``Lost`` (or a commit the store fenced): stop its sync, forget it in the
   engine, drop its messages from the publisher (they stay in the outbox for
   the next owner). No commit for it follows.

@@ -9,6 +9,7 @@ daemon which were lost.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,8 +19,8 @@ import pytest
 
 from dispatchd import loop as loop_module
 from dispatchd.core.engine import Created, Engine
-from dispatchd.core.records import DispatchKey
-from dispatchd.core.wire import Envelope
+from dispatchd.core.records import DispatchKey, DispatchRecord
+from dispatchd.core.wire import Envelope, format_time
 from dispatchd.loop import Loop
 from dispatchd.publisher import Publisher
 from dispatchd.store import Fenced, OutboxItem, SqliteStore
@@ -54,7 +55,7 @@ class FencingStore(SqliteStore):
 
 
 def make_loop(
-    tmp_path: Path, store: FencingStore, terms: dict[int, int]
+    tmp_path: Path, store: FencingStore, terms: dict[int, int], *, shared: bool = False
 ) -> tuple[Loop, list[frozenset[int]]]:
     settings = daemon_settings(tmp_path, "amqp://unused", "unused")
     publisher = Publisher(amqp_url="amqp://unused", exchange="unused", store=store)
@@ -68,6 +69,7 @@ def make_loop(
         ready=asyncio.Event(),
         terms=lambda: terms,
         on_fenced=lost.append,
+        shared=shared,
     )
     return loop, lost
 
@@ -157,5 +159,37 @@ async def test_a_commit_writes_the_meta_of_its_microgrids_and_all_of_them_once_a
     assert [set(meta or {}) for meta in store.metas] == [{7, 8, 9}, {7}, {7, 8, 9}, {8}]
     assert (await store.load(9)).meta == store.metas[2][9]  # (as of the refresh)
     assert (await store.load(8)).meta == store.metas[3][8]
+    await loop._publisher.close(0)  # hands back its share of the process-wide outbox gauge
+    await store.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_an_acquired_microgrid_converges_at_once_in_a_cluster_and_waits_for_its_list_alone(
+    tmp_path: Path, shared: bool
+) -> None:
+    """A takeover publishes what fell due while nobody owned the microgrid even if
+    the API does not answer; a restarted single process waits for the fresh list."""
+    store = FencingStore(tmp_path / "state.sqlite3")
+    loop, _ = make_loop(tmp_path, store, {7: 2}, shared=shared)
+    running_since_50 = DispatchRecord(
+        dispatch=make(1, start=50, duration=100, microgrid_id=7),
+        announced=None,
+        sequence=1,
+        last_emitted_at=at(40),
+        tombstone=False,
+    )
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.wait_for(loop.adopt(7, [running_since_50], at(40)), 5)
+    finally:
+        task.cancel()
+    bodies = [json.loads(item.envelope.body) for item in (await store.load(7)).outbox]
+    if shared:
+        (body,) = bodies
+        assert (body["kind"], body["event"], body["reason"]) == ("running", "running", "resumed")
+        assert body["scheduled_for"] == format_time(at(50))
+    else:
+        assert bodies == []
+        assert loop.engine.held() == {7}
     await loop._publisher.close(0)  # hands back its share of the process-wide outbox gauge
     await store.close()
