@@ -16,10 +16,12 @@ Behaviour where the proto leaves room, decided here:
   category (a category without type matches all its types). ``#<n>`` queries
   match id n, other queries are case-insensitive substrings of the type.
   ``is_recurring`` means a frequency is set. Time intervals are
-  ``[start, end)``; dispatches without an end time never match an end-time
-  interval. Default order: create time, newest first; an unspecified order
-  with a field is descending too. Pages: default 100, at most 1000, keyset
-  tokens (stable under inserts and deletes), ``total_items`` on every page.
+  ``[start, end)``; a dispatch without an end time (a recurrence without
+  count or until) never ends: it matches a lower bound of an end-time
+  interval and never an upper one. Default order: create time, newest
+  first; an unspecified order with a field is descending too. Pages:
+  default 100, at most 1000, keyset tokens (stable under inserts and
+  deletes), ``total_items`` on every page.
 - Streams: events after the stream subscribed, in commit order; a stream
   more than 1024 events behind is ended with RESOURCE_EXHAUSTED; on shutdown
   streams end with UNAVAILABLE so official clients reconnect.

@@ -402,11 +402,18 @@ def _filter_sql(microgrid_id: int, filter_: DispatchFilter) -> tuple[list[str], 
 
 
 def _interval_sql(interval: Interval, column: str, where: list[str], params: list[Any]) -> None:
+    """``[start, end)``; an open side is unbounded.
+
+    A NULL ``end_time`` is a dispatch that never ends (a recurrence without
+    count or until): later than any instant, so it matches a lower bound and
+    never an upper one. frequenz-dispatch lists with ``end_from`` = now - 5 s
+    and would not see such a dispatch otherwise.
+    """
     field = f"filter.{column}_interval"
-    """``[start, end)``; an open side is unbounded; a NULL column never matches."""
-    where.append(f"d.{column} IS NOT NULL")
+    endless = column == "end_time"
     if interval.HasField("start_time"):
-        where.append(f"d.{column} >= ?")
+        at_least = f"d.{column} >= ?"
+        where.append(f"(d.{column} IS NULL OR {at_least})" if endless else at_least)
         params.append(epoch_micros(to_datetime(interval.start_time, field)))
     if interval.HasField("end_time"):
         where.append(f"d.{column} < ?")

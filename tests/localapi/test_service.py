@@ -322,12 +322,15 @@ async def test_filters(client: DispatchApiClient, population: list[Dispatch]) ->
     }
     end_mark = population[3].end_time
     assert end_mark is not None
+    endless = expect(lambda d: d.end_time is None)
+    assert endless  # a recurrence without count or until never ends
     assert await got(end_from=end_mark) == expect(
-        lambda d: d.end_time is not None and d.end_time >= end_mark
+        lambda d: d.end_time is None or d.end_time >= end_mark
     )
     assert await got(end_to=end_mark) == expect(
         lambda d: d.end_time is not None and d.end_time < end_mark
     )
+    assert not endless & await got(end_from=end_mark, end_to=end_mark + timedelta(days=3650))
     picked = [population[0].id, population[4].id, DispatchId(99999)]
     assert await got(dispatch_ids=picked) == {int(population[0].id), int(population[4].id)}
     first = int(population[0].id)
