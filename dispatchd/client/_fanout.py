@@ -237,16 +237,24 @@ class FanOut(Generic[T]):
         self._closed = False
 
     def new_receiver(
-        self, *, name: str | None = None, limit: int = 50, transform: Transform[T] | None = None
+        self,
+        *,
+        name: str | None = None,
+        limit: int = 50,
+        transform: Transform[T] | None = None,
+        key: KeyFunc[T] | None = None,
     ) -> Receiver[T]:
         """A receiver primed now; it then gets every message sent.
 
         It first gets the primed messages, except those of dispatches the
         held messages say something newer about, then the held messages.
+        ``key`` replaces the fan-out's key for what coalesces in this
+        receiver's buffer (the messages after ``transform``).
         """
         if self._closed:
             raise RuntimeError(f"{self._name}: the dispatcher is stopped")
-        pending = _Pending(name or self._name, limit, self._key_of, self._counts)
+        pending_key = key if key is not None and self._key_of is not None else self._key_of
+        pending = _Pending(name or self._name, limit, pending_key, self._counts)
         receiver = _BufferedReceiver(pending)
         outlet = _Outlet(weakref.ref(receiver), transform)
         held: list[T] = []

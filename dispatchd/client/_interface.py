@@ -86,8 +86,21 @@ class DispatcherInterface(Managing):
         name: str | None,
         limit: int,
     ) -> Receiver[Dispatch]:
-        """A receiver of one type's running states, merged by ``merge_strategy`` if given."""
-        merger = RunningMerger(merge_strategy, type) if merge_strategy is not None else None
+        """A receiver of one type's running states, merged by ``merge_strategy`` if given.
+
+        Merged, a full buffer coalesces per dispatch *and identity*: when a
+        running dispatch changes identity (its target, say), the merger sends
+        a ``stopped`` for the old identity and a ``running`` for the new one,
+        both of the same dispatch, and the old identity's actor must still get
+        its stop.
+        """
+        if merge_strategy is None:
+            return running.new_receiver(name=name, limit=limit)
+        merger = RunningMerger(merge_strategy, type)
+        identity = merge_strategy.identity
         return running.new_receiver(
-            name=name, limit=limit, transform=merger.apply if merger is not None else None
+            name=name,
+            limit=limit,
+            transform=merger.apply,
+            key=lambda dispatch: (dispatch.id, identity(dispatch)),
         )

@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatchd.client import Dispatch, MergeByType, MergeByTypeTarget, RunningState
+from dispatchd.client._fanout import DeliveryCounts, FanOut
+from dispatchd.client._interface import DispatcherInterface
 from dispatchd.client._merge import MergeStrategy, RunningMerger
 from tests.client.helpers import announced, core
 
@@ -149,3 +151,25 @@ def test_merged_stream_is_the_union_of_the_intervals(intervals: list[tuple[int, 
             continue
         covered = any(start <= time < end for start, end in intervals)
         assert (state == "RUNNING") == covered, (time, intervals)
+
+
+async def test_a_full_merged_receiver_still_stops_the_old_identity() -> None:
+    """A dispatch changing target while running sends a stop for the old identity and a
+    start for the new one, both of one dispatch: a full buffer must keep both."""
+    counts = DeliveryCounts()
+    running: FanOut[Dispatch] = FanOut("running", key=lambda d: d.id, counts=counts)
+    receiver = DispatcherInterface._typed_receiver(running, "T", MergeByTypeTarget(), "slow", 1)
+    await running.send(announced(core(1, target=TargetIds(1)), running=True, sequence=1))
+    await running.send(announced(core(1, target=TargetIds(2)), running=True, sequence=2))
+    got = []
+    while receiver._pending:  # type: ignore[attr-defined]
+        dispatch = await receiver.receive()
+        got.append((dispatch.target, dispatch.running("T")))
+    # The old identity's start gave way to its stop; the stop stays beside the new start.
+    assert got == [(TargetIds(1), RunningState.STOPPED), (TargetIds(2), RunningState.RUNNING)]
+    assert counts.coalesced == 1
+    # The same identity still coalesces: its newest message is what counts.
+    await running.send(announced(core(1, target=TargetIds(2)), running=False, sequence=3))
+    await running.send(announced(core(1, target=TargetIds(2)), running=True, sequence=4))
+    assert [(await receiver.receive()).running("T")] == [RunningState.RUNNING]
+    assert counts.coalesced == 2
