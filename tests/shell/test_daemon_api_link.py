@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 import structlog
 from frequenz.client.dispatch.types import TargetIds
@@ -157,6 +158,42 @@ async def test_tls_against_a_plaintext_api_is_one_error_named_in_readyz_and_retr
     assert "does not speak TLS" in errors[0]["event"]
     assert "?ssl=false" in errors[0]["fix"]
     assert not [entry for entry in logs if entry["event"] == "api stream failed"], logs
+
+
+@pytest.mark.parametrize(
+    ("details", "cause"),
+    [
+        (  # TLS against the local API (plaintext): what gRPC reports, as reproduced
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:41801: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+            "routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification "
+            "context: OK",
+            "the dispatch API does not speak TLS",
+        ),
+        (  # TLS against a TLS server whose self-signed certificate is not trusted
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:44001: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+            "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: self signed certificate: OK",
+            "the TLS handshake with the dispatch API failed",
+        ),
+        (  # plaintext against a TLS server: indistinguishable from a network failure
+            "failed to connect to all addresses; last error: UNAVAILABLE: "
+            "ipv4:127.0.0.1:34199: Socket closed",
+            None,
+        ),
+    ],
+)
+def test_which_unavailable_failures_need_the_operator(details: str, cause: str | None) -> None:
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+    found = apisync._needs_operator(error)
+    if cause is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found[0].startswith(cause)
+        assert "?ssl=false" in found[1]
 
 
 @contextlib.asynccontextmanager
