@@ -170,7 +170,8 @@ class Backoff:
 
 
 REFUSED_RETRY = 60.0
-"""Seconds between attempts while the API refuses the key: it cannot fix itself."""
+"""Seconds between attempts while the API refuses the key, or the TLS handshake fails:
+neither can fix itself."""
 _REFUSED: Final = {
     grpc.StatusCode.UNAUTHENTICATED: "the dispatch API refused the key (UNAUTHENTICATED)",
     grpc.StatusCode.PERMISSION_DENIED: (
@@ -181,6 +182,34 @@ _REFUSED_FIX: Final = (
     "set api.auth_key (or api.auth_key_file) to a key the API accepts for this microgrid, "
     "and api.sign_secret if it wants signed requests"
 )
+_TLS_TO_PLAINTEXT: Final = (
+    "the dispatch API does not speak TLS (TLS handshake failed: WRONG_VERSION_NUMBER)"
+)
+_TLS_TO_PLAINTEXT_FIX: Final = (
+    "add ?ssl=false to api.url if the server is plaintext, or point api.url at its TLS port"
+)
+_TLS_FAILED: Final = "the TLS handshake with the dispatch API failed"
+_TLS_FAILED_FIX: Final = (
+    "add ?ssl=false to api.url if the server is plaintext; if its certificate is from a "
+    "private CA, add ssl_root_certificates_path=<CA file> to api.url"
+)
+
+
+def _needs_operator(error: grpc.aio.AioRpcError) -> tuple[str, str] | None:
+    """(cause, fix) of a failure that cannot fix itself, else ``None``: a refused key,
+    or a TLS handshake that fails (TLS against a plaintext server: gRPC reports
+    ``UNAVAILABLE`` with the handshake error in the details)."""
+    code = error.code()
+    if code in _REFUSED:
+        return _REFUSED[code], _REFUSED_FIX
+    details = error.details() or ""
+    if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
+        if "WRONG_VERSION_NUMBER" in details:
+            return _TLS_TO_PLAINTEXT, _TLS_TO_PLAINTEXT_FIX
+        return _TLS_FAILED, _TLS_FAILED_FIX
+    return None
+
+
 READY_JITTER = 0.2
 """Up to this many seconds between the API answering again and the re-list, so many
 daemons do not all list at the same instant."""
@@ -266,7 +295,9 @@ class ApiSync:
         self.synced = asyncio.Event()
         """Set once the first full listing has been delivered."""
         self.problem: str | None = None
-        """A failure that needs the operator (a refused key), for /readyz."""
+        """A failure that needs the operator (a refused key, a TLS mismatch), for /readyz."""
+        self._problem_cause: str | None = None
+        """The cause of ``problem``, logged once at ERROR until it changes or clears."""
         self.renewals = 0
         """Streams renewed before their deadline (no re-list), for tests."""
         self.relists = 0
@@ -291,8 +322,9 @@ class ApiSync:
                 log.info("api stream ended by the server, reconnecting")
             except grpc.aio.AioRpcError as error:
                 code = error.code()
-                if code in _REFUSED:
-                    await self._refused(error)
+                needs_operator = _needs_operator(error)
+                if needs_operator is not None:
+                    await self._refused(error, *needs_operator)
                     continue
                 log.warning(
                     "api stream failed",
@@ -331,21 +363,22 @@ class ApiSync:
             return
         await asyncio.sleep(self._backoff.delay(self._attempt, self._rng))
 
-    async def _refused(self, error: grpc.aio.AioRpcError) -> None:
-        """A refused key: one ERROR line with the fix, /readyz says it, retry slowly."""
-        code = error.code()
-        problem = f"{_REFUSED[code]}: {error.details()}; {_REFUSED_FIX}"
-        if problem != self.problem:
+    async def _refused(self, error: grpc.aio.AioRpcError, cause: str, fix: str) -> None:
+        """A failure that cannot fix itself (a refused key, TLS against a plaintext
+        server): one ERROR line with the cause and the fix, /readyz says it, retry slowly."""
+        problem = f"{cause}: {error.details()}; {fix}"
+        if cause != self._problem_cause:
             _log.error(
-                _REFUSED[code],
+                cause,
                 microgrid_id=self._microgrid_id,
                 details=error.details(),
-                fix=_REFUSED_FIX,
+                fix=fix,
                 retry_every=self._refused_retry,
             )
         else:
-            _log.debug("dispatch API still refuses the key", microgrid_id=self._microgrid_id)
+            _log.debug("dispatch API still fails the same way", microgrid_id=self._microgrid_id)
         self.problem = problem
+        self._problem_cause = cause
         metrics.API_STREAM_UP.labels(**self._labels).set(0)
         metrics.API_RECONNECTS.labels(**self._labels).inc()
         self._up_since = None
@@ -363,8 +396,13 @@ class ApiSync:
             await self._deliver(replace(listed, unseen_since=self._lost_at))
             self._lost_at = None
             if self.problem is not None:
-                _log.info("dispatch API accepts the key again", microgrid_id=self._microgrid_id)
+                _log.info(
+                    "dispatch API link works again",
+                    microgrid_id=self._microgrid_id,
+                    was=self._problem_cause,
+                )
                 self.problem = None
+                self._problem_cause = None
             self._up_since = time.monotonic()
             metrics.API_STREAM_UP.labels(**self._labels).set(1)
             metrics.API_LAST_SYNC_TIMESTAMP.labels(**self._labels).set(time.time())

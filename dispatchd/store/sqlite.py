@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,36 @@ _WRITE_PROBLEMS = {
 }
 
 
+def _is_corrupt(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
+
+
+def _corrupt_text(path: Path, error: sqlite3.Error) -> str:
+    """The one line for a damaged file, at open or found later by a read or a write."""
+    return (
+        f"state store {path}: not a usable dispatchd state file ({error}); "
+        f"stop dispatchd, move it aside and start again: it re-lists from the "
+        f"API ({_TROUBLESHOOTING})"
+    )
+
+
 def _write_error(path: Path, error: sqlite3.Error) -> StoreWriteError:
+    if _is_corrupt(error):
+        return StoreWriteError(_corrupt_text(path, error))
     code = getattr(error, "sqlite_errorcode", 0) & 0xFF
     what = _WRITE_PROBLEMS.get(code, str(error))
     return StoreWriteError(f"state store {path}: {what}")
+
+
+def _read_error(path: Path, error: sqlite3.Error) -> StoreError:
+    """A read that failed: the same one line as at open, naming the file and the fix."""
+    if _is_corrupt(error):
+        return StoreError(_corrupt_text(path, error))
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return StoreError(
+        f"state store {path}: {_WRITE_PROBLEMS.get(code, str(error))} ({_TROUBLESHOOTING})"
+    )
 
 
 def _create_v1(db: sqlite3.Connection) -> None:
@@ -151,16 +177,7 @@ class SqliteStore:
             self._migrate()
         except sqlite3.DatabaseError as error:
             self._db.close()
-            code = getattr(error, "sqlite_errorcode", 0) & 0xFF
-            if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
-                raise StoreError(
-                    f"state store {path}: not a usable dispatchd state file ({error}); "
-                    f"stop dispatchd, move it aside and start again: it re-lists from the "
-                    f"API ({_TROUBLESHOOTING})"
-                ) from None
-            raise StoreError(
-                f"state store {path}: {_WRITE_PROBLEMS.get(code, str(error))} ({_TROUBLESHOOTING})"
-            ) from None
+            raise _read_error(path, error) from None
         except BaseException:
             self._db.close()
             raise
@@ -195,8 +212,17 @@ class SqliteStore:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A file damaged after it was opened (``database disk image is malformed``)
+        shows up on a read: the same one line as at open, naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            raise _read_error(self._path, error) from None
+
     async def microgrids(self) -> set[int]:
-        with self._transaction() as db:
+        with self._reading(), self._transaction() as db:
             rows = db.execute(
                 "SELECT microgrid_id FROM records UNION SELECT microgrid_id FROM outbox"
                 " UNION SELECT microgrid_id FROM microgrid_meta"
@@ -204,7 +230,7 @@ class SqliteStore:
         return {int(microgrid_id) for (microgrid_id,) in rows}
 
     async def load(self, microgrid_id: int) -> Loaded:
-        with self._transaction() as db:
+        with self._reading(), self._transaction() as db:
             records = {
                 (microgrid_id, int(did)): str(data)
                 for did, data in db.execute(
@@ -237,7 +263,7 @@ class SqliteStore:
         removing = set(self._unremoved)
         try:
             items = self._commit(records, meta, envelopes, removing)
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:  # OperationalError, and a damaged file
             raise _write_error(self._path, error) from error
         self._unremoved -= removing
         self._bound_wal()
@@ -318,7 +344,7 @@ class SqliteStore:
         try:
             with self._transaction() as db:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in pending])
-        except sqlite3.OperationalError:
+        except sqlite3.DatabaseError:  # disk full, or a damaged file the next commit names
             self._unremoved = pending
             return
         self._unremoved = set()
@@ -341,7 +367,7 @@ class SqliteStore:
 
     async def outbox(self, microgrid_ids: Iterable[int] | None = None) -> list[OutboxItem]:
         """The unconfirmed messages (of ``microgrid_ids``, or all), in seq order."""
-        with self._transaction() as db:
+        with self._reading(), self._transaction() as db:
             items = self._read_outbox(db, microgrid_ids)
         if self._unremoved:
             items = [item for item in items if item.seq not in self._unremoved]
@@ -353,7 +379,7 @@ class SqliteStore:
         if not wanted:
             return []
         marks = ", ".join("?" * len(wanted))
-        with self._transaction() as db:
+        with self._reading(), self._transaction() as db:
             return outbox_items_of(
                 db.execute(
                     f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE seq IN ({marks}) ORDER BY seq",

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 import structlog
 from frequenz.client.dispatch.types import TargetIds
@@ -117,6 +118,82 @@ async def test_a_refused_key_is_one_error_named_in_readyz_and_retried_slowly(
     assert "UNAUTHENTICATED" in errors[0]["event"]
     assert "api.auth_key" in errors[0]["fix"]
     assert not [entry for entry in logs if entry["event"] == "api stream failed"], logs
+
+
+async def test_tls_against_a_plaintext_api_is_one_error_named_in_readyz_and_retried_slowly(
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``grpc://`` is TLS unless ``?ssl=false``; against a plaintext API the handshake
+    fails (WRONG_VERSION_NUMBER) on every attempt: one ERROR line with the fix
+    (``?ssl=false``), /readyz names it, retried every 0.3 s here (60 s by default)
+    without an ``api stream failed`` warning each time."""
+    monkeypatch.setattr(apisync, "REFUSED_RETRY", 0.3, raising=False)
+    exchange = unique_name("e2e")
+    server = LocalApiServer(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3", auth_keys=[])
+    port = await server.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running_daemon(
+                tmp_path / "daemon",
+                amqp_url,
+                exchange,
+                api_url=f"grpc://127.0.0.1:{port}",
+                wait_ready=False,
+            ) as handle:
+                before = metric("dispatchd_api_reconnects_total", **LABELS)
+                await poll(lambda: metric("dispatchd_api_reconnects_total", **LABELS) >= before + 3)
+                status, body = await http_get(handle.http_port, "/readyz")
+    finally:
+        await server.stop(0)
+    assert status == 503
+    (tls,) = [m for m in json.loads(body)["missing"] if "TLS" in m]
+    assert tls.startswith(f"microgrid {MG}: the dispatch API does not speak TLS")
+    assert "WRONG_VERSION_NUMBER" in tls
+    assert "?ssl=false" in tls
+    errors = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(errors) == 1, errors
+    assert "does not speak TLS" in errors[0]["event"]
+    assert "?ssl=false" in errors[0]["fix"]
+    assert not [entry for entry in logs if entry["event"] == "api stream failed"], logs
+
+
+@pytest.mark.parametrize(
+    ("details", "cause"),
+    [
+        (  # TLS against the local API (plaintext): what gRPC reports, as reproduced
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:41801: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+            "routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification "
+            "context: OK",
+            "the dispatch API does not speak TLS",
+        ),
+        (  # TLS against a TLS server whose self-signed certificate is not trusted
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:44001: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+            "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: self signed certificate: OK",
+            "the TLS handshake with the dispatch API failed",
+        ),
+        (  # plaintext against a TLS server: indistinguishable from a network failure
+            "failed to connect to all addresses; last error: UNAVAILABLE: "
+            "ipv4:127.0.0.1:34199: Socket closed",
+            None,
+        ),
+    ],
+)
+def test_which_unavailable_failures_need_the_operator(details: str, cause: str | None) -> None:
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+    found = apisync._needs_operator(error)
+    if cause is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found[0].startswith(cause)
+        assert "?ssl=false" in found[1]
 
 
 @contextlib.asynccontextmanager

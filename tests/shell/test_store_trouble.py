@@ -3,7 +3,10 @@ file that is not a state database. Each error names the file and what to do."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +130,69 @@ def test_run_on_a_corrupt_state_file_exits_1_with_one_line_naming_it(tmp_path: P
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "dispatchd.sqlite3" in line]
     assert "not a usable dispatchd state file" in line
+    assert "move it aside" in line
+
+
+def _damaged_after_open(path: Path) -> None:
+    """A valid state file whose records table's leaf pages are then overwritten: it
+    opens (the schema on page 1 is intact), but reading or writing records fails
+    with SQLite's 'database disk image is malformed'."""
+
+    async def fill() -> None:
+        store = SqliteStore(path)
+        try:
+            await store.commit(records={(1, n): "r" * 500 for n in range(400)})
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        last_table = db.execute("SELECT max(rootpage) FROM sqlite_master").fetchone()[0]
+    data = bytearray(path.read_bytes())
+    start = last_table * page_size  # the pages after every table's root: records' leaves
+    assert len(data) > start + page_size
+    data[start:] = b"\xff" * (len(data) - start)
+    path.write_bytes(bytes(data))
+
+
+async def test_a_file_damaged_after_it_was_opened_names_it_on_read_and_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    await asyncio.to_thread(_damaged_after_open, path)
+    store = SqliteStore(path)  # opens: the damage is only found by reading
+    try:
+        for reading in (store.microgrids(), store.load(1)):
+            with pytest.raises(StoreError) as raised:
+                await reading
+            assert str(raised.value).startswith(
+                f"state store {path}: not a usable dispatchd state file "
+                "(database disk image is malformed); stop dispatchd, move it aside"
+            )
+        with pytest.raises(StoreWriteError) as written:
+            await store.commit(records={(1, n): "s" for n in range(400)})
+        assert str(written.value).startswith(
+            f"state store {path}: not a usable dispatchd state file"
+        )
+        assert "move it aside" in str(written.value)
+    finally:
+        await store.close()
+
+
+def test_run_on_a_state_file_damaged_inside_exits_1_with_one_line_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Open succeeds, the first read fails: the same line and exit code as a file
+    that does not open at all, no traceback."""
+    state = tmp_path / "var"
+    state.mkdir()
+    _damaged_after_open(state / "dispatchd.sqlite3")
+    result = _run(state)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "dispatchd.sqlite3" in line]
+    assert "not a usable dispatchd state file (database disk image is malformed)" in line
     assert "move it aside" in line
 
 
