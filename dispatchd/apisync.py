@@ -34,6 +34,7 @@ from typing import Any, Final, TypeVar
 import grpc
 import structlog
 from frequenz.api.common.v1alpha8.pagination.pagination_params_pb2 import PaginationParams
+from frequenz.api.common.v1alpha8.streaming.event_pb2 import Event as EventProto
 from frequenz.api.dispatch.v1.dispatch_pb2 import (
     ListMicrogridDispatchesRequest,
     ListMicrogridDispatchesResponse,
@@ -49,6 +50,7 @@ from dispatchd.apichannel import ApiClient
 from dispatchd.config import Settings, split_host_port
 from dispatchd.core.model import Dispatch
 
+_EVENT_DELETED = EventProto.EVENT_DELETED
 _log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
@@ -226,7 +228,7 @@ class _Stream:
         self,
         client: DispatchApiClient,
         microgrid_id: int,
-        convert: Callable[[Callable[[], DispatchEvent]], DispatchEvent | None],
+        convert: Callable[..., DispatchEvent | None],
     ) -> None:
         request = StreamMicrogridDispatchesRequest(microgrid_id=microgrid_id)
         self._convert = convert
@@ -240,7 +242,11 @@ class _Stream:
     async def _read(self) -> None:
         try:
             async for response in self.call:
-                event = self._convert(lambda: DispatchEvent.from_protobuf(response))  # noqa: B023
+                event = self._convert(
+                    lambda: DispatchEvent.from_protobuf(response),  # noqa: B023
+                    int(response.dispatch.metadata.dispatch_id),
+                    deleted=response.event == _EVENT_DELETED,
+                )
                 if event is not None:  # one event it cannot take must not stop the rest
                     self.events.put_nowait(event)
         except grpc.aio.AioRpcError as error:
@@ -302,6 +308,9 @@ class ApiSync:
         """Streams renewed before their deadline (no re-list), for tests."""
         self.relists = 0
         """Listings made again because the first went out before the stream's headers."""
+        self.skipped: set[int] = set()
+        """Dispatches of the API it cannot convert (as of the last listing and the events
+        since): they never run, so they are counted as invalid."""
 
     @property
     def microgrid_id(self) -> int:
@@ -462,7 +471,13 @@ class ApiSync:
         if isinstance(item, BaseException):
             raise item
         mid = self._microgrid_id
-        dispatch = self._convert(lambda: Dispatch.from_client(item.dispatch, mid))
+        dispatch_id = int(item.dispatch.id)
+        deleted = item.event == StreamEvent.DELETED
+        dispatch = self._convert(
+            lambda: Dispatch.from_client(item.dispatch, mid), dispatch_id, deleted=deleted
+        )
+        if dispatch is not None:
+            self.skipped.discard(dispatch_id)  # taken now (or deleted)
         if dispatch is not None:
             await self._deliver(Streamed(mid, item.event, dispatch))
 
@@ -516,12 +531,22 @@ class ApiSync:
             return False
         return True
 
-    def _convert(self, convert: Callable[[], _T]) -> _T | None:
-        """``convert()``, or None (logged and counted) if the dispatch cannot be taken."""
+    def _convert(
+        self, convert: Callable[[], _T], dispatch_id: int | None = None, *, deleted: bool = False
+    ) -> _T | None:
+        """``convert()``, or None (logged and counted) if the dispatch cannot be taken.
+
+        ``dispatch_id`` is kept in ``skipped`` until it converts or is ``deleted``.
+        """
         try:
             return convert()
         except Exception as error:  # one bad dispatch must not stop the rest
-            self._skipped(error, None)
+            self._skipped(error, dispatch_id)
+            if dispatch_id is not None:
+                if deleted:
+                    self.skipped.discard(dispatch_id)
+                else:
+                    self.skipped.add(dispatch_id)
             return None
 
     def _skipped(self, error: Exception, dispatch_id: int | None) -> None:
@@ -543,6 +568,7 @@ class ApiSync:
             microgrid_id=self._microgrid_id,
             pagination_params=PaginationParams(page_size=self._page_size),
         )
+        skipped: set[int] = set()
         while True:
             response: ListMicrogridDispatchesResponse = (
                 await self._client.stub.ListMicrogridDispatches(
@@ -555,10 +581,12 @@ class ApiSync:
                         dispatches.append(Dispatch.from_protobuf(message, self._microgrid_id))
                     except Exception as error:  # one bad dispatch must not stop the rest
                         self._skipped(error, message.metadata.dispatch_id)
+                        skipped.add(int(message.metadata.dispatch_id))
             token = response.pagination_info.next_page_token
             if not token:
                 break
             request.pagination_params.CopyFrom(PaginationParams(page_token=token))
+        self.skipped = skipped
         initial = not self.synced.is_set()
         _log.info(
             "listed dispatches",

@@ -456,7 +456,12 @@ class Daemon:
         """
         exported = self._exported
         self._exported = set()
-        for microgrid_id, counts in self._running().engine.counts().items():
+        all_counts = self._running().engine.counts()
+        if self.microgrids is not None:  # what the API sends and dispatchd cannot convert
+            for microgrid_id, skipped in self.microgrids.skipped().items():
+                counts = all_counts[microgrid_id] = dict(all_counts.get(microgrid_id, {}))
+                counts["invalid"] = counts.get("invalid", 0) + skipped
+        for microgrid_id, counts in all_counts.items():
             for state, count in counts.items():
                 metrics.DISPATCHES.labels(microgrid_id=str(microgrid_id), state=state).set(count)
                 self._exported.add((str(microgrid_id), state))

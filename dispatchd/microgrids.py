@@ -147,6 +147,14 @@ class Microgrids:
             task.cancel()
         return tasks
 
+    def skipped(self) -> dict[int, int]:
+        """Per microgrid run here, the API's dispatches its sync could not convert."""
+        return {
+            microgrid_id: len(running.sync.skipped)
+            for microgrid_id, running in self.running.items()
+            if running.sync is not None and running.sync.skipped
+        }
+
     # ------------------------------------------------------------- per microgrid
 
     def _begin(self, microgrid_id: int, change: Coroutine[Any, Any, None]) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+from frequenz.api.common.v1alpha8.streaming.event_pb2 import Event
+
 from dispatchd.core.model import Dispatch
 from tests.shell.daemon_harness import MG, QueueObserver, metric, running_daemon, soon
 from tests.shell.scripted_api import ScriptedApi, dispatch_pb
@@ -57,10 +59,24 @@ async def test_one_unconvertible_dispatch_is_skipped_and_counted(
     async with ScriptedApi() as api, QueueObserver(amqp_url, exchange) as observer:
         api.put(broken)
         api.put(good)
-        async with running_daemon(tmp_path, amqp_url, exchange, api_url=api.url):
+        async with running_daemon(tmp_path, amqp_url, exchange, api_url=api.url) as daemon:
             await observer.seen(lambda r: r.is_(2, "created"), WAIT)
             assert not observer.of(1)
             assert (
                 metric("dispatchd_api_skipped_dispatches_total", microgrid_id=str(MG))
                 == skipped + 1
             )
+            # It never runs: counted as invalid, beside the engine's own invalid ones.
+            status, _ = await daemon.http_get("/metrics")
+            assert status == 200
+            assert metric("dispatchd_dispatches", microgrid_id=str(MG), state="invalid") == 1
+            # Deleted in the API: no longer counted. The stream keeps its order, so once
+            # a later event's message is out, the deletion was handled.
+            api.remove(1)
+            await api.push(Event.EVENT_DELETED, broken)
+            later = dispatch_pb(3, "GOOD", soon(3600), timedelta(minutes=5))
+            api.put(later)
+            await api.push(Event.EVENT_CREATED, later)
+            await observer.seen(lambda r: r.is_(3, "created"), WAIT)
+            await daemon.http_get("/metrics")
+            assert not metric("dispatchd_dispatches", microgrid_id=str(MG), state="invalid")
