@@ -67,7 +67,7 @@ from aio_pika.exceptions import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from dispatchd import memory, metrics
+from dispatchd import broker, memory, metrics
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.sendwindow import SendWindow
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
@@ -369,7 +369,7 @@ class Publisher:
         self._tasks.append(asyncio.create_task(self._sender(), name="publisher-sender"))
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect_robust(
+        connection = await broker.connect_robust(
             self._url,
             timeout=self._connect_timeout,
             reconnect_interval=self._reconnect_interval,

@@ -41,7 +41,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from dispatchd import metrics
+from dispatchd import broker, metrics
 from dispatchd.core import wire
 from dispatchd.core.engine import SnapshotEntry
 from dispatchd.core.records import DispatchKey
@@ -220,7 +220,7 @@ class SnapshotRpc:
         return retry_in
 
     async def _consume(self) -> None:
-        connection = await aio_pika.connect_robust(
+        connection = await broker.connect_robust(
             self._url,
             timeout=self._connect_timeout,
             reconnect_interval=self._reconnect_interval,

@@ -13,10 +13,10 @@ import signal
 import sys
 from typing import TextIO
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 
+from dispatchd import broker
 from dispatchd.config import Settings, mask_url, redact_urls
 from dispatchd.core import wire
 from dispatchd.core.messages import RunningMessage
@@ -66,7 +66,7 @@ async def tail(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-    connection = await aio_pika.connect_robust(url)
+    connection = await broker.connect_robust(url)
     async with connection:
         channel = await connection.channel()
         try:

@@ -38,6 +38,7 @@ from aio_pika.abc import (
 from frequenz.channels import Receiver
 from frequenz.client.dispatch import DispatchApiClient
 
+from dispatchd import broker
 from dispatchd.client._actors import ActorDispatcher
 from dispatchd.client._dispatch import Dispatch
 from dispatchd.client._events import DispatchEvent
@@ -252,7 +253,7 @@ class Dispatcher(DispatcherInterface):
         """
         if self._connection is not None:
             raise RuntimeError("the dispatcher is already started")
-        connection = self._connection = await aio_pika.connect_robust(self._amqp_url)
+        connection = self._connection = await broker.connect_robust(self._amqp_url)
         try:
             await self._main.open(connection)
         except BaseException:

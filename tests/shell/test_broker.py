@@ -16,6 +16,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError
 
+from dispatchd import broker
+
 
 async def test_confirmed_mandatory_publish_is_routed_to_a_bound_queue(
     amqp_url: str, unique_name: Callable[[str], str]
@@ -77,3 +79,40 @@ async def test_unroutable_mandatory_publish_is_returned(
         finally:
             # Never bound, so auto-delete would never remove it.
             await exchange.delete()
+
+
+def _tasks_started_since(before: set[asyncio.Task[object]]) -> list[asyncio.Task[object]]:
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if task not in before and task is not asyncio.current_task() and not task.done()
+    ]
+
+
+async def test_a_first_attempt_cancelled_leaves_no_connection_retrying() -> None:
+    """Cancelled while the broker does not answer (dispatchd stopping): aio-pika's own
+    connect_robust leaves a task retrying forever, and the event loop never closes."""
+    reached = asyncio.Event()
+    silent = await asyncio.start_server(lambda reader, writer: reached.set(), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    async with silent:
+        before = set(asyncio.all_tasks())
+        attempt = asyncio.create_task(
+            broker.connect_robust(
+                f"amqp://guest:guest@127.0.0.1:{port}/", timeout=30, reconnect_interval=0.05
+            )
+        )
+        async with asyncio.timeout(5):
+            await reached.wait()  # the attempt is on the wire, waiting for the broker
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        assert _tasks_started_since(before) == []
+
+
+async def test_a_refused_first_attempt_leaves_no_connection_retrying(amqp_url: str) -> None:
+    before = set(asyncio.all_tasks())
+    refused = amqp_url.replace("guest:guest@", "guest:wrong@", 1)
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        await broker.connect_robust(refused, timeout=5, reconnect_interval=0.05)
+    assert _tasks_started_since(before) == []
