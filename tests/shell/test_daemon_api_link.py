@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -79,6 +80,34 @@ async def test_stream_renewal_is_make_before_break_no_relist_no_reconnect(
     assert sorted(set(created)) == pushed
 
 
+async def _three_slow_retries(
+    amqp_url: str,
+    exchange: str,
+    tmp_path: Path,
+    server: LocalApiServer,
+    api_url: str,
+    extra: dict[str, str] | None = None,
+) -> tuple[int, bytes, list[dict[str, Any]]]:
+    """Run a daemon against ``server`` until it has retried three times: /readyz and the logs."""
+    port = await server.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running_daemon(
+                tmp_path / "daemon",
+                amqp_url,
+                exchange,
+                api_url=api_url.format(port=port),
+                extra=extra,
+                wait_ready=False,
+            ) as handle:
+                before = metric("dispatchd_api_reconnects_total", **LABELS)
+                await poll(lambda: metric("dispatchd_api_reconnects_total", **LABELS) >= before + 3)
+                status, body = await http_get(handle.http_port, "/readyz")
+    finally:
+        await server.stop(0)
+    return status, body, logs
+
+
 async def test_a_refused_key_is_one_error_named_in_readyz_and_retried_slowly(
     amqp_url: str,
     unique_name: Callable[[str], str],
@@ -88,26 +117,17 @@ async def test_a_refused_key_is_one_error_named_in_readyz_and_retried_slowly(
     """UNAUTHENTICATED cannot fix itself: one ERROR line with the cause and the fix,
     /readyz names it, the retries (every 0.3 s here, 60 s by default) say nothing more."""
     monkeypatch.setattr(apisync, "REFUSED_RETRY", 0.3, raising=False)
-    exchange = unique_name("e2e")
     server = LocalApiServer(
         listen="127.0.0.1:0", database=tmp_path / "api.sqlite3", auth_keys=["right-key"]
     )
-    port = await server.start()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            async with running_daemon(
-                tmp_path / "daemon",
-                amqp_url,
-                exchange,
-                api_url=f"grpc://127.0.0.1:{port}?ssl=false",
-                extra={"DISPATCHD_API__AUTH_KEY": "wrong-key"},
-                wait_ready=False,
-            ) as handle:
-                before = metric("dispatchd_api_reconnects_total", **LABELS)
-                await poll(lambda: metric("dispatchd_api_reconnects_total", **LABELS) >= before + 3)
-                status, body = await http_get(handle.http_port, "/readyz")
-    finally:
-        await server.stop(0)
+    status, body, logs = await _three_slow_retries(
+        amqp_url,
+        unique_name("e2e"),
+        tmp_path,
+        server,
+        "grpc://127.0.0.1:{port}?ssl=false",
+        extra={"DISPATCHD_API__AUTH_KEY": "wrong-key"},
+    )
     assert status == 503
     (refused,) = [m for m in json.loads(body)["missing"] if "refused" in m]
     assert refused.startswith(f"microgrid {MG}: ")
@@ -131,23 +151,10 @@ async def test_tls_against_a_plaintext_api_is_one_error_named_in_readyz_and_retr
     (``?ssl=false``), /readyz names it, retried every 0.3 s here (60 s by default)
     without an ``api stream failed`` warning each time."""
     monkeypatch.setattr(apisync, "REFUSED_RETRY", 0.3, raising=False)
-    exchange = unique_name("e2e")
     server = LocalApiServer(listen="127.0.0.1:0", database=tmp_path / "api.sqlite3", auth_keys=[])
-    port = await server.start()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            async with running_daemon(
-                tmp_path / "daemon",
-                amqp_url,
-                exchange,
-                api_url=f"grpc://127.0.0.1:{port}",
-                wait_ready=False,
-            ) as handle:
-                before = metric("dispatchd_api_reconnects_total", **LABELS)
-                await poll(lambda: metric("dispatchd_api_reconnects_total", **LABELS) >= before + 3)
-                status, body = await http_get(handle.http_port, "/readyz")
-    finally:
-        await server.stop(0)
+    status, body, logs = await _three_slow_retries(
+        amqp_url, unique_name("e2e"), tmp_path, server, "grpc://127.0.0.1:{port}"
+    )
     assert status == 503
     (tls,) = [m for m in json.loads(body)["missing"] if "TLS" in m]
     assert tls.startswith(f"microgrid {MG}: the dispatch API does not speak TLS")
