@@ -1,7 +1,7 @@
 """CPU per transition and start lag: 10k MINUTELY dispatches over 70 s, every transition published.
 
 Run: ``python bench/bench_minutely.py [--dispatches 10000] [--seconds 70] [--duration 30]
-[--profile out.prof]``.
+[--profile out.prof] [--lean]``.
 
 ``dispatchd run`` as a subprocess (embedded local API, JSON logs at INFO, as in
 production), seeded with ``--dispatches`` MINUTELY dispatches of ``--duration``
@@ -15,10 +15,13 @@ Recurring starts fall on whole seconds (rules are evaluated at one-second
 resolution), so each second about 1/60 of the dispatches start and as many
 stop at the same instant: a burst. The ceiling for it is measured after the
 daemon stops: the window's messages (bodies, headers, properties), one
-second's burst at a time, published with confirms by a bare loop of aiormq's
-``basic_publish(wait=False)`` (what the Publisher does) to an exchange no
-consumer of this process reads: this process's CPU per message, and the time
-from the first publish of a burst to its last confirm. ``--profile`` runs the daemon under cProfile
+second's burst at a time, published with confirms by a bare loop to an
+exchange no consumer of this process reads, twice: one aiormq
+``basic_publish(wait=False)`` per message, and each burst in one write
+(``dispatchd.batchpublish``, what the Publisher does). For each: this
+process's CPU per message, and the time from the first publish of a burst to
+its last confirm. ``--lean`` stamps arrivals in aiormq's own consumer
+instead of aio-pika's (``bench_daemon.bound_queue``). ``--profile`` runs the daemon under cProfile
 (``python -m cProfile``) and writes the profile when it stops; the CPU
 figure is then not comparable.
 """
@@ -43,6 +46,8 @@ from frequenz.api.dispatch.v1.dispatch_pb2 import RecurrenceRule
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_daemon import Daemon, Received, bound_queue, daemon_env, quantiles, seed, show
 
+from dispatchd.batchpublish import Outgoing, publish_batch
+
 
 async def bench(args: argparse.Namespace) -> None:
     exchange = f"bench-minutely-{uuid.uuid4().hex[:8]}"
@@ -60,7 +65,7 @@ async def bench(args: argparse.Namespace) -> None:
             recurrence=RecurrenceRule.FREQUENCY_MINUTELY,
             now=base - timedelta(minutes=1),
         )
-        async with bound_queue(args.amqp_url, exchange) as consumer:
+        async with bound_queue(args.amqp_url, exchange, lean=args.lean) as consumer:
             env = daemon_env(args.amqp_url, exchange, state)
             daemon = Daemon(env)
             try:
@@ -115,7 +120,17 @@ async def bench(args: argparse.Namespace) -> None:
     p50, p99, worst = quantiles(carried)
     show("consumer arrival - emitted_at", f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}")
     show("daemon RSS at the end", f"{rss:.0f} MiB")
-    await show_ceiling(args.amqp_url, running)
+    worst_bursts: dict[str, float] = {}
+    for m, lag in zip(starts_only, lags, strict=True):
+        at = m.body["scheduled_for"]
+        worst_bursts[at] = max(worst_bursts.get(at, 0.0), lag)
+    slowest = sorted(worst_bursts.items(), key=lambda x: -x[1])[:3]
+    show(
+        "slowest bursts (last start at the consumer)",
+        ", ".join(f"{at[11:19]} {lag * 1000:.0f} ms" for at, lag in slowest),
+    )
+    if not args.no_ceiling:
+        await show_ceiling(args.amqp_url, running)
 
 
 async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
@@ -138,46 +153,71 @@ async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
         await queue.bind(exchange_name, "#")  # routed and queued as for an actor, not read
         underlay = await channel.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
-        seconds: list[float] = []
-        cpu = time.process_time()
-        for number, burst in enumerate(bursts):
-            started = time.perf_counter()
-            await asyncio.gather(
-                *(
-                    underlay.basic_publish(
-                        m.raw,
-                        exchange=exchange_name,
-                        routing_key=m.routing_key,
-                        properties=aiormq.spec.Basic.Properties(
-                            content_type="application/json",
-                            delivery_mode=2,
-                            message_id=f"bare-{number}-{n}",
-                            timestamp=datetime.now(UTC),
-                            message_type=m.body["kind"],
-                            app_id="dispatchd",
-                            headers=m.headers,
-                        ),
-                        mandatory=True,
-                        wait=False,
-                    )
-                    for n, m in enumerate(burst)
+        figures = {}
+        for label, publish in (("per message", _each), ("batched", _batched)):
+            seconds: list[float] = []
+            cpu = time.process_time()
+            for number, burst in enumerate(bursts):
+                started = time.perf_counter()
+                await publish(
+                    underlay,
+                    exchange_name,
+                    [_outgoing(m, f"bare-{label}-{number}-{n}") for n, m in enumerate(burst)],
                 )
-            )
-            seconds.append(time.perf_counter() - started)
-        cpu = time.process_time() - cpu
+                seconds.append(time.perf_counter() - started)
+            figures[label] = (time.process_time() - cpu, seconds)
         await channel.exchange_delete(exchange_name)
     finally:
         await connection.close()
     sizes = sorted(len(burst) for burst in bursts)
-    show(
-        "ceiling: bare aiormq publish, CPU",
-        f"{cpu / len(running) * 1e6:.0f} µs per message = {cpu:.2f} CPU-s for the window",
+    for label, (cpu, seconds) in figures.items():
+        show(
+            f"ceiling, {label}: bare aiormq publish, CPU",
+            f"{cpu / len(running) * 1e6:.0f} µs per message = {cpu:.2f} CPU-s for the window",
+        )
+        p50, p99, worst = quantiles(seconds)
+        show(
+            f"ceiling, {label}: one burst ({sizes[len(sizes) // 2]} messages) to its last confirm",
+            f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+        )
+
+
+def _outgoing(message: Received, message_id: str) -> Outgoing:
+    return Outgoing(
+        message.routing_key,
+        message.raw,
+        aiormq.spec.Basic.Properties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message_id,
+            timestamp=datetime.now(UTC),
+            message_type=message.body["kind"],
+            app_id="dispatchd",
+            headers=message.headers,
+        ),
     )
-    p50, p99, worst = quantiles(seconds)
-    show(
-        f"ceiling: one burst ({sizes[len(sizes) // 2]} messages) to its last confirm",
-        f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+
+
+async def _each(channel: aiormq.Channel, exchange: str, burst: list[Outgoing]) -> None:
+    """One ``basic_publish(wait=False)`` per message, all in flight at once."""
+    await asyncio.gather(
+        *(
+            channel.basic_publish(
+                m.body,
+                exchange=exchange,
+                routing_key=m.routing_key,
+                properties=m.properties,
+                mandatory=True,
+                wait=False,
+            )
+            for m in burst
+        )
     )
+
+
+async def _batched(channel: aiormq.Channel, exchange: str, burst: list[Outgoing]) -> None:
+    """The burst in one write (``dispatchd.batchpublish``, what the Publisher does)."""
+    await asyncio.gather(*await publish_batch(channel, exchange, burst, mandatory=True))
 
 
 async def _start_profiled(daemon: Daemon, profile: str) -> float:
@@ -210,6 +250,12 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=70.0)
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--profile", default="")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the bare publish loop")
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="consume with aiormq's basic_consume, not aio-pika's (see bench_daemon.bound_queue)",
+    )
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()}", flush=True)
     await bench(args)

@@ -67,7 +67,7 @@ from aio_pika.exceptions import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from dispatchd import broker, memory, metrics
+from dispatchd import batchpublish, broker, memory, metrics
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.sendwindow import SendWindow
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
@@ -95,6 +95,9 @@ NACK_LOG_INTERVAL = 10.0
 BULK_WINDOW = 16
 """Unconfirmed messages below which the bulk backlog feeds the send window: enough to
 keep the broker's pipeline full, few enough that a live message behind them is not late."""
+
+PUBLISH_BATCH = 500
+"""Messages handed to the broker connection in one write at most (``batchpublish``)."""
 
 READ_AHEAD = 500
 """Bulk messages read back from the outbox at a time (about 0.5 MB in memory)."""
@@ -760,9 +763,12 @@ class Publisher:
         assert isinstance(channel, aiormq.Channel)
         loop = asyncio.get_running_loop()
         while not self._round_failed:
-            item = window.take(loop.time())
-            if item is not None:
-                task = asyncio.create_task(self._publish(item, channel))
+            now = loop.time()
+            batch: list[OutboxItem] = []
+            while len(batch) < PUBLISH_BATCH and (item := window.take(now)) is not None:
+                batch.append(item)
+            if batch:
+                task = asyncio.create_task(self._publish(batch, channel))
                 self._in_flight.add(task)
                 continue
             try:
@@ -826,41 +832,31 @@ class Publisher:
             self._retry_timer.cancel()
             self._retry_timer = None
 
-    async def _publish(self, item: OutboxItem, channel: aiormq.Channel) -> None:
-        envelope = item.envelope
-        properties = aiormq.spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-            message_id=envelope.message_id,
-            timestamp=datetime.now(UTC),
-            message_type=envelope.type,
-            app_id=APP_ID,
-            headers=dict[str, Any](envelope.headers),
-        )
+    async def _publish(self, items: list[OutboxItem], channel: aiormq.Channel) -> None:
+        """Publish ``items`` in one write and settle each by its own confirm.
+
+        The timeout covers the channel lock, the hand-over and every confirm.
+        """
         task = asyncio.current_task()
-        answered = False
+        unanswered = {item.seq: item for item in items}
         try:
-            # wait=False: hand the frames to the connection's writer and wait only for
-            # the confirm; waiting for each socket drain under the channel lock (what
-            # Exchange.publish does) serialises publishes and lets a long queue of them
-            # run into the timeout before reaching the wire. The timeout covers the
-            # channel lock, the hand-over and the confirm.
-            await channel.basic_publish(
-                envelope.body,
-                exchange=self._exchange_name,
-                routing_key=envelope.routing_key,
-                properties=properties,
-                mandatory=True,
-                timeout=self._publish_timeout,
-                wait=False,
-            )
-        except PublishError:
-            metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(envelope)).inc()
-            answered = True
-            self._mark_confirmed(item)
-        except DeliveryError as exc:
-            answered = True
-            self._on_nacked(item, exc)
+            async with asyncio.timeout(self._publish_timeout):
+                confirms = await batchpublish.publish_batch(
+                    channel,
+                    self._exchange_name,
+                    [self._outgoing(item.envelope) for item in items],
+                    mandatory=True,
+                )
+            pending = dict(zip(confirms, items, strict=True))
+            done, late = await asyncio.wait(pending, timeout=self._publish_timeout)
+            for confirm, item in pending.items():  # in seq order
+                if confirm in done:
+                    del unanswered[item.seq]
+                    self._settle(item, confirm)
+            if late:
+                for confirm in late:
+                    confirm.cancel()
+                self._fail_round(f"no confirm within {self._publish_timeout}s")
         except asyncio.CancelledError:
             if task is not None and task.cancelling():
                 raise
@@ -869,18 +865,48 @@ class Publisher:
             self._fail_round(f"no confirm within {self._publish_timeout}s")
         except Exception as exc:
             self._fail_round(f"publish failed: {describe_error(exc)}")
-        else:
-            self._count_published(envelope)
-            answered = True
-            self._mark_confirmed(item)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
-            if not answered:
+            for item in unanswered.values():
                 self._window.abandon(item)
             self._wake.set()
             if self._done and (not self._in_flight or len(self._done) >= FLUSH_BATCH):
                 self._flush_wake.set()
+
+    def _settle(self, item: OutboxItem, confirm: asyncio.Future[object]) -> None:
+        """What the broker answered for one message: confirmed, returned or refused."""
+        if confirm.cancelled():
+            self._window.abandon(item)
+            self._fail_round("publish cancelled by a closing channel")
+            return
+        exc = confirm.exception()
+        if exc is None:
+            self._count_published(item.envelope)
+            self._mark_confirmed(item)
+        elif isinstance(exc, PublishError):
+            metrics.MESSAGES_UNROUTABLE.labels(kind=_kind(item.envelope)).inc()
+            self._mark_confirmed(item)
+        elif isinstance(exc, DeliveryError):
+            self._on_nacked(item, exc)
+        else:
+            self._window.abandon(item)
+            self._fail_round(f"publish failed: {describe_error(exc)}")
+
+    def _outgoing(self, envelope: Envelope) -> batchpublish.Outgoing:
+        return batchpublish.Outgoing(
+            envelope.routing_key,
+            envelope.body,
+            aiormq.spec.Basic.Properties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+                message_id=envelope.message_id,
+                timestamp=datetime.now(UTC),
+                message_type=envelope.type,
+                app_id=APP_ID,
+                headers=dict[str, Any](envelope.headers),
+            ),
+        )
 
     def _count_published(self, envelope: Envelope) -> None:
         """Labelled children cached: ``labels()`` takes a lock and builds a key per call."""
