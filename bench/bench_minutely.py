@@ -139,10 +139,10 @@ async def bench(args: argparse.Namespace) -> None:
         ),
     )
     if not args.no_ceiling:
-        await show_ceiling(args.amqp_url, running)
+        await show_ceiling(args.amqp_url, running, lean=args.lean)
 
 
-async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
+async def show_ceiling(amqp_url: str, running: list[Received], *, lean: bool) -> None:
     """The bare aiormq loop on the same messages, one second's burst at a time."""
     bursts = [
         list(burst)
@@ -163,6 +163,7 @@ async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
         underlay = await channel.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
         figures = {}
+        gc.disable()  # as in the window: this process's collections are not the broker's
         for label, publish in (("per message", _each), ("batched", _batched)):
             seconds: list[float] = []
             cpu = time.process_time()
@@ -175,7 +176,9 @@ async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
                 )
                 seconds.append(time.perf_counter() - started)
             figures[label] = (time.process_time() - cpu, seconds)
+        gc.enable()
         await channel.exchange_delete(exchange_name)
+        lags = await _batched_to_consumer(amqp_url, underlay, bursts, lean=lean)
     finally:
         await connection.close()
     sizes = sorted(len(burst) for burst in bursts)
@@ -189,6 +192,38 @@ async def show_ceiling(amqp_url: str, running: list[Received]) -> None:
             f"ceiling, {label}: one burst ({sizes[len(sizes) // 2]} messages) to its last confirm",
             f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
         )
+    p50, p99, worst = quantiles(lags)
+    show(
+        "ceiling, batched: write -> start at the consumer",
+        f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
+    )
+
+
+async def _batched_to_consumer(
+    amqp_url: str, underlay: aiormq.Channel, bursts: list[list[Received]], *, lean: bool
+) -> list[float]:
+    """Each burst in one write to a queue this process consumes, as the daemon's were:
+    seconds from the write to each start's arrival. A burst goes once the last is in."""
+    exchange_name = f"bench-minutely-bare-consumed-{uuid.uuid4().hex[:8]}"
+    lags: list[float] = []
+    async with bound_queue(amqp_url, exchange_name, lean=lean) as consumer:
+        gc.disable()
+        try:
+            for number, burst in enumerate(bursts):
+                consumer.messages.clear()
+                started = time.time()
+                await _batched(
+                    underlay,
+                    exchange_name,
+                    [_outgoing(m, f"bare-consumed-{number}-{n}") for n, m in enumerate(burst)],
+                )
+                size = len(burst)
+                await consumer.wait_count(lambda size=size: len(consumer.messages) >= size, 30)
+                lags += [m.at - started for m in consumer.messages if m.body["event"] == "running"]
+                await asyncio.sleep(0.2)
+        finally:
+            gc.enable()
+    return lags
 
 
 def _outgoing(message: Received, message_id: str) -> Outgoing:

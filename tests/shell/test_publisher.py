@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -16,6 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from dispatchd import memory, metrics
 from dispatchd import publisher as publisher_module
+from dispatchd.batchpublish import Outgoing
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.store import OutboxItem, SqliteStore
@@ -226,6 +228,38 @@ async def test_a_burst_leaves_the_outbox_in_one_removal_after_its_last_confirm(
     assert publisher.window.rounds == 1
     # No removal (a commit with an fsync, in a thread) competes with the sends mid-burst.
     assert [sorted(batch) for batch in store.removed_batches] == [[i.seq for i in items]]
+    assert store.count_outbox() == 0
+
+
+async def test_a_burst_goes_to_the_broker_in_writes_of_many_messages_in_seq_order(
+    store: SqliteStore,
+    consumer: Consumer,
+    exchange_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batches: list[list[str]] = []
+    publish_batch = publisher_module.batchpublish.publish_batch
+
+    async def recording(
+        channel: Any, exchange: str, messages: Sequence[Outgoing], *, mandatory: bool
+    ) -> list[asyncio.Future[object]]:
+        batches.append([str(m.properties.message_id) for m in messages])
+        return await publish_batch(channel, exchange, messages, mandatory=mandatory)
+
+    monkeypatch.setattr(publisher_module.batchpublish, "publish_batch", recording)
+    monkeypatch.setattr(publisher_module, "PUBLISH_BATCH", 300)
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    burst = [make_envelope(d, 0) for d in range(1000)]
+    publisher.submit(await commit(store, burst))
+    assert await publisher.wait_idle(60)
+    await consumer.wait_ids(e.message_id for e in burst)
+    await publisher.close(5)
+
+    # Everything submitted at once is taken in one go, at most PUBLISH_BATCH a write.
+    assert [len(batch) for batch in batches] == [300, 300, 300, 100]
+    assert [m for batch in batches for m in batch] == [e.message_id for e in burst]
+    assert [m.message_id for m in consumer.messages] == [e.message_id for e in burst]
     assert store.count_outbox() == 0
 
 
