@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -138,8 +139,16 @@ async def bound_queue(
     ``Queue.consume``, whose message object and task per message delay the
     later messages of a burst by tens of milliseconds in this process: the
     arrival stamp then measures the daemon and the broker, not the consumer.
+
+    This process's cyclic garbage collector is off meanwhile: a full
+    collection over the tens of thousands of messages received by then
+    stopped this process for a quarter second now and then, and the
+    messages arriving meanwhile were stamped late (seen as one slow burst
+    per run in ``bench_minutely.py`` and a 331 ms update in this script).
     """
     consumer = Consumer()
+    collecting = gc.isenabled()
+    gc.disable()
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         channel = await connection.channel()
@@ -160,6 +169,8 @@ async def bound_queue(
             await channel.queue_delete(f"{exchange_name}.rpc")
     finally:
         await connection.close()
+        if collecting:
+            gc.enable()
 
 
 # ------------------------------------------------------------------ daemon

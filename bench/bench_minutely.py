@@ -75,14 +75,10 @@ async def bench(args: argparse.Namespace) -> None:
                 else:
                     await daemon.start(within=120)
                 await consumer.wait_count(lambda: consumer.count("lifecycle.created") >= count, 600)
-                # This process's own full collections (tens of thousands of received
-                # messages by the end) would delay its arrival stamps by a quarter second.
-                gc.disable()
                 first = datetime.now(UTC)
                 cpu_before = daemon.cpu_seconds()
                 await asyncio.sleep(args.seconds)
                 cpu = daemon.cpu_seconds() - cpu_before
-                gc.enable()
                 end = first + timedelta(seconds=args.seconds)
                 rss = daemon.rss_mib()
             finally:
@@ -207,22 +203,18 @@ async def _batched_to_consumer(
     exchange_name = f"bench-minutely-bare-consumed-{uuid.uuid4().hex[:8]}"
     lags: list[float] = []
     async with bound_queue(amqp_url, exchange_name, lean=lean) as consumer:
-        gc.disable()
-        try:
-            for number, burst in enumerate(bursts):
-                consumer.messages.clear()
-                started = time.time()
-                await _batched(
-                    underlay,
-                    exchange_name,
-                    [_outgoing(m, f"bare-consumed-{number}-{n}") for n, m in enumerate(burst)],
-                )
-                size = len(burst)
-                await consumer.wait_count(lambda size=size: len(consumer.messages) >= size, 30)
-                lags += [m.at - started for m in consumer.messages if m.body["event"] == "running"]
-                await asyncio.sleep(0.2)
-        finally:
-            gc.enable()
+        for number, burst in enumerate(bursts):
+            consumer.messages.clear()
+            started = time.time()
+            await _batched(
+                underlay,
+                exchange_name,
+                [_outgoing(m, f"bare-consumed-{number}-{n}") for n, m in enumerate(burst)],
+            )
+            size = len(burst)
+            await consumer.wait_count(lambda size=size: len(consumer.messages) >= size, 30)
+            lags += [m.at - started for m in consumer.messages if m.body["event"] == "running"]
+            await asyncio.sleep(0.2)
     return lags
 
 

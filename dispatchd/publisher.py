@@ -2,7 +2,9 @@
 
 Messages are fired on one confirm channel without waiting for each confirm
 (at most ``max_in_flight`` unconfirmed), so the broker sees them in outbox
-order. Per dispatch, at most ``max_in_flight_per_dispatch`` (default 1) are
+order. Whatever the window lets go at once (a second's starts and stops) is
+handed to the connection in one write (``batchpublish``), each message still
+settled by its own confirm. Per dispatch, at most ``max_in_flight_per_dispatch`` (default 1) are
 unconfirmed at a time: the broker may nack message k and accept k+1 (a full
 queue with ``reject-publish`` does exactly that), and republishing k after
 k+1 would break the per-dispatch order of docs/messages.md § 5. Dispatches produce
