@@ -261,9 +261,13 @@ class Daemon:
         return int(line.split()[1]) / 1024
 
     def cpu_seconds(self) -> float:
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU seconds of the daemon so far."""
         assert self.process is not None
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
     def outbox(self) -> float:
         url = f"http://127.0.0.1:{self.http_port}/metrics"

@@ -27,8 +27,9 @@ Choices docs/scheduling.md leaves open:
 Scale: each dispatch has at most one live entry in a timer heap; entries are
 invalidated lazily by a per-dispatch version, so a change costs O(log n) plus
 the cost of building its schedule, and waking costs O(k log n) for k due
-transitions. An idle dispatch's schedule is dropped and rebuilt at its next
-boundary, which keeps memory per dispatch around 0.4 KB.
+transitions. A dispatch idle for more than ``KEEP_SCHEDULE`` (5 minutes) has
+its schedule dropped and rebuilt at its next boundary, which keeps memory per
+dispatch around 0.4 KB; one that starts again sooner keeps it.
 """
 
 from dispatchd.core.engine.engine import Engine, stored_snapshot
