@@ -100,6 +100,9 @@ keep the broker's pipeline full, few enough that a live message behind them is n
 
 PUBLISH_BATCH = 500
 """Messages handed to the broker connection in one write at most (``batchpublish``)."""
+PUBLISH_BATCH_BYTES = 1024 * 1024
+"""Body bytes after which a write takes no further message: dispatches with large
+payloads go out in several writes rather than one copy of them all in memory."""
 
 READ_AHEAD = 500
 """Bulk messages read back from the outbox at a time (about 0.5 MB in memory)."""
@@ -767,8 +770,14 @@ class Publisher:
         while not self._round_failed:
             now = loop.time()
             batch: list[OutboxItem] = []
-            while len(batch) < PUBLISH_BATCH and (item := window.take(now)) is not None:
+            size = 0
+            while (
+                len(batch) < PUBLISH_BATCH
+                and size < PUBLISH_BATCH_BYTES
+                and (item := window.take(now)) is not None
+            ):
                 batch.append(item)
+                size += len(item.envelope.body)
             if batch:
                 task = asyncio.create_task(self._publish(batch, channel))
                 self._in_flight.add(task)

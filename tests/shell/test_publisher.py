@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -261,6 +262,38 @@ async def test_a_burst_goes_to_the_broker_in_writes_of_many_messages_in_seq_orde
     assert [m for batch in batches for m in batch] == [e.message_id for e in burst]
     assert [m.message_id for m in consumer.messages] == [e.message_id for e in burst]
     assert store.count_outbox() == 0
+
+
+async def test_a_write_stops_taking_messages_once_it_holds_enough_bytes(
+    store: SqliteStore,
+    consumer: Consumer,
+    exchange_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sizes: list[int] = []
+    publish_batch = publisher_module.batchpublish.publish_batch
+
+    async def recording(
+        channel: Any, exchange: str, messages: Sequence[Outgoing], *, mandatory: bool
+    ) -> list[asyncio.Future[object]]:
+        sizes.append(len(messages))
+        return await publish_batch(channel, exchange, messages, mandatory=mandatory)
+
+    monkeypatch.setattr(publisher_module.batchpublish, "publish_batch", recording)
+    large = [make_envelope(d, 0) for d in range(10)]
+    for index, envelope in enumerate(large):
+        large[index] = dataclasses.replace(envelope, body=b"x" * 1000)
+    monkeypatch.setattr(publisher_module, "PUBLISH_BATCH_BYTES", 2500)
+    publisher = Publisher(amqp_url=BROKER_URL, exchange=exchange_name, store=store)
+    await publisher.start()
+    publisher.submit(await commit(store, large))
+    assert await publisher.wait_idle(60)
+    await consumer.wait_ids(e.message_id for e in large)
+    await publisher.close(5)
+
+    # The message that reaches the limit is the write's last: 3 x 1000 bytes each.
+    assert sizes == [3, 3, 3, 1]
+    assert [m.body for m in consumer.messages] == [b"x" * 1000] * 10
 
 
 async def test_once_a_large_backlog_is_out_the_idle_publisher_settles_the_heap(
