@@ -88,17 +88,12 @@ async def publish_batch(
             channel.delivery_tag = first_tag
             raise
     for (message_id, tag), confirmation in zip(tags, futures, strict=True):
-        confirmation.add_done_callback(functools.partial(_forget_settled, channel, message_id, tag))
+        confirmation.add_done_callback(functools.partial(_forget, channel, message_id, tag))
     return futures
 
 
-def _forget_settled(
-    channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[object]
-) -> None:
-    _forget(channel, message_id, tag)
-
-
-def _forget(channel: aiormq.Channel, message_id: str, tag: int) -> None:
-    """Drop the message id's entry once its publish is settled (a later publish may own it)."""
+def _forget(channel: aiormq.Channel, message_id: str, tag: int, _settled: object = None) -> None:
+    """Drop the message id's entry once its publish is settled or rolled back (a later
+    publish may own it by then). ``_settled``: the future, when called as its callback."""
     if channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]

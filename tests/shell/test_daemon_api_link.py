@@ -80,6 +80,15 @@ async def test_stream_renewal_is_make_before_break_no_relist_no_reconnect(
     assert sorted(set(created)) == pushed
 
 
+def _assert_one_error_and_no_warnings(logs: list[dict[str, Any]], *, says: str, fix: str) -> None:
+    """One ERROR line saying ``says`` with ``fix`` in its fix, and no per-attempt warning."""
+    errors = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(errors) == 1, errors
+    assert says in errors[0]["event"]
+    assert fix in errors[0]["fix"]
+    assert not [entry for entry in logs if entry["event"] == "api stream failed"], logs
+
+
 async def _three_slow_retries(
     amqp_url: str,
     exchange: str,
@@ -133,11 +142,7 @@ async def test_a_refused_key_is_one_error_named_in_readyz_and_retried_slowly(
     assert refused.startswith(f"microgrid {MG}: ")
     assert "refused the key (UNAUTHENTICATED)" in refused
     assert "api.auth_key" in refused
-    errors = [entry for entry in logs if entry["log_level"] == "error"]
-    assert len(errors) == 1, errors
-    assert "UNAUTHENTICATED" in errors[0]["event"]
-    assert "api.auth_key" in errors[0]["fix"]
-    assert not [entry for entry in logs if entry["event"] == "api stream failed"], logs
+    _assert_one_error_and_no_warnings(logs, says="UNAUTHENTICATED", fix="api.auth_key")
 
 
 async def test_tls_against_a_plaintext_api_is_one_error_named_in_readyz_and_retried_slowly(
@@ -160,11 +165,7 @@ async def test_tls_against_a_plaintext_api_is_one_error_named_in_readyz_and_retr
     assert tls.startswith(f"microgrid {MG}: the dispatch API does not speak TLS")
     assert "WRONG_VERSION_NUMBER" in tls
     assert "?ssl=false" in tls
-    errors = [entry for entry in logs if entry["log_level"] == "error"]
-    assert len(errors) == 1, errors
-    assert "does not speak TLS" in errors[0]["event"]
-    assert "?ssl=false" in errors[0]["fix"]
-    assert not [entry for entry in logs if entry["event"] == "api stream failed"], logs
+    _assert_one_error_and_no_warnings(logs, says="does not speak TLS", fix="?ssl=false")
 
 
 @pytest.mark.parametrize(

@@ -121,14 +121,19 @@ def _run(state_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _the_line_naming_the_state_file(result: subprocess.CompletedProcess[str]) -> str:
+    """The run exited 1 without a traceback; its one stderr line that names the file."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "dispatchd.sqlite3" in line]
+    return line
+
+
 def test_run_on_a_corrupt_state_file_exits_1_with_one_line_naming_it(tmp_path: Path) -> None:
     state = tmp_path / "var"
     state.mkdir()
     (state / "dispatchd.sqlite3").write_bytes(b"garbage" * 1000)
-    result = _run(state)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if "dispatchd.sqlite3" in line]
+    line = _the_line_naming_the_state_file(_run(state))
     assert "not a usable dispatchd state file" in line
     assert "move it aside" in line
 
@@ -188,10 +193,7 @@ def test_run_on_a_state_file_damaged_inside_exits_1_with_one_line_naming_it(
     state = tmp_path / "var"
     state.mkdir()
     _damaged_after_open(state / "dispatchd.sqlite3")
-    result = _run(state)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if "dispatchd.sqlite3" in line]
+    line = _the_line_naming_the_state_file(_run(state))
     assert "not a usable dispatchd state file (database disk image is malformed)" in line
     assert "move it aside" in line
 
