@@ -46,7 +46,17 @@ class Schedule:
     datetimes (naive ones are read as UTC) and never raises.
     """
 
-    __slots__ = ("_anchor", "_dtstart", "_first", "_last", "_parts", "_rule", "_step", "duration")
+    __slots__ = (
+        "_anchor",
+        "_dtstart",
+        "_first",
+        "_last",
+        "_parts",
+        "_plain",
+        "_rule",
+        "_step",
+        "duration",
+    )
 
     duration: timedelta | None
     """None means infinite: one occurrence from ``start_time`` that never ends."""
@@ -69,6 +79,7 @@ class Schedule:
         self._parts = parts
         self._dtstart = dtstart if dtstart is not None else first
         self._step = max(1, _ANCHOR_BUDGET // parts.per_period()) if parts else 1
+        self._plain = _plain_step_of(parts)
         self._anchor: _Anchor | None = None
 
     @staticmethod
@@ -225,17 +236,11 @@ class Schedule:
             index += 1
 
     def _plain_step(self) -> timedelta | int | None:
-        """The fixed distance between starts (a timedelta, or months), if any."""
-        parts = self._parts
-        if parts is None or not parts.plain:
-            return None
-        unit = _UNIT.get(parts.freq)
-        if unit is not None:
-            try:
-                return unit * parts.interval
-            except OverflowError:
-                return None
-        return parts.interval * (12 if parts.freq == Frequency.YEARLY else 1)
+        """The fixed distance between starts (a timedelta, or months), if any.
+
+        Computed once at build: every start and stop of a recurring dispatch asks.
+        """
+        return self._plain
 
     def _plain_index(self, step: timedelta | int, t: datetime) -> int:
         """Index of the last start <= t of a plain rule (t >= first)."""
@@ -401,3 +406,16 @@ def _over_budget(what: str) -> Invalid:
         f"rule too sparse to evaluate: finding {what} takes more than "
         f"{EVALUATION_BUDGET} steps (by-rules that rarely meet the interval)"
     )
+
+
+def _plain_step_of(parts: _Parts | None) -> timedelta | int | None:
+    """The fixed distance between the starts of a plain rule (see ``Schedule._plain_step``)."""
+    if parts is None or not parts.plain:
+        return None
+    unit = _UNIT.get(parts.freq)
+    if unit is not None:
+        try:
+            return unit * parts.interval
+        except OverflowError:
+            return None
+    return parts.interval * (12 if parts.freq == Frequency.YEARLY else 1)
