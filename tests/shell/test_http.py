@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
 from dispatchd import metrics
 from dispatchd.http import HttpServer, QueryError
@@ -241,15 +243,7 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503() -> None:
                     sock, b"GET /api/v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n"
                 )
                 busy.append(sock)
-            await poll(
-                lambda: (
-                    server.open_connections == 2
-                    and all(
-                        getattr(handler, "_request_in_progress", False)
-                        for handler in server._handlers().connections
-                    )
-                )
-            )
+            await poll(lambda: server.open_connections == 2 and server.busy_connections == 2)
             refused = await Connection.open(port)
             try:
                 status, _, body = await refused.response()
@@ -268,3 +262,93 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503() -> None:
             assert (await connection.request("GET", "/livez"))[0] == 200
         finally:
             connection.close()
+
+
+async def test_connection_close_and_http_1_0_end_the_connection_after_the_answer() -> None:
+    async with serving() as (server, port):
+        connection = await Connection.open(port)
+        try:
+            status, headers, body = await connection.request(
+                "GET", "/livez", "Connection: close\r\n"
+            )
+            assert (status, body, headers["connection"]) == (200, b"ok\n", "close")
+            assert await connection.closed_by_server()
+        finally:
+            connection.close()
+        connection = await Connection.open(port)
+        try:
+            connection.writer.write(b"GET /livez HTTP/1.0\r\n\r\n")
+            status, headers, body = await connection.response()
+            assert (status, body, headers["connection"]) == (200, b"ok\n", "close")
+            assert await connection.closed_by_server()
+        finally:
+            connection.close()
+        await poll(lambda: server.open_connections == 0)
+
+
+async def test_pipelined_requests_are_answered_in_order_and_a_small_body_is_skipped() -> None:
+    async with serving(status=lambda: {"status": "ok"}) as (_, port):
+        connection = await Connection.open(port)
+        try:
+            connection.writer.write(
+                b"GET /livez HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+                b"GET /api/v1/status HTTP/1.1\r\n\r\n"
+                b"HEAD /livez HTTP/1.1\r\n\r\n"
+                b"GET /nothing HTTP/1.1\r\n\r\n"
+            )
+            assert (await connection.response())[::2] == (200, b"ok\n")
+            assert (await connection.response())[::2] == (200, b'{"status":"ok"}\n')
+            status, headers, _ = await connection.response(head_only=True)
+            assert (status, headers["content-length"]) == (200, "3")
+            assert (await connection.response())[0] == 404
+        finally:
+            connection.close()
+
+
+async def test_bodies_over_the_limit_chunked_bodies_and_too_many_headers_are_refused() -> None:
+    async with serving() as (_, port):
+        for extra, expected in (
+            ("Content-Length: 5000\r\n", 413),
+            ("Transfer-Encoding: chunked\r\n", 411),
+            ("Content-Length: many\r\n", 400),
+            ("".join(f"X-H{i}: {i}\r\n" for i in range(65)), 431),
+            ("no colon here\r\n", 400),
+        ):
+            connection = await Connection.open(port)
+            try:
+                status, headers, _ = await connection.request("GET", "/livez", extra)
+                assert (status, headers["connection"]) == (expected, "close"), extra[:40]
+                assert await connection.closed_by_server()
+            finally:
+                connection.close()
+
+
+async def test_the_first_value_of_a_repeated_query_parameter_counts() -> None:
+    async with serving(schedule=lambda params: {"echo": dict(params)}) as (_, port):
+        connection = await Connection.open(port)
+        try:
+            status, _, body = await connection.request(
+                "GET", "/api/v1/schedule?type=A%20B&type=C&empty="
+            )
+            assert (status, json.loads(body)) == (200, {"echo": {"type": "A B", "empty": ""}})
+        finally:
+            connection.close()
+
+
+async def test_a_failing_handler_is_a_500_and_logged_and_the_connection_serves_on() -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("status probe broke")
+
+    with structlog.testing.capture_logs() as logs:
+        async with serving(status=broken) as (_, port):
+            connection = await Connection.open(port)
+            try:
+                assert (await connection.request("GET", "/api/v1/status"))[0] == 500
+                assert (await connection.request("GET", "/livez"))[::2] == (200, b"ok\n")
+            finally:
+                connection.close()
+    failures = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [(entry["event"], entry["path"]) for entry in failures] == [
+        ("http handler failed", "/api/v1/status")
+    ]
+    assert failures[0]["exc_info"] is True
