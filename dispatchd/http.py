@@ -42,6 +42,8 @@ REQUEST_LINE_LIMIT: Final = 8190
 HEADER_COUNT_LIMIT: Final = 64
 BODY_LIMIT: Final = 1024
 """No route takes a body; a small one is read and ignored, a larger one refused."""
+EMPTY_LINES_SKIPPED: Final = 2
+"""Empty lines taken for nothing before a request line (RFC 9112, section 2.2)."""
 LINGER_SECONDS: Final = 1.0
 LINGER_BYTES: Final = 1 << 20
 """At most this long and this much input is read and dropped after a refused request."""
@@ -289,9 +291,14 @@ class HttpServer:
 async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
     """The next request's line and headers (its small body read and dropped);
     ``None`` if the client closed the connection before sending one."""
-    line = await _read_line(reader, HTTPStatus.REQUEST_URI_TOO_LONG, first=True)
-    if line is None:
-        return None
+    line = ""
+    for _ in range(EMPTY_LINES_SKIPPED + 1):  # a client may end its last body with an extra CRLF
+        read = await _read_line(reader, HTTPStatus.REQUEST_URI_TOO_LONG, first=True)
+        if read is None:
+            return None
+        line = read
+        if line:
+            break
     parts = line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise _BadRequest(HTTPStatus.BAD_REQUEST, "malformed request line")

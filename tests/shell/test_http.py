@@ -287,6 +287,7 @@ async def test_connection_close_and_http_1_0_end_the_connection_after_the_answer
 
 
 async def test_pipelined_requests_are_answered_in_order_and_a_small_body_is_skipped() -> None:
+    """An empty line before a request line is skipped, as RFC 9112 asks."""
     async with serving(status=lambda: {"status": "ok"}) as (_, port):
         connection = await Connection.open(port)
         try:
@@ -294,7 +295,7 @@ async def test_pipelined_requests_are_answered_in_order_and_a_small_body_is_skip
                 b"GET /livez HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
                 b"GET /api/v1/status HTTP/1.1\r\n\r\n"
                 b"HEAD /livez HTTP/1.1\r\n\r\n"
-                b"GET /nothing HTTP/1.1\r\n\r\n"
+                b"\r\nGET /nothing HTTP/1.1\r\n\r\n"
             )
             assert (await connection.response())[::2] == (200, b"ok\n")
             assert (await connection.response())[::2] == (200, b'{"status":"ok"}\n')
