@@ -36,7 +36,8 @@ MAX_CONNECTIONS: Final = 64
 """Connections open at once; probes and scrapes need a handful."""
 IDLE_TIMEOUT: Final = 30.0
 """Seconds an idle connection (before its first request or between two) stays open;
-also the most a client may take to send one request's line and headers."""
+also the most a client may take to send one request's line and headers, and to
+read one response."""
 REQUEST_LINE_LIMIT: Final = 8190
 """Bytes in the request line and in each header line."""
 HEADER_COUNT_LIMIT: Final = 64
@@ -232,9 +233,16 @@ class HttpServer:
             connection.busy = True
             try:
                 response = await self._answer(request)
-                await _respond(
-                    writer, response, close=not request.keep_alive, head=request.method == "HEAD"
-                )
+                async with asyncio.timeout(self._idle_timeout):
+                    await _respond(
+                        writer,
+                        response,
+                        close=not request.keep_alive,
+                        head=request.method == "HEAD",
+                    )
+            except TimeoutError:
+                writer.transport.abort()  # a client that does not read must not hold a connection
+                return
             finally:
                 connection.busy = False
             if not request.keep_alive:

@@ -194,6 +194,22 @@ async def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
         assert server.open_connections == 0
 
 
+async def test_a_client_that_does_not_read_its_answer_is_cut_off_after_the_idle_timeout() -> None:
+    big = {"filler": "x" * 16_000_000}
+    async with serving(status=lambda: big, idle_timeout=0.5) as (server, port):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+            await poll(lambda: server.busy_connections == 1)
+            await poll(lambda: server.open_connections == 0)
+        finally:
+            sock.close()
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
