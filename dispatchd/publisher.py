@@ -720,10 +720,19 @@ class Publisher:
     def _update_idle(self) -> None:
         if not self.unconfirmed and not self._done:
             self._idle.set()
-            if self._since_trim >= TRIM_AFTER:  # a drained backlog: its memory goes back
-                self._since_trim = 0
-                memory.settle()
-                memory.trim()
+
+    async def _release_memory(self) -> None:
+        """Once a drained backlog of ``TRIM_AFTER`` or more is removed: its memory goes back.
+
+        The store's page cache first (reading the backlog back and deleting it
+        filled it), then the heap's free pages.
+        """
+        if self.unconfirmed or self._done or self._since_trim < TRIM_AFTER:
+            return
+        self._since_trim = 0
+        await self._store.release_memory()
+        memory.settle()
+        memory.trim()
 
     # --- the send loop -----------------------------------------------------
 
@@ -972,6 +981,7 @@ class Publisher:
                     continue
                 self._done_set.difference_update(batch)
                 self._update_idle()
+                await self._release_memory()
             if self._closing and not self._done:
                 return
 
