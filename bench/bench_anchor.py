@@ -139,51 +139,64 @@ async def with_api(
             await api.stop()
 
 
+async def memory(anchor_python: str, size: int, within: float) -> dict[str, float] | None:
+    """Prints and returns the first list of ``size`` one-off dispatches: ``ready`` and
+    ``peak`` RSS in MiB, ``seconds`` to it; ``None`` if not applied within ``within``."""
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    starts = [tomorrow + timedelta(seconds=index) for index in range(size)]
+    label = f"anchor {size // 1000}k"
+    try:
+        result = await with_api(lambda state: seed(state, starts), anchor_python, 0, within)
+    except TimeoutError:
+        show(f"{label}: start -> first list applied", f"not within {within:.0f} s")
+        return None
+    show(f"{label}: start -> first list applied", f"{result['ready']:.2f} s")
+    show(f"{label}: RSS at ready", f"{result['rss']:.0f} MiB (peak {result['peak']:.0f})")
+    return {
+        "ready": float(result["rss"]),  # type: ignore[arg-type]
+        "peak": float(result["peak"]),  # type: ignore[arg-type]
+        "seconds": float(result["ready"]),  # type: ignore[arg-type]
+    }
+
+
+async def minutely(
+    anchor_python: str, count: int, seconds: float, within: float
+) -> dict[str, float]:
+    """Prints and returns the MINUTELY window: ``cpu``, ``p50``, ``p99`` (ms), ``changes``."""
+    base = (datetime.now(UTC) - timedelta(minutes=2)).replace(second=0, microsecond=0)
+    spacing = timedelta(seconds=60) / count
+    starts = [base + spacing * i for i in range(count)]
+
+    def seeding(state: Path) -> None:
+        seed(
+            state,
+            starts,
+            duration=30,
+            recurrence=RecurrenceRule.FREQUENCY_MINUTELY,
+            now=base - timedelta(minutes=1),
+        )
+
+    result = await with_api(seeding, anchor_python, seconds, within)
+    cpu = float(result["cpu"])  # type: ignore[arg-type]
+    changes = int(result["changes"])  # type: ignore[call-overload]
+    lags: list[float] = result["lags"]  # type: ignore[assignment]
+    label = f"anchor {count // 1000}k MINUTELY"
+    show(f"{label}: running-state changes in {seconds:.0f} s", f"{changes:,}")
+    show(
+        f"{label}: CPU over {seconds:.0f} s",
+        f"{cpu:.2f} CPU-s = {cpu / max(1, changes) * 1e6:.0f} µs per change",
+    )
+    p50, p99, worst = quantiles(lags) if lags else (float("nan"),) * 3
+    show(f"{label}: start lag in process", f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}")
+    show(f"{label}: RSS at the end", f"{result['rss_end']:.0f} MiB")
+    return {"cpu": cpu, "p50": p50, "p99": p99, "changes": float(changes)}
+
+
 async def bench(args: argparse.Namespace) -> None:
     for size in args.sizes:
-        tomorrow = datetime.now(UTC) + timedelta(days=1)
-        starts = [tomorrow + timedelta(seconds=index) for index in range(size)]
-        label = f"anchor {size // 1000}k"
-        try:
-            result = await with_api(
-                lambda state, s=starts: seed(state, s), args.anchor_python, 0, args.within
-            )
-        except TimeoutError:
-            show(f"{label}: start -> first list applied", f"not within {args.within:.0f} s")
-            continue
-        show(f"{label}: start -> first list applied", f"{result['ready']:.2f} s")
-        show(f"{label}: RSS at ready", f"{result['rss']:.0f} MiB (peak {result['peak']:.0f})")
+        await memory(args.anchor_python, size, args.within)
     if args.minutely:
-        count = args.minutely
-        base = (datetime.now(UTC) - timedelta(minutes=2)).replace(second=0, microsecond=0)
-        spacing = timedelta(seconds=60) / count
-        starts = [base + spacing * i for i in range(count)]
-
-        def seeding(state: Path) -> None:
-            seed(
-                state,
-                starts,
-                duration=30,
-                recurrence=RecurrenceRule.FREQUENCY_MINUTELY,
-                now=base - timedelta(minutes=1),
-            )
-
-        result = await with_api(seeding, args.anchor_python, args.seconds, args.within)
-        cpu = float(result["cpu"])  # type: ignore[arg-type]
-        changes = int(result["changes"])  # type: ignore[call-overload]
-        lags: list[float] = result["lags"]  # type: ignore[assignment]
-        label = f"anchor {count // 1000}k MINUTELY"
-        show(f"{label}: running-state changes in {args.seconds:.0f} s", f"{changes:,}")
-        show(
-            f"{label}: CPU over {args.seconds:.0f} s",
-            f"{cpu:.2f} CPU-s = {cpu / max(1, changes) * 1e6:.0f} µs per change",
-        )
-        if lags:
-            p50, p99, worst = quantiles(lags)
-            show(
-                f"{label}: start lag in process", f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}"
-            )
-        show(f"{label}: RSS at the end", f"{result['rss_end']:.0f} MiB")
+        await minutely(args.anchor_python, args.minutely, args.seconds, args.within)
     show("load average at the end", f"{os.getloadavg()}")
 
 

@@ -58,7 +58,9 @@ def starts_for(size: int) -> list[datetime]:
     return [far + timedelta(seconds=i) for i in range(size)]
 
 
-async def measure(amqp_url: str, size: int, separate_api: bool) -> None:
+async def measure(amqp_url: str, size: int, separate_api: bool) -> dict[str, float]:
+    """Prints the figures of one size and returns them: ``ready``, ``peak``, ``published``."""
+    figures: dict[str, float] = {}
     exchange = f"bench-memory-{uuid.uuid4().hex[:8]}"
     label = f"{size // 1000}k" + (", API in its own process" if separate_api else "")
     with tempfile.TemporaryDirectory() as api_tmp, tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +81,7 @@ async def measure(amqp_url: str, size: int, separate_api: bool) -> None:
                     assert daemon.process is not None
                     pid = daemon.process.pid
                     ready = proc_status(pid)
+                    figures["ready"] = ready["VmRSS"]
                     show(f"{label}: spawn -> ready", f"{seconds:.2f} s")
                     show(
                         f"{label}: RSS at ready",
@@ -89,6 +92,8 @@ async def measure(amqp_url: str, size: int, separate_api: bool) -> None:
                     await wait_outbox_empty(daemon)
                     published = time.monotonic() - started
                     after = proc_status(pid)
+                    figures["published"] = after["VmRSS"]
+                    figures["peak"] = after["VmHWM"]
                     show(
                         f"{label}: RSS after the created are confirmed",
                         f"{after['VmRSS']:.0f} MiB, peak {after['VmHWM']:.0f} "
@@ -104,6 +109,7 @@ async def measure(amqp_url: str, size: int, separate_api: bool) -> None:
         finally:
             if api is not None:
                 await api.stop()
+    return figures
 
 
 async def profile(amqp_url: str, size: int, top: int) -> None:

@@ -88,7 +88,8 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-async def bench(args: argparse.Namespace) -> None:
+async def bench(args: argparse.Namespace) -> dict[str, float]:
+    """Prints the window's figures and returns the headline ones: ``cpu``, ``p50``, ``p99``."""
     exchange = f"bench-minutely-{uuid.uuid4().hex[:8]}"
     count = args.dispatches
     # In the past: the rule repeats every minute anyway, and seeding takes no margin.
@@ -168,6 +169,7 @@ async def bench(args: argparse.Namespace) -> None:
         f" CPU-s, of {(os.cpu_count() or 1) * args.seconds:.0f}",
     )
     p50, p99, worst = quantiles(lags)
+    headline = {"cpu": cpu, "p50": p50, "p99": p99, "transitions": float(len(running))}
     show(
         "start lag at the consumer",
         f"p50 {p50:.1f} ms p99 {p99:.1f} max {worst:.1f}",
@@ -193,6 +195,7 @@ async def bench(args: argparse.Namespace) -> None:
     )
     if not args.no_ceiling:
         await show_ceiling(args.amqp_url, running, lean=args.lean)
+    return headline
 
 
 async def show_ceiling(amqp_url: str, running: list[Received], *, lean: bool) -> None:
