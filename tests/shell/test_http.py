@@ -70,6 +70,16 @@ class Connection:
 
 
 @contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[Connection]:
+    """A ``Connection`` closed on the way out, whatever the test asserted."""
+    connection = await Connection.open(port)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@contextlib.asynccontextmanager
 async def serving(
     missing: list[str] | None = None, **options: Any
 ) -> AsyncIterator[tuple[HttpServer, int]]:
@@ -82,49 +92,37 @@ async def serving(
 
 
 async def test_head_answers_headers_without_a_body_and_keeps_the_connection() -> None:
-    async with serving() as (_, port):
-        connection = await Connection.open(port)
-        try:
-            for path in ("/livez", "/readyz", "/metrics", "/"):
-                status, head_headers, _ = await connection.request("HEAD", path)
-                assert status == 200, path
-                # The next bytes on this connection are the next response, not a body.
-                status, get_headers, body = await connection.request("GET", path)
-                assert status == 200, path
-                assert len(body) > 0, path
-                assert head_headers["content-type"] == get_headers["content-type"], path
-        finally:
-            connection.close()
+    async with serving() as (_, port), connected(port) as connection:
+        for path in ("/livez", "/readyz", "/metrics", "/"):
+            status, head_headers, _ = await connection.request("HEAD", path)
+            assert status == 200, path
+            # The next bytes on this connection are the next response, not a body.
+            status, get_headers, body = await connection.request("GET", path)
+            assert status == 200, path
+            assert len(body) > 0, path
+            assert head_headers["content-type"] == get_headers["content-type"], path
 
 
 async def test_one_connection_serves_many_requests() -> None:
-    async with serving() as (_, port):
-        connection = await Connection.open(port)
-        try:
-            for _ in range(20):
-                status, headers, body = await connection.request("GET", "/livez")
-                assert (status, body) == (200, b"ok\n")
-                assert headers.get("connection", "keep-alive").lower() != "close"
-        finally:
-            connection.close()
+    async with serving() as (_, port), connected(port) as connection:
+        for _ in range(20):
+            status, headers, body = await connection.request("GET", "/livez")
+            assert (status, body) == (200, b"ok\n")
+            assert headers.get("connection", "keep-alive").lower() != "close"
 
 
 async def test_readyz_and_the_ready_gauge_follow_the_probe() -> None:
     missing = ["broker: not connected (connecting)"]
-    async with serving(missing) as (_, port):
-        connection = await Connection.open(port)
-        try:
-            status, _, body = await connection.request("GET", "/readyz")
-            assert (status, json.loads(body)) == (503, {"ready": False, "missing": missing})
-            assert metrics.REGISTRY.get_sample_value("dispatchd_ready") == 0
-            missing.clear()
-            status, _, body = await connection.request("GET", "/metrics")
-            assert status == 200
-            assert b"\ndispatchd_ready 1.0\n" in body
-            status, _, body = await connection.request("GET", "/readyz")
-            assert (status, json.loads(body)) == (200, {"ready": True, "missing": []})
-        finally:
-            connection.close()
+    async with serving(missing) as (_, port), connected(port) as connection:
+        status, _, body = await connection.request("GET", "/readyz")
+        assert (status, json.loads(body)) == (503, {"ready": False, "missing": missing})
+        assert metrics.REGISTRY.get_sample_value("dispatchd_ready") == 0
+        missing.clear()
+        status, _, body = await connection.request("GET", "/metrics")
+        assert status == 200
+        assert b"\ndispatchd_ready 1.0\n" in body
+        status, _, body = await connection.request("GET", "/readyz")
+        assert (status, json.loads(body)) == (200, {"ready": True, "missing": []})
 
 
 async def test_unknown_paths_other_methods_and_oversized_requests_are_refused(
@@ -132,35 +130,23 @@ async def test_unknown_paths_other_methods_and_oversized_requests_are_refused(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with serving() as (_, port):
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             assert (await connection.request("GET", "/nothing"))[0] == 404
             assert (await connection.request("POST", "/livez", "Content-Length: 0\r\n"))[0] == 405
             # Without a status or schedule provider, their JSON does not exist.
             assert (await connection.request("GET", "/api/v1/status"))[0] == 404
-        finally:
-            connection.close()
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             status, _, _ = await connection.request("GET", "/" + "a" * 20_000)
             assert status in (400, 414)
-        finally:
-            connection.close()
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             status, _, _ = await connection.request(
                 "GET", "/livez", "X-Big: " + "b" * 20_000 + "\r\n"
             )
             assert status in (400, 431)
-        finally:
-            connection.close()
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             connection.writer.write(b"NOT HTTP AT ALL\r\n\r\n")
             status, _, _ = await connection.response()
             assert status == 400
-        finally:
-            connection.close()
     # The client's mistakes are answered, not logged with a traceback.
     assert [r for r in caplog.records if r.exc_info] == []
 
@@ -171,26 +157,19 @@ async def test_schedule_query_errors_are_a_json_400_with_the_reason() -> None:
             raise QueryError("the window may span at most 31 days")
         return {"echo": dict(params)}
 
-    async with serving(schedule=schedule) as (_, port):
-        connection = await Connection.open(port)
-        try:
-            status, headers, body = await connection.request("GET", "/api/v1/schedule?bad=1")
-            assert status == 400
-            assert headers["content-type"].startswith("application/json")
-            assert json.loads(body) == {"error": "the window may span at most 31 days"}
-            status, _, body = await connection.request("GET", "/api/v1/schedule?microgrid_id=7")
-            assert (status, json.loads(body)) == (200, {"echo": {"microgrid_id": "7"}})
-        finally:
-            connection.close()
+    async with serving(schedule=schedule) as (_, port), connected(port) as connection:
+        status, headers, body = await connection.request("GET", "/api/v1/schedule?bad=1")
+        assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(body) == {"error": "the window may span at most 31 days"}
+        status, _, body = await connection.request("GET", "/api/v1/schedule?microgrid_id=7")
+        assert (status, json.loads(body)) == (200, {"echo": {"microgrid_id": "7"}})
 
 
 async def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
     async with serving(idle_timeout=0.5) as (server, port):
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             assert await connection.closed_by_server()
-        finally:
-            connection.close()
         assert server.open_connections == 0
 
 
@@ -273,53 +252,41 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503() -> None:
                 sock.close()
         # Once the busy ones are gone, new connections are served again.
         await poll(lambda: server.open_connections == 0)
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             assert (await connection.request("GET", "/livez"))[0] == 200
-        finally:
-            connection.close()
 
 
 async def test_connection_close_and_http_1_0_end_the_connection_after_the_answer() -> None:
     async with serving() as (server, port):
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             status, headers, body = await connection.request(
                 "GET", "/livez", "Connection: close\r\n"
             )
             assert (status, body, headers["connection"]) == (200, b"ok\n", "close")
             assert await connection.closed_by_server()
-        finally:
-            connection.close()
-        connection = await Connection.open(port)
-        try:
+        async with connected(port) as connection:
             connection.writer.write(b"GET /livez HTTP/1.0\r\n\r\n")
             status, headers, body = await connection.response()
             assert (status, body, headers["connection"]) == (200, b"ok\n", "close")
             assert await connection.closed_by_server()
-        finally:
-            connection.close()
         await poll(lambda: server.open_connections == 0)
 
 
 async def test_pipelined_requests_are_answered_in_order_and_a_small_body_is_skipped() -> None:
     """An empty line before a request line is skipped, as RFC 9112 asks."""
-    async with serving(status=lambda: {"status": "ok"}) as (_, port):
-        connection = await Connection.open(port)
-        try:
-            connection.writer.write(
-                b"GET /livez HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
-                b"GET /api/v1/status HTTP/1.1\r\n\r\n"
-                b"HEAD /livez HTTP/1.1\r\n\r\n"
-                b"\r\nGET /nothing HTTP/1.1\r\n\r\n"
-            )
-            assert (await connection.response())[::2] == (200, b"ok\n")
-            assert (await connection.response())[::2] == (200, b'{"status":"ok"}\n')
-            status, headers, _ = await connection.response(head_only=True)
-            assert (status, headers["content-length"]) == (200, "3")
-            assert (await connection.response())[0] == 404
-        finally:
-            connection.close()
+    pipelined = (
+        b"GET /livez HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /api/v1/status HTTP/1.1\r\n\r\n"
+        b"HEAD /livez HTTP/1.1\r\n\r\n"
+        b"\r\nGET /nothing HTTP/1.1\r\n\r\n"
+    )
+    async with serving(status=lambda: {"status": "ok"}) as (_, port), connected(port) as connection:
+        connection.writer.write(pipelined)
+        assert (await connection.response())[::2] == (200, b"ok\n")
+        assert (await connection.response())[::2] == (200, b'{"status":"ok"}\n')
+        status, headers, _ = await connection.response(head_only=True)
+        assert (status, headers["content-length"]) == (200, "3")
+        assert (await connection.response())[0] == 404
 
 
 async def test_bodies_over_the_limit_chunked_bodies_and_too_many_headers_are_refused() -> None:
@@ -331,25 +298,21 @@ async def test_bodies_over_the_limit_chunked_bodies_and_too_many_headers_are_ref
             ("".join(f"X-H{i}: {i}\r\n" for i in range(65)), 431),
             ("no colon here\r\n", 400),
         ):
-            connection = await Connection.open(port)
-            try:
+            async with connected(port) as connection:
                 status, headers, _ = await connection.request("GET", "/livez", extra)
                 assert (status, headers["connection"]) == (expected, "close"), extra[:40]
                 assert await connection.closed_by_server()
-            finally:
-                connection.close()
 
 
 async def test_the_first_value_of_a_repeated_query_parameter_counts() -> None:
-    async with serving(schedule=lambda params: {"echo": dict(params)}) as (_, port):
-        connection = await Connection.open(port)
-        try:
-            status, _, body = await connection.request(
-                "GET", "/api/v1/schedule?type=A%20B&type=C&empty="
-            )
-            assert (status, json.loads(body)) == (200, {"echo": {"type": "A B", "empty": ""}})
-        finally:
-            connection.close()
+    def echo(params: Mapping[str, str]) -> dict[str, Any]:
+        return {"echo": dict(params)}
+
+    async with serving(schedule=echo) as (_, port), connected(port) as connection:
+        status, _, body = await connection.request(
+            "GET", "/api/v1/schedule?type=A%20B&type=C&empty="
+        )
+        assert (status, json.loads(body)) == (200, {"echo": {"type": "A B", "empty": ""}})
 
 
 async def test_a_failing_handler_is_a_500_and_logged_and_the_connection_serves_on() -> None:
@@ -357,13 +320,9 @@ async def test_a_failing_handler_is_a_500_and_logged_and_the_connection_serves_o
         raise RuntimeError("status probe broke")
 
     with structlog.testing.capture_logs() as logs:
-        async with serving(status=broken) as (_, port):
-            connection = await Connection.open(port)
-            try:
-                assert (await connection.request("GET", "/api/v1/status"))[0] == 500
-                assert (await connection.request("GET", "/livez"))[::2] == (200, b"ok\n")
-            finally:
-                connection.close()
+        async with serving(status=broken) as (_, port), connected(port) as connection:
+            assert (await connection.request("GET", "/api/v1/status"))[0] == 500
+            assert (await connection.request("GET", "/livez"))[::2] == (200, b"ok\n")
     failures = [entry for entry in logs if entry["log_level"] == "error"]
     assert [(entry["event"], entry["path"]) for entry in failures] == [
         ("http handler failed", "/api/v1/status")

@@ -79,6 +79,7 @@ class Schedule:
         self._parts = parts
         self._dtstart = dtstart if dtstart is not None else first
         self._step = max(1, _ANCHOR_BUDGET // parts.per_period()) if parts else 1
+        # Worked out once here: every start and stop of a recurring dispatch asks.
         self._plain = _plain_step_of(parts)
         self._anchor: _Anchor | None = None
 
@@ -116,7 +117,7 @@ class Schedule:
             return last
         if self._rule is None:
             return first
-        step = self._plain_step()
+        step = self._plain
         if step is not None:
             return self._plain_start(step, self._plain_index(step, t))
         anchor = self._anchor_for(t)
@@ -200,7 +201,7 @@ class Schedule:
         first = self._first
         if first is None or t < first or duration <= timedelta(0):
             return None
-        if self._rule is None or self._plain_step() is not None:
+        if self._rule is None or self._plain is not None:
             return self.last_start_at_or_before(t)
         low = _add(t, -duration)
         window = self._period_index(t) - self._period_index(low)
@@ -223,7 +224,7 @@ class Schedule:
         last = self._last
         if last is not None and (t > last or (not inclusive and t == last)):
             return
-        step = self._plain_step()
+        step = self._plain
         if step is None:
             yield from self._anchor_for(t).rule.xafter(t, inc=inclusive)
             return
@@ -234,13 +235,6 @@ class Schedule:
         while (start := self._plain_start(step, index)) is not None:
             yield start
             index += 1
-
-    def _plain_step(self) -> timedelta | int | None:
-        """The fixed distance between starts (a timedelta, or months), if any.
-
-        Computed once at build: every start and stop of a recurring dispatch asks.
-        """
-        return self._plain
 
     def _plain_index(self, step: timedelta | int, t: datetime) -> int:
         """Index of the last start <= t of a plain rule (t >= first)."""
@@ -409,7 +403,7 @@ def _over_budget(what: str) -> Invalid:
 
 
 def _plain_step_of(parts: _Parts | None) -> timedelta | int | None:
-    """The fixed distance between the starts of a plain rule (see ``Schedule._plain_step``)."""
+    """The fixed distance between the starts of a plain rule (a timedelta, or months), if any."""
     if parts is None or not parts.plain:
         return None
     unit = _UNIT.get(parts.freq)
