@@ -38,8 +38,8 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import TargetIds
 
-from dispatchd.config import LocalApiConfig
 from dispatchd.localapi.server import LocalApiServer
+from dispatchd.settings import LocalApiConfig
 
 
 class Replica:

@@ -47,8 +47,8 @@ from grpc import ChannelConnectivity
 
 from dispatchd import metrics
 from dispatchd.apichannel import ApiClient
-from dispatchd.config import Settings, split_host_port
 from dispatchd.core.model import Dispatch
+from dispatchd.settings import Settings, split_host_port
 
 _EVENT_DELETED = EventProto.EVENT_DELETED
 _log = structlog.get_logger(__name__)

@@ -6,7 +6,8 @@ other failure. Expected errors are one line on stderr, never a traceback.
 Each command's module is imported when that command runs, so ``check-config``
 never loads gRPC, aio-pika or the protobuf bindings:
 
-- ``run``: ``dispatchd.daemon.main``
+- ``run``: ``dispatchd.handoff.main``, which runs ``dispatchd.daemon.main`` in a
+  process image that never loads the configuration machinery (pydantic)
 - ``schedule``: ``dispatchd.schedule.main``
 - ``tail``: ``dispatchd.tail.main``
 - ``cluster status``: ``dispatchd.clusterstatus.main``
@@ -27,22 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dispatchd import __version__
-from dispatchd.config import (
-    MASK,
-    ConfigError,
-    Settings,
-    effective_config,
-    load_config,
-    local_problems,
-    redact_urls,
-)
 from dispatchd.core.times import utc
 from dispatchd.logs import MIN_SECRET_LENGTH, configure_from_settings, get_logger, quiet_grpc_core
+from dispatchd.settings import MASK, ConfigError, Settings, redact_urls
 
 if TYPE_CHECKING:
     from dispatchd.localapi.server import LocalApiServer
 
-__all__ = ["build_parser", "main", "render_toml"]
+__all__ = ["build_parser", "exit_code", "main", "render_toml"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -205,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name == "cluster":
         name = f"cluster {args.cluster_command}"
     quiet_grpc_core()
+    from dispatchd.config import load_config, local_problems
+
     settings: Settings | None = None
     try:
         settings = load_config(args.config)
@@ -216,19 +211,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         # warnings already come out in the configured format.
         configure_from_settings(settings)
         return _COMMANDS[name](settings, args)
-    except ConfigError as exc:
+    except BaseException as exc:  # exit_code raises again what it does not report
+        return exit_code(name, exc, settings)
+
+
+def exit_code(name: str, exc: BaseException, settings: Settings | None) -> int:
+    """Report a command's failure as one line on stderr, never a traceback; its exit code.
+
+    ``SystemExit`` and other non-errors are raised again.
+    """
+    if isinstance(exc, ConfigError):
         for key, message in exc.problems:
             print(_redacted(f"{key}: {message}", settings), file=sys.stderr)
         return EXIT_USAGE
-    except _UsageError as exc:
+    if isinstance(exc, _UsageError):
         print(f"dispatchd {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         return EXIT_OK
-    except Exception as exc:  # one clear line instead of a traceback
+    if isinstance(exc, Exception):
         line = f"dispatchd {name}: {type(exc).__name__}: {exc}"
         print(_redacted(line, settings), file=sys.stderr)
         return EXIT_FAILURE
+    raise exc
 
 
 _PREFLIGHT_COMMANDS = frozenset({"check-config", "run"})
@@ -246,6 +251,8 @@ def _redacted(line: str, settings: Settings | None) -> str:
 
 
 def _check_config(settings: Settings, *, as_json: bool, out: TextIO) -> int:
+    from dispatchd.config import effective_config
+
     values = effective_config(settings)
     if as_json:
         out.write(json.dumps(values, indent=2) + "\n")
@@ -291,9 +298,9 @@ def _toml_value(value: Any) -> str:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from dispatchd import daemon
+    from dispatchd import handoff
 
-    return daemon.main(settings)
+    return handoff.main(settings)
 
 
 def _schedule(settings: Settings, args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from dispatchd.config import ConfigError, Settings
+from dispatchd.settings import ConfigError, Settings
 from dispatchd.store.postgres import ClusterView, PostgresStore
 
 EXIT_OK = 0

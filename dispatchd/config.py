@@ -1,39 +1,27 @@
-"""Configuration: defaults < TOML file < ``DISPATCHD_*`` environment, validated once.
+"""Loading the configuration: defaults < TOML file < ``DISPATCHD_*`` environment, validated once.
 
-Everything that reads settings gets a frozen :class:`Settings`; nothing else in
-the project looks at files or the environment for configuration. Secrets are
-``SecretStr`` (or :class:`SecretUrl` for the AMQP URL) so that printing or
-logging a settings object never shows them, and each secret also accepts a
-``<key>_file`` variant that is read here, before validation, so a missing file
-is reported with its key like any other problem.
+Everything that reads settings gets a frozen :class:`~dispatchd.settings.Settings`;
+nothing else in the project looks at files or the environment for
+configuration. pydantic-settings reads the sources and pydantic validates them
+into those plain dataclasses, so pydantic is loaded only here: ``run`` hands
+the result to a daemon process that never imports it (:mod:`dispatchd.handoff`).
+Each secret also accepts a ``<key>_file`` variant that is read here, before
+validation, so a missing file is reported with its key like any other problem.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
-import re
-import secrets
-import socket
 import tomllib
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    PositiveInt,
-    SecretStr,
-    ValidationError,
-    field_validator,
-)
+from pydantic import Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -44,34 +32,28 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources import ConfigFileSourceType
 
+from dispatchd.settings import (
+    MASK,
+    ApiConfig,
+    ConfigError,
+    LocalApiConfig,
+    Secret,
+    SecretUrl,
+    Settings,
+    split_host_port,
+)
+
 __all__ = [
     "ENV_PREFIX",
     "SECRET_KEYS",
-    "AmqpConfig",
-    "ApiConfig",
-    "ClusterConfig",
-    "ConfigError",
-    "HttpConfig",
-    "LocalApiConfig",
-    "LogConfig",
-    "SecretDsn",
-    "SecretUrl",
-    "Settings",
-    "StateConfig",
-    "default_replica_id",
     "effective_config",
     "load_config",
     "local_problems",
-    "mask_dsn",
-    "mask_url",
-    "redact_urls",
-    "split_host_port",
 ]
 
 ENV_PREFIX = "DISPATCHD_"
 _ENV_NESTED = "__"
 _CONFIG_ENV = ENV_PREFIX + "CONFIG"
-MASK = "***"
 
 SECRET_KEYS: tuple[str, ...] = (
     "api.auth_key",
@@ -83,282 +65,22 @@ SECRET_KEYS: tuple[str, ...] = (
 )
 """Dotted keys that hold secrets; each also accepts ``<key>_file``."""
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    """A settings dataclass's fields and their annotations, ``Annotated`` rules included."""
+    hints = get_type_hints(cls, include_extras=True)
+    return {item.name: hints[item.name] for item in dataclasses.fields(cls)}
 
-class ConfigError(Exception):
-    """Every problem found while loading the configuration, as (key, message) pairs."""
 
-    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
-        self.problems: list[tuple[str, str]] = list(problems)
-        super().__init__("; ".join(f"{key}: {message}" for key, message in self.problems))
+def _bare(annotation: Any) -> Any:
+    """The type inside ``Annotated[...]`` metadata."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation
 
 
-_URL_WITH_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(\S*)@")
-_AMBIGUOUS_IN_USER = frozenset("/?#")
-
-
-def _shown_userinfo(userinfo: str) -> str:
-    """What may be shown of ``user:password``: the user name alone, never the rest."""
-    user, colon, _ = userinfo.partition(":")
-    if _AMBIGUOUS_IN_USER.intersection(user):
-        return MASK  # not even the user name is certain: show nothing of it
-    return f"{user}:{MASK}" if colon else userinfo
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, safe to print or log.
-
-    Everything between ``://`` and the last ``@`` is user information, even
-    when an unencoded ``/``, ``?`` or ``#`` in a password makes a URL parser
-    end the host part early: a text-level rule cannot be fooled by the parse.
-    """
-    return redact_urls(url)
-
-
-def redact_urls(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``.
-
-    A URL runs to the next whitespace; within it the last ``@`` ends the
-    user information, so more may be hidden than needed but never less.
-    """
-    return _URL_WITH_USERINFO.sub(
-        lambda match: f"{match.group(1)}{_shown_userinfo(match.group(2))}@", text
-    )
-
-
-class SecretUrl(SecretStr):
-    """A URL whose password is a secret: shown with the password as ``***``."""
-
-    def _display(self) -> str:
-        return mask_url(self.get_secret_value())
-
-
-_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
-
-
-def mask_dsn(dsn: str) -> str:
-    """A PostgreSQL URL with its password hidden, in the user information or the query."""
-    return _PASSWORD_PARAMETER.sub(lambda match: f"{match.group(1)}{MASK}", mask_url(dsn))
-
-
-class SecretDsn(SecretUrl):
-    """A PostgreSQL URL: its password may also be a ``password=`` query parameter."""
-
-    def _display(self) -> str:
-        return mask_dsn(self.get_secret_value())
-
-
-def dsn_passwords(dsn: str) -> set[str]:
-    """Every password in a PostgreSQL URL, as written and decoded (for masking logs)."""
-    parts = urlsplit(dsn)
-    found = {parts.password or ""}
-    found.update(value for key, value in parse_qsl(parts.query) if key.lower() == "password")
-    return {form for password in found if password for form in (password, unquote(password))}
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` too); ``ValueError`` names what is wrong."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected host:port, got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ValueError(f"expected host:port, got {address!r}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
-    return host, int(port_text)
-
-
-def _check_listen(address: str) -> str:
-    split_host_port(address)
-    return address
-
-
-def _check_url(url: str, schemes: tuple[str, ...]) -> SplitResult:
-    parts = urlsplit(url)
-    if parts.scheme not in schemes:
-        raise ValueError(f"scheme must be {' or '.join(schemes)}, got {parts.scheme or 'none'!r}")
-    if not parts.hostname:
-        raise ValueError("the URL has no host")
-    try:
-        _ = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port: {exc}") from None
-    return parts
-
-
-def _unambiguous_userinfo(url: str) -> None:
-    """Refuse an ``@`` after the host part: an unencoded ``/``, ``?`` or ``#`` in the password.
-
-    Such a URL parses as a different host (``user``) and a path holding the
-    rest of the password, so it fails far away from its cause, or worse, works
-    against the wrong host.
-    """
-    parts = urlsplit(url)
-    if "@" in url.partition("://")[2].removeprefix(parts.netloc):
-        raise ValueError(
-            "the user name or password contains '/', '?' or '#': "
-            "percent-encode them (%2F, %3F, %23)"
-        )
-
-
-def _blank_to_none(value: Any) -> Any:
-    """An empty secret means "not set", as in config.example.toml's ``sign_secret = ""``."""
-    if value == "" or (isinstance(value, SecretStr) and not value.get_secret_value()):
-        return None
-    return value
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LocalApiConfig(_Section):
-    """The local dispatch API, embedded in ``run`` or served alone by ``dispatchd api``."""
-
-    listen: str = "127.0.0.1:50051"
-    database: Path = Path("dispatches.sqlite3")
-    auth_keys: list[SecretStr] = Field(default_factory=list)
-    sign_secret: SecretStr | None = None
-
-    _listen = field_validator("listen")(_check_listen)
-    _blank = field_validator("sign_secret", mode="before")(_blank_to_none)
-
-    @field_validator("auth_keys")
-    @classmethod
-    def _no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        if any(not key.get_secret_value() for key in keys):
-            raise ValueError("an accepted key must not be empty")
-        return keys
-
-
-class ApiConfig(_Section):
-    """The dispatch API to sync from; ``url`` unset means the embedded local API."""
-
-    url: str | None = None
-    auth_key: SecretStr | None = None
-    sign_secret: SecretStr | None = None
-    call_timeout: PositiveFloat = 60.0
-    stream_timeout: PositiveFloat = 300.0
-    first_sync_timeout: PositiveFloat = 30.0
-    max_receive_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024, le=2**31 - 1)
-    """Largest List page or stream event accepted from the API (gRPC's default is 4 MiB)."""
-    local: LocalApiConfig = Field(default_factory=LocalApiConfig)
-
-    _blank = field_validator("auth_key", "sign_secret", mode="before")(_blank_to_none)
-
-    @field_validator("url")
-    @classmethod
-    def _grpc_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = _check_url(url, ("grpc", "grpcs"))
-        if parts.username or parts.password or parts.path not in ("", "/") or parts.fragment:
-            raise ValueError("expected grpc[s]://host:port[?options], nothing else")
-        return url
-
-    @property
-    def client_url(self) -> str | None:
-        """The URL in the form ``DispatchApiClient`` takes (it knows only ``grpc://``).
-
-        ``grpcs://`` becomes ``grpc://…?ssl=true``; ``None`` when embedded.
-        """
-        if self.url is None:
-            return None
-        parts = urlsplit(self.url)
-        if parts.scheme == "grpc":
-            return self.url
-        query = dict(parse_qsl(parts.query))
-        query["ssl"] = "true"
-        return urlunsplit(("grpc", parts.netloc, "", urlencode(query), ""))
-
-
-class AmqpConfig(_Section):
-    """The RabbitMQ broker and the topic exchange the daemon publishes to."""
-
-    url: SecretUrl = SecretUrl("amqp://guest:guest@localhost:5672/")
-    exchange: str = Field(default="dispatch", min_length=1, max_length=255)
-
-    @field_validator("url")
-    @classmethod
-    def _amqp_url(cls, url: SecretUrl) -> SecretUrl:
-        try:
-            _unambiguous_userinfo(url.get_secret_value())
-            _check_url(url.get_secret_value(), ("amqp", "amqps"))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (in {url})") from None
-        return url
-
-
-class StateConfig(_Section):
-    """Where the daemon keeps its state: SQLite in ``dir``, or PostgreSQL at ``url``.
-
-    With ``url`` set, replicas sharing the database divide the microgrids
-    among themselves (docs/replicas.md).
-    """
-
-    dir: Path = Path("./var")
-    url: SecretDsn | None = None
-
-    _blank = field_validator("url", mode="before")(_blank_to_none)
-
-    @field_validator("url")
-    @classmethod
-    def _postgresql_url(cls, url: SecretDsn | None) -> SecretDsn | None:
-        if url is None:
-            return None
-        try:
-            _unambiguous_userinfo(url.get_secret_value())
-            _check_url(url.get_secret_value(), ("postgresql", "postgres"))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (in {url})") from None
-        return url
-
-
-def default_replica_id() -> str:
-    """Host name, pid and a random suffix: unique even for a restart with the same pid."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-class ClusterConfig(_Section):
-    """How replicas on PostgreSQL share the microgrids (unused with the SQLite store)."""
-
-    replica_id: str | None = Field(default=None, min_length=1, max_length=200)
-    """Unset: :func:`default_replica_id`, chosen once when the daemon starts."""
-    lease_seconds: float = Field(default=10.0, ge=1.0, le=3600.0)
-
-
-class HttpConfig(_Section):
-    """The /metrics, /livez and /readyz listener."""
-
-    listen: str = "127.0.0.1:9464"
-
-    _listen = field_validator("listen")(_check_listen)
-
-
-class LogConfig(_Section):
-    """Log level and renderer; ``auto`` picks console on a TTY, else JSON."""
-
-    level: str = "INFO"
-    format: Literal["auto", "json", "console"] = "auto"
-
-    @field_validator("level")
-    @classmethod
-    def _known_level(cls, level: str) -> str:
-        upper = level.upper()
-        if upper not in LOG_LEVELS:
-            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-        return upper
-
-
-class Settings(BaseSettings):
-    """The whole configuration.
-
-    ``microgrid_ids`` defaults to ``[1]`` so that a bare ``dispatchd run``
-    against the embedded API (which serves any microgrid) works with no file.
-    """
+class _Sources(BaseSettings):
+    """What pydantic-settings needs around :class:`Settings`'s fields: sources and their order."""
 
     model_config = SettingsConfigDict(
         extra="forbid",
@@ -366,15 +88,6 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=_ENV_NESTED,
     )
-
-    microgrid_ids: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
-    shutdown_timeout: PositiveFloat = 10.0
-    api: ApiConfig = Field(default_factory=ApiConfig)
-    amqp: AmqpConfig = Field(default_factory=AmqpConfig)
-    state: StateConfig = Field(default_factory=StateConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -385,11 +98,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment over TOML file over defaults, within :func:`load_config`.
+        """Environment over TOML file over defaults, as given to one :func:`load_config` call.
 
         The file and the environment are what that call was given (tests pass a
         mapping), so they come from its :class:`_Loading` rather than from the
-        library's defaults. Outside it, ``Settings(...)`` is exactly its arguments.
+        library's defaults.
         """
         loading = _LOADING.get()
         if loading is None:
@@ -398,37 +111,21 @@ class Settings(BaseSettings):
         environment = _EnvironmentSource(settings_cls, loading)
         return (init_settings, environment, toml_file, _SecretFileSource(settings_cls, loading))
 
-    @field_validator("microgrid_ids")
-    @classmethod
-    def _unique_ids(cls, ids: list[int]) -> list[int]:
-        if len(set(ids)) != len(ids):
-            raise ValueError("microgrid ids must not repeat")
-        return ids
 
-    @property
-    def embedded_api(self) -> bool:
-        """Whether ``run`` starts the local API itself (``api.url`` unset)."""
-        return self.api.url is None
+def _sources_model() -> type[BaseSettings]:
+    """:class:`Settings` as a pydantic-settings model: the same fields, defaults and rules."""
+    fields: dict[str, Any] = {}
+    for item in dataclasses.fields(Settings):
+        default = (
+            item.default
+            if item.default_factory is dataclasses.MISSING
+            else Field(default_factory=item.default_factory)
+        )
+        fields[item.name] = (_field_types(Settings)[item.name], default)
+    return create_model("Settings", __base__=_Sources, **fields)
 
-    def secret_values(self) -> list[str]:
-        """The plain text of every configured secret, so logs can mask them anywhere."""
-        values = [key.get_secret_value() for key in self.api.local.auth_keys]
-        for secret in (self.api.auth_key, self.api.sign_secret, self.api.local.sign_secret):
-            if secret is not None:
-                values.append(secret.get_secret_value())
-        password = urlsplit(self.amqp.url.get_secret_value()).password
-        if password:
-            # aio-pika logs and reports the decoded form (``%2F`` as ``/``).
-            values.extend({password, unquote(password)})
-        if self.state.url is not None:
-            values.extend(sorted(dsn_passwords(self.state.url.get_secret_value())))
-        return values
 
-    @property
-    def log_level(self) -> int:
-        """The ``logging`` level number for ``log.level``."""
-        level: int = logging.getLevelNamesMapping()[self.log.level]
-        return level
+_SettingsModel = _sources_model()
 
 
 # --------------------------------------------------------------------------- loading
@@ -446,7 +143,10 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Sett
     loading = _Loading(path, environ)
     token = _LOADING.set(loading)
     try:
-        settings = _resolved(Settings())
+        model = _SettingsModel()
+        settings = _resolved(
+            Settings(**{name: getattr(model, name) for name in _field_types(Settings)})
+        )
     except ValidationError as exc:
         raise ConfigError([*loading.problems, *map(_problem, exc.errors())]) from None
     except ConfigError as exc:
@@ -467,15 +167,13 @@ def _resolved(settings: Settings) -> Settings:
     client credentials default to the local API's accepted key and secret,
     and contradicting them is an error rather than a silent auth failure.
     """
-    state = settings.state.model_copy(update={"dir": settings.state.dir.absolute()})
-    local = settings.api.local.model_copy(
-        update={"database": state.dir / settings.api.local.database}
-    )
+    replace = dataclasses.replace
+    state = replace(settings.state, dir=settings.state.dir.absolute())
+    local = replace(settings.api.local, database=state.dir / settings.api.local.database)
     api = settings.api
     if api.url is None:
         api = _lend_local_credentials(api, local)
-    api = api.model_copy(update={"local": local})
-    return settings.model_copy(update={"api": api, "state": state})
+    return replace(settings, api=replace(api, local=local), state=state)
 
 
 _UNACCEPTED_AUTH_KEY = (
@@ -491,11 +189,11 @@ _OTHER_SIGN_SECRET = (
 def _lend_local_credentials(api: ApiConfig, local: LocalApiConfig) -> ApiConfig:
     accepted = [key.get_secret_value() for key in local.auth_keys]
     if api.auth_key is None and accepted:
-        api = api.model_copy(update={"auth_key": local.auth_keys[0]})
+        api = dataclasses.replace(api, auth_key=local.auth_keys[0])
     elif api.auth_key is not None and accepted and api.auth_key.get_secret_value() not in accepted:
         raise ConfigError([_UNACCEPTED_AUTH_KEY])
     if api.sign_secret is None and local.sign_secret is not None:
-        api = api.model_copy(update={"sign_secret": local.sign_secret})
+        api = dataclasses.replace(api, sign_secret=local.sign_secret)
     elif (
         api.sign_secret is not None
         and local.sign_secret is not None
@@ -641,6 +339,17 @@ class _EnvironmentSource(EnvSettingsSource):
                 known[name if self.case_sensitive else name.lower()] = value
         return known
 
+    def next_field(
+        self, field: FieldInfo | Any | None, key: str, case_sensitive: bool | None = None
+    ) -> FieldInfo | None:
+        """The field ``key`` of a section; the library walks only pydantic models."""
+        annotation = _bare(field.annotation if isinstance(field, FieldInfo) else field)
+        if not (isinstance(annotation, type) and is_dataclass(annotation)):
+            return super().next_field(field, key, case_sensitive)
+        fields = _field_types(annotation)
+        name = key if key in fields else key.lower()
+        return FieldInfo.from_annotation(fields[name]) if name in fields else None
+
     def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
         """JSON ``null`` stays text for validation to refuse, rather than meaning "not set"."""
         decoded = super().decode_complex_value(field_name, field, value)
@@ -758,22 +467,21 @@ def _problem(error: Mapping[str, Any]) -> tuple[str, str]:
     """A pydantic error as (dotted key, message); model-level errors have no loc."""
     key = ".".join(str(part) for part in error["loc"]) or "config"
     message = str(error["msg"])
-    if error["type"] == "extra_forbidden":
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = "unknown key"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
     return key, message
 
 
-def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
-    return {name: info.annotation for name, info in model.model_fields.items()}
-
-
 def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    """Whether a setting is a section (a table) rather than a value."""
+    bare = _bare(annotation)
+    return isinstance(bare, type) and is_dataclass(bare)
 
 
 def _is_list(annotation: Any) -> bool:
+    annotation = _bare(annotation)
     return get_origin(annotation) is list or any(
         get_origin(arg) is list for arg in get_args(annotation)
     )
@@ -785,7 +493,7 @@ def _env_target(path: Sequence[str]) -> Any:
     for depth, part in enumerate(path):
         if not _is_model(annotation):
             return None
-        fields = _section_fields(annotation)
+        fields = _field_types(_bare(annotation))
         is_last = depth == len(path) - 1
         secret = ".".join([*path[:depth], part.removesuffix("_file")])
         if is_last and part.endswith("_file") and secret in SECRET_KEYS:
@@ -807,10 +515,10 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     return _plain(settings)
 
 
-def _plain(model: BaseModel) -> dict[str, Any]:
+def _plain(section: Any) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
+    for name in _field_types(type(section)):
+        value = getattr(section, name)
         if value is None:
             continue
         result[name] = _plain_value(value)
@@ -818,11 +526,11 @@ def _plain(model: BaseModel) -> dict[str, Any]:
 
 
 def _plain_value(value: Any) -> Any:
-    if isinstance(value, BaseModel):
+    if is_dataclass(value):
         return _plain(value)
     if isinstance(value, SecretUrl):  # SecretDsn too: its own mask
         return str(value)
-    if isinstance(value, SecretStr):
+    if isinstance(value, Secret):
         return MASK
     if isinstance(value, list):
         return [_plain_value(item) for item in value]

@@ -31,7 +31,6 @@ from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import __version__, metrics, status
 from dispatchd.apisync import ApiSync, api_client, api_url
-from dispatchd.config import Settings, default_replica_id
 from dispatchd.core import wire
 from dispatchd.core.engine import Engine, SnapshotEntry, stored_snapshot
 from dispatchd.core.records import record_from_text
@@ -43,6 +42,7 @@ from dispatchd.microgrids import Microgrids
 from dispatchd.ownership import Ownership, SoloOwnership
 from dispatchd.publisher import CLOSE_GRACE, ExchangeTypeMismatch, Publisher
 from dispatchd.rpc import ExchangeTaken, SnapshotRpc
+from dispatchd.settings import Settings, default_replica_id
 from dispatchd.store import Store, StoreError, open_store
 from dispatchd.store.sqlite import STATE_FILE
 

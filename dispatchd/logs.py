@@ -25,7 +25,7 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from dispatchd.config import MASK, Settings, redact_urls
+from dispatchd.settings import MASK, Settings, redact_urls
 
 __all__ = [
     "MIN_SECRET_LENGTH",

@@ -30,7 +30,6 @@ from frequenz.client.common.streaming import Event as StreamEvent
 
 from dispatchd import memory, metrics, status
 from dispatchd.apisync import Backoff, Listed, Streamed, SyncItem, gc_paused
-from dispatchd.config import Settings
 from dispatchd.core import wire
 from dispatchd.core.engine import Change, Created, Deleted, Engine, Step, Updated
 from dispatchd.core.messages import Message, Reason, RunningMessage
@@ -44,6 +43,7 @@ from dispatchd.core.records import (
 )
 from dispatchd.core.times import EARLIEST
 from dispatchd.publisher import Publisher
+from dispatchd.settings import Settings
 from dispatchd.store import Fenced, OutboxItem, Store, StoreWriteError
 
 _log = structlog.get_logger(__name__)

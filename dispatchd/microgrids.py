@@ -29,11 +29,11 @@ import structlog
 from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd.apisync import OPENING_AT_ONCE, ApiSync
-from dispatchd.config import Settings
 from dispatchd.core.records import last_seen_from_meta, record_from_text
 from dispatchd.loop import Loop
 from dispatchd.ownership import Acquired, HandOver, Lost, Ownership, SoloOwnership
 from dispatchd.publisher import Publisher
+from dispatchd.settings import Settings
 from dispatchd.store import Store, StoreError
 
 _log = structlog.get_logger(__name__)

@@ -19,10 +19,10 @@ import grpc
 from frequenz.client.common.microgrid import MicrogridId
 
 from dispatchd.apisync import api_client
-from dispatchd.config import Settings
 from dispatchd.core import wire
 from dispatchd.core.model import Dispatch
 from dispatchd.core.recurrence import Invalid, Schedule
+from dispatchd.settings import Settings
 
 EXIT_USAGE = 2
 

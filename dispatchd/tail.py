@@ -17,9 +17,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPConnectionError, ChannelNotFoundEntity
 
 from dispatchd import broker
-from dispatchd.config import Settings, mask_url, redact_urls
 from dispatchd.core import wire
 from dispatchd.core.messages import RunningMessage
+from dispatchd.settings import Settings, mask_url, redact_urls
 
 
 class ExchangeMissing(Exception):

@@ -13,12 +13,12 @@ import grpc.aio
 import structlog
 from frequenz.api.dispatch.v1 import dispatch_pb2_grpc
 
-from dispatchd.config import LocalApiConfig, split_host_port
 from dispatchd.localapi.auth import Authenticator, AuthInterceptor
 from dispatchd.localapi.broadcaster import Broadcaster
 from dispatchd.localapi.decoding import DecodeGuardInterceptor
 from dispatchd.localapi.service import DispatchService
 from dispatchd.localapi.storage import Storage
+from dispatchd.settings import LocalApiConfig, split_host_port
 
 _log = structlog.get_logger(__name__)
 

@@ -17,7 +17,7 @@ from dispatchd.store.base import (
 from dispatchd.store.sqlite import STATE_FILE, SqliteStore
 
 if TYPE_CHECKING:
-    from dispatchd.config import Settings
+    from dispatchd.settings import Settings
 
 __all__ = [
     "Fenced",

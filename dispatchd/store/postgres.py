@@ -26,9 +26,9 @@ from typing import Any, Protocol, cast
 import asyncpg
 
 from dispatchd import metrics
-from dispatchd.config import mask_dsn
 from dispatchd.core.records import DispatchKey
 from dispatchd.core.wire import Envelope
+from dispatchd.settings import mask_dsn
 from dispatchd.store.base import (
     OUTBOX_COLUMNS,
     Fenced,

@@ -39,10 +39,11 @@ from frequenz.client.common.microgrid import MicrogridId
 from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import metrics
-from dispatchd.config import Settings, load_config
+from dispatchd.config import load_config
 from dispatchd.core import wire
 from dispatchd.core.messages import RunningMessage
 from dispatchd.daemon import Daemon
+from dispatchd.settings import Settings
 
 MG = 7
 """The microgrid the harness's daemon syncs unless told otherwise."""

@@ -22,8 +22,9 @@ import pytest
 
 import dispatchd
 from dispatchd import cli
-from dispatchd.config import Settings, effective_config, load_config
+from dispatchd.config import effective_config, load_config
 from dispatchd.logs import reset_logging
+from dispatchd.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config.example.toml"
@@ -231,7 +232,7 @@ def replace_commands(
     monkeypatch: pytest.MonkeyPatch, make: Callable[[str], Callable[..., int]]
 ) -> None:
     """Put ``make(module)`` in place of the ``main`` of each command's module."""
-    for module in ("dispatchd.daemon", "dispatchd.schedule", "dispatchd.tail"):
+    for module in ("dispatchd.handoff", "dispatchd.schedule", "dispatchd.tail"):
         monkeypatch.setattr(f"{module}.main", make(module))
 
 
@@ -278,7 +279,12 @@ def test_commands_are_handed_the_settings_and_parsed_arguments(
         )
         == 3
     )
-    assert modules == ["dispatchd.daemon", "dispatchd.tail", "dispatchd.tail", "dispatchd.schedule"]
+    assert modules == [
+        "dispatchd.handoff",
+        "dispatchd.tail",
+        "dispatchd.tail",
+        "dispatchd.schedule",
+    ]
     (run_args, run_kwargs), (_, tail_kwargs), (_, default_tail), (_, sched) = calls
     assert isinstance(run_args[0], Settings) and run_kwargs == {}
     assert tail_kwargs == {"bindings": ["dispatch.running.#", "x.y"], "raw_json": True}

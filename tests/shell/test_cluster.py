@@ -29,9 +29,9 @@ from frequenz.client.dispatch import DispatchApiClient
 from frequenz.client.dispatch.types import TargetIds
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatchd.config import LocalApiConfig
 from dispatchd.core import wire
 from dispatchd.localapi.server import LocalApiServer
+from dispatchd.settings import LocalApiConfig
 from tests.shell.daemon_harness import until
 from tests.shell.test_daemon_crash import (
     DaemonProcess,

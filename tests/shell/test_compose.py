@@ -25,14 +25,9 @@ import pytest
 import yaml
 
 from dispatchd import cli
-from dispatchd.config import (
-    LocalApiConfig,
-    Settings,
-    load_config,
-    local_problems,
-    split_host_port,
-)
+from dispatchd.config import load_config, local_problems
 from dispatchd.localapi.server import LocalApiServer
+from dispatchd.settings import LocalApiConfig, Settings, split_host_port
 
 REPO = Path(__file__).resolve().parents[2]
 DISPATCHD_SERVICES = ("api", "dispatchd")
