@@ -16,6 +16,9 @@ measured without the API server's.
 from a child process) and reports its RSS at ready, after publishing, and
 after each of: SQLite's caches released (``PRAGMA shrink_memory``), a full
 ``gc.collect()``, glibc's ``malloc_trim(0)``: how much of the RSS each holds.
+This process loads its settings with pydantic, which ``dispatchd run``'s
+daemon process never imports (``dispatchd.handoff``), so its RSS is about
+12 MiB above a spawned daemon's.
 
 ``--tracemalloc N`` runs one daemon of N dispatches in this process with
 ``tracemalloc`` on (slower, and the figures include the tracer's own memory)

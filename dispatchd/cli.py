@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the daemon: sync every configured microgrid, schedule its dispatches, "
         "publish lifecycle and running messages, serve the snapshot RPC, /metrics, "
         "/livez and /readyz, until SIGTERM or SIGINT; then stop gracefully within "
-        "shutdown_timeout. With api.url unset it also starts the embedded local API.",
+        "shutdown_timeout. With api.url unset it also starts the embedded local API. "
+        "Once the configuration is checked, the process goes on (same pid) as "
+        "'python -m dispatchd.handoff', which never loads the configuration libraries.",
     )
     check = command(
         "check-config",

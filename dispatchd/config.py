@@ -106,7 +106,7 @@ class _Sources(BaseSettings):
         """
         loading = _LOADING.get()
         if loading is None:
-            return (init_settings,)
+            raise RuntimeError("settings are loaded only by load_config")
         toml_file = _TomlFileSource(settings_cls, loading)  # its problems are listed first
         environment = _EnvironmentSource(settings_cls, loading)
         return (init_settings, environment, toml_file, _SecretFileSource(settings_cls, loading))
@@ -114,6 +114,7 @@ class _Sources(BaseSettings):
 
 def _sources_model() -> type[BaseSettings]:
     """:class:`Settings` as a pydantic-settings model: the same fields, defaults and rules."""
+    annotations = _field_types(Settings)
     fields: dict[str, Any] = {}
     for item in dataclasses.fields(Settings):
         default = (
@@ -121,7 +122,7 @@ def _sources_model() -> type[BaseSettings]:
             if item.default_factory is dataclasses.MISSING
             else Field(default_factory=item.default_factory)
         )
-        fields[item.name] = (_field_types(Settings)[item.name], default)
+        fields[item.name] = (annotations[item.name], default)
     return create_model("Settings", __base__=_Sources, **fields)
 
 
@@ -369,7 +370,7 @@ def _known_variable(name: str, value: str, problems: list[tuple[str, str]]) -> b
         hint = f" (nested keys are separated by '{_ENV_NESTED}')" if len(path) == 1 else ""
         problems.append((name, f"unknown setting{hint}"))
         return False
-    if _is_model(annotation) or _is_list(annotation):
+    if _is_section(annotation) or _is_list(annotation):
         try:
             json.loads(value)
         except json.JSONDecodeError as exc:
@@ -474,7 +475,7 @@ def _problem(error: Mapping[str, Any]) -> tuple[str, str]:
     return key, message
 
 
-def _is_model(annotation: Any) -> bool:
+def _is_section(annotation: Any) -> bool:
     """Whether a setting is a section (a table) rather than a value."""
     bare = _bare(annotation)
     return isinstance(bare, type) and is_dataclass(bare)
@@ -491,7 +492,7 @@ def _env_target(path: Sequence[str]) -> Any:
     """The annotation of the setting at ``path``, or None if there is no such setting."""
     annotation: Any = Settings
     for depth, part in enumerate(path):
-        if not _is_model(annotation):
+        if not _is_section(annotation):
             return None
         fields = _field_types(_bare(annotation))
         is_last = depth == len(path) - 1
