@@ -17,7 +17,6 @@ never loads gRPC, aio-pika or the protobuf bindings:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import signal
@@ -27,10 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from dispatchd import __version__
 from dispatchd.core.times import utc
-from dispatchd.logs import MIN_SECRET_LENGTH, configure_from_settings, get_logger, quiet_grpc_core
-from dispatchd.settings import MASK, ConfigError, Settings, redact_urls
+from dispatchd.settings import MASK, MIN_SECRET_LENGTH, ConfigError, Settings, redact_urls
 
 if TYPE_CHECKING:
     from dispatchd.localapi.server import LocalApiServer
@@ -53,6 +50,31 @@ class _UsageError(Exception):
     """A bad argument value found after parsing; reported like argparse's own errors."""
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``, looking the version up only when asked (``run`` starts faster)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show the version and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from dispatchd import __version__
+
+        print(f"dispatchd {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, public so tests and docs can walk the commands."""
     parser = argparse.ArgumentParser(
@@ -63,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: 0 done, 2 bad configuration or arguments, 1 any other failure.",
     )
-    parser.add_argument("--version", action="version", version=f"dispatchd {__version__}")
+    parser.add_argument("--version", action=_PrintVersion)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
@@ -199,7 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     name: str = args.command
     if name == "cluster":
         name = f"cluster {args.cluster_command}"
-    quiet_grpc_core()
     from dispatchd.config import load_config, local_problems
 
     settings: Settings | None = None
@@ -209,12 +230,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(problems)
         if name == "check-config":
             return _check_config(settings, as_json=args.json, out=sys.stdout)
-        # Before the command's module is imported, so import-time library
-        # warnings already come out in the configured format.
-        configure_from_settings(settings)
+        if name != "run":  # run's daemon process does this itself (dispatchd.handoff)
+            _prepare_logging(settings)
         return _COMMANDS[name](settings, args)
     except BaseException as exc:  # exit_code raises again what it does not report
         return exit_code(name, exc, settings)
+
+
+def _prepare_logging(settings: Settings) -> None:
+    """gRPC's core quiet and logging configured, before the command's module is imported.
+
+    So import-time library warnings already come out in the configured format.
+    Imported here, not at the top: ``run``'s first process never logs, and
+    structlog would cost it 50 ms of start-up.
+    """
+    from dispatchd.logs import configure_from_settings, quiet_grpc_core
+
+    quiet_grpc_core()
+    configure_from_settings(settings)
 
 
 def exit_code(name: str, exc: BaseException, settings: Settings | None) -> int:
@@ -329,6 +362,8 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
     from dispatchd.localapi.server import LocalApiServer
 
     server = LocalApiServer.from_config(settings.api.local)
@@ -336,6 +371,10 @@ def _api(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(server: LocalApiServer, grace: float) -> int:
+    import asyncio
+
+    from dispatchd.logs import get_logger
+
     log = get_logger("dispatchd.api")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

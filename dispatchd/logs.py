@@ -25,7 +25,7 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from dispatchd.settings import MASK, Settings, redact_urls
+from dispatchd.settings import MASK, MIN_SECRET_LENGTH, Settings, redact_urls
 
 __all__ = [
     "MIN_SECRET_LENGTH",
@@ -50,8 +50,6 @@ _SECRET_KEY_PARTS = (
     "api_key",
     "credential",
 )
-MIN_SECRET_LENGTH = 4
-"""Shorter configured secrets are not searched for in free text (they would garble it)."""
 _HANDLER_NAME = "dispatchd"
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOG_LEVELS",
     "MASK",
+    "MIN_SECRET_LENGTH",
     "AmqpConfig",
     "ApiConfig",
     "ClusterConfig",
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 MASK = "***"
+MIN_SECRET_LENGTH = 4
+"""Shorter configured secrets are not searched for in free text (they would garble it)."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
