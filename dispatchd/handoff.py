@@ -59,7 +59,10 @@ def _daemon_image(argv: Sequence[str]) -> int:
     from dispatchd import cli
     from dispatchd.logs import configure_from_settings, quiet_grpc_core
 
-    settings = read_settings(int(argv[1]))
+    try:
+        settings = read_settings(int(argv[1]))
+    except (OSError, pickle.UnpicklingError, TypeError, EOFError) as exc:
+        return cli.exit_code("run", exc, None)
     quiet_grpc_core()
     # Before the daemon's modules are imported, so import-time library
     # warnings already come out in the configured format.

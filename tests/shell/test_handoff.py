@@ -67,6 +67,19 @@ def test_the_daemon_image_started_by_hand_says_how_it_is_started(
     )
 
 
+def test_a_descriptor_that_is_not_open_is_one_line(clean_env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dispatchd.handoff", "--settings-fd", "99"],
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["dispatchd run: OSError: [Errno 9] Bad file descriptor"]
+
+
 def test_run_keeps_its_pid_and_settings_and_sheds_pydantic(
     tmp_path: Path,
     clean_env: dict[str, str],
