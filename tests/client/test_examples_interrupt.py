@@ -13,6 +13,16 @@ from tests.client.helpers import ROOT
 from tests.shell.daemon_harness import MG, DaemonHandle
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in the example, as a terminal starts it.
+
+    A test run launched in the background by a shell without job control
+    inherits SIGINT ignored, and so would the example: Python then never
+    raises KeyboardInterrupt, and the example would rightly keep running.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     "name", ["lifecycle_printer.py", "running_state_actor.py", "managed_actor.py"]
 )
@@ -26,6 +36,7 @@ async def test_ctrl_c_exits_quietly(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     assert process.stdout is not None
     async with asyncio.timeout(20):
