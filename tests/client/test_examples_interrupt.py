@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,19 +14,28 @@ from tests.client.helpers import ROOT
 from tests.shell.daemon_harness import MG, DaemonHandle
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT at its default in the example, as a terminal starts it.
+@pytest.fixture
+def sigint_handled_here() -> Iterator[None]:
+    """Start the example with SIGINT at its default, as a terminal does.
 
     A test run launched in the background by a shell without job control
-    inherits SIGINT ignored, and so would the example: Python then never
-    raises KeyboardInterrupt, and the example would rightly keep running.
+    inherits SIGINT ignored, and an ignored signal stays ignored across exec:
+    the example would then never see KeyboardInterrupt. A handled signal is
+    reset to its default by exec, so the test process handles it while the
+    example starts. (A preexec_fn would do the same in the child, but forking
+    with gRPC's threads running is unsafe: the child died before exec.)
     """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(
     "name", ["lifecycle_printer.py", "running_state_actor.py", "managed_actor.py"]
 )
+@pytest.mark.usefixtures("sigint_handled_here")
 async def test_ctrl_c_exits_quietly(
     name: str, amqp_url: str, exchange: str, daemon: DaemonHandle
 ) -> None:
@@ -36,7 +46,6 @@ async def test_ctrl_c_exits_quietly(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     assert process.stdout is not None
     async with asyncio.timeout(20):
