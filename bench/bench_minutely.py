@@ -21,9 +21,9 @@ exchange no consumer of this process reads, twice: one aiormq
 (``dispatchd.batchpublish``, what the Publisher does). For each: this
 process's CPU per message, and the time from the first publish of a burst to
 its last confirm. ``--lean`` stamps arrivals in aiormq's own consumer
-instead of aio-pika's (``bench_daemon.bound_queue``). ``--profile`` runs the daemon under cProfile
-(``python -m cProfile``) and writes the profile when it stops; the CPU
-figure is then not comparable.
+instead of aio-pika's (``bench_daemon.bound_queue``). ``--profile`` runs the daemon's process image
+(``python -m dispatchd.handoff``) under cProfile and writes the profile when
+it stops; the CPU figure is then not comparable.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import asyncio
 import gc
 import itertools
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -56,7 +57,9 @@ from bench_daemon import (
     show,
 )
 
+from dispatchd import handoff
 from dispatchd.batchpublish import Outgoing, publish_batch
+from dispatchd.config import load_config
 
 
 def reference_seconds() -> float:
@@ -317,23 +320,31 @@ async def _batched(channel: aiormq.Channel, exchange: str, burst: list[Outgoing]
 
 
 async def _start_profiled(daemon: Daemon, profile: str) -> float:
-    """Like ``Daemon.start`` but under cProfile (the profile is written at a clean stop)."""
+    """Like ``Daemon.start`` but under cProfile (the profile is written at a clean stop).
+
+    ``dispatchd run`` replaces its process image once the settings are loaded
+    (``dispatchd.handoff``), which would discard a profiler started with it;
+    so this loads the settings here and profiles the daemon's image itself.
+    """
     started = asyncio.get_running_loop().time()
-    daemon.process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cProfile",
-        "-o",
-        profile,
-        "-m",
-        "dispatchd",
-        "run",
-        env=daemon.env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        limit=1 << 20,
-    )
+    settings = load_config(None, env=daemon.env)
+    descriptor = os.memfd_create("bench-settings", os.MFD_CLOEXEC)
+    os.write(descriptor, pickle.dumps(settings))
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    try:
+        daemon.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "cProfile", "-o", profile),
+            *("-m", "dispatchd.handoff", handoff.FD_OPTION, str(descriptor)),
+            env=daemon.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            limit=1 << 20,
+            pass_fds=(descriptor,),
+        )
+    finally:
+        os.close(descriptor)
     daemon._reader = asyncio.create_task(daemon._read())
     await asyncio.wait_for(daemon.synced.wait(), 600)
     return asyncio.get_running_loop().time() - started
