@@ -49,7 +49,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,19 +210,26 @@ class Daemon:
         self._reader: asyncio.Task[None] | None = None
         self._client: DispatchApiClient | None = None
 
-    async def start(self, within: float = 300) -> float:
-        """Spawn and wait for the first sync; returns the seconds it took."""
+    async def start(
+        self,
+        within: float = 300,
+        python_args: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> float:
+        """Spawn and wait for the first sync; returns the seconds it took.
+
+        ``python_args`` replace ``-m dispatchd <command>`` (a profiler, say).
+        """
         started = time.perf_counter()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "dispatchd",
-            self.command,
+            *(python_args or ("-m", "dispatchd", self.command)),
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             limit=1 << 20,
+            pass_fds=pass_fds,
         )
         self._reader = asyncio.create_task(self._read())
         ready = self.synced if self.command == "run" else self.listening

@@ -33,7 +33,6 @@ import asyncio
 import gc
 import itertools
 import os
-import pickle
 import sys
 import tempfile
 import time
@@ -326,28 +325,18 @@ async def _start_profiled(daemon: Daemon, profile: str) -> float:
     (``dispatchd.handoff``), which would discard a profiler started with it;
     so this loads the settings here and profiles the daemon's image itself.
     """
-    started = asyncio.get_running_loop().time()
-    settings = load_config(None, env=daemon.env)
-    descriptor = os.memfd_create("bench-settings", os.MFD_CLOEXEC)
-    os.write(descriptor, pickle.dumps(settings))
-    os.lseek(descriptor, 0, os.SEEK_SET)
+    descriptor = handoff.settings_descriptor(load_config(None, env=daemon.env))
     try:
-        daemon.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "cProfile", "-o", profile),
-            *("-m", "dispatchd.handoff", handoff.FD_OPTION, str(descriptor)),
-            env=daemon.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            limit=1 << 20,
+        return await daemon.start(
+            600,
+            python_args=(
+                *("-m", "cProfile", "-o", profile),
+                *("-m", "dispatchd.handoff", handoff.FD_OPTION, str(descriptor)),
+            ),
             pass_fds=(descriptor,),
         )
     finally:
         os.close(descriptor)
-    daemon._reader = asyncio.create_task(daemon._read())
-    await asyncio.wait_for(daemon.synced.wait(), 600)
-    return asyncio.get_running_loop().time() - started
 
 
 async def main() -> None:

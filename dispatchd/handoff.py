@@ -21,16 +21,25 @@ from collections.abc import Sequence
 
 from dispatchd.settings import Settings
 
-__all__ = ["FD_OPTION", "main", "read_settings"]
+__all__ = ["FD_OPTION", "main", "read_settings", "settings_descriptor"]
 
 FD_OPTION = "--settings-fd"
 
 
-def main(settings: Settings) -> int:
-    """Run the daemon with ``settings`` in a fresh process image; returns only if exec fails."""
-    descriptor = os.memfd_create("dispatchd-settings", 0)  # no CLOEXEC: kept across exec
+def settings_descriptor(settings: Settings) -> int:
+    """An in-memory file holding ``settings``, positioned for :func:`read_settings`.
+
+    Not close-on-exec, so it survives the exec in :func:`main`.
+    """
+    descriptor = os.memfd_create("dispatchd-settings", 0)
     os.write(descriptor, pickle.dumps(settings, protocol=pickle.HIGHEST_PROTOCOL))
     os.lseek(descriptor, 0, os.SEEK_SET)
+    return descriptor
+
+
+def main(settings: Settings) -> int:
+    """Run the daemon with ``settings`` in a fresh process image; returns only if exec fails."""
+    descriptor = settings_descriptor(settings)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # exec drops what is still buffered
     os.execv(

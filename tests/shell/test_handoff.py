@@ -31,9 +31,7 @@ def test_settings_read_back_equal_what_was_loaded_secrets_included() -> None:
             "DISPATCHD_STATE__URL": "postgresql://u:pw@db/dispatchd",
         },
     )
-    descriptor = os.memfd_create("test-settings", 0)
-    os.write(descriptor, pickle.dumps(settings))
-    os.lseek(descriptor, 0, os.SEEK_SET)
+    descriptor = handoff.settings_descriptor(settings)
     read = handoff.read_settings(descriptor)
     assert read == settings
     assert read.secret_values() == settings.secret_values()
