@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,25 +69,37 @@ def _key(message: Message) -> tuple[int, int]:
 @given(
     st.lists(st.tuples(st.integers(1, 2), st.integers(1, 12)), max_size=80),
     st.integers(1, 10),
+    st.none() | st.integers(0, 81),
 )
 def test_parts_keep_order_and_never_split_a_dispatch(
-    keys: list[tuple[int, int]], first: int
+    keys: list[tuple[int, int]], first: int, cut_before: int | None
 ) -> None:
     messages = _fake(keys)
-    parts = _parts(messages, first)
+    parts = _parts(messages, first, cut_before=cut_before)
     assert [m for part in parts for m in part] == messages
     assert all(parts)
     owner: dict[tuple[int, int], int] = {}
     for index, part in enumerate(parts):
         for message in part:
             assert owner.setdefault(_key(message), index) == index
+    ends = list(itertools.accumulate(len(part) for part in parts))
     for index, part in enumerate(parts[:-1]):
-        assert len(part) >= first * 2**index
+        assert len(part) >= first * 2**index or ends[index] == cut_before
+    if cut_before is not None and 0 < cut_before < len(messages):
+        before = {_key(m) for m in messages[:cut_before]}
+        if before.isdisjoint(_key(m) for m in messages[cut_before:]):
+            assert cut_before in ends  # a cut may be made there, so it is
 
 
 def test_one_message_per_dispatch_gives_doubling_parts() -> None:
     messages = _fake([(1, n) for n in range(15)])
     assert [len(part) for part in _parts(messages, 2)] == [2, 4, 8, 1]
+
+
+def test_the_stops_begin_a_part_of_their_own() -> None:
+    # Parts of 2, 4, ...; the stops begin at index 3 (the fourth message).
+    messages = _fake([(1, n) for n in range(7)])
+    assert [len(part) for part in _parts(messages, 2, cut_before=3)] == [2, 1, 4]
 
 
 def test_a_dispatch_with_two_messages_far_apart_keeps_its_part_whole() -> None:
@@ -156,6 +169,46 @@ async def test_a_burst_is_published_in_parts(
         assert handle.daemon.publisher is not None
         assert await handle.daemon.publisher.wait_idle(WAIT)
         assert await handle.daemon.store.outbox() == []
+    check_stream(observer.received)
+
+
+async def test_a_burst_commits_its_starts_in_parts_before_the_stops(
+    amqp_url: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loop_module, "FIRST_PART", 2)
+    exchange = unique_name("parts-stops")
+    async with (
+        QueueObserver(amqp_url, exchange) as observer,
+        running_daemon(tmp_path, amqp_url, exchange) as handle,
+    ):
+        assert handle.daemon.store is not None
+        spy = _CommitSpy(handle.daemon.store)
+        monkeypatch.setattr(handle.daemon.store, "commit", spy)
+        first = whole_second(3)
+        second = first + timedelta(seconds=1)
+        ending = [
+            int((await handle.client.create(mg(), "ENDS", first, timedelta(seconds=1), t)).id)
+            for t in (TargetIds(1), TargetIds(2), TargetIds(3))
+        ]
+        starting = [
+            int((await handle.client.create(mg(), "STARTS", second, timedelta(seconds=30), t)).id)
+            for t in (TargetIds(4), TargetIds(5), TargetIds(6))
+        ]
+        assert datetime.now(UTC) < first, "created too late for the first instant"
+        last = (ending[-1], "running", "stopped")
+        await observer.seen(lambda r: (r.dispatch_id, r.kind, r.event) == last, WAIT)
+        running = [r for r in observer.received if r.kind == "running"]
+        assert [(r.dispatch_id, r.event) for r in running] == [
+            *((d, "running") for d in ending),
+            *((d, "running") for d in starting),
+            *((d, "stopped") for d in ending),
+        ]
+        # The first instant: 3 starts in parts of 2 and 1. The second: 3 starts
+        # cut where the stops begin (2, 1), then the 3 stops.
+        assert spy.running_commits == [2, 1, 2, 1, 3]
     check_stream(observer.received)
 
 
