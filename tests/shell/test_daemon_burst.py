@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +33,7 @@ from dispatchd.loop import Loop, _parts
 from dispatchd.store import OutboxItem, Store
 from tests.shell.daemon_harness import (
     MG,
+    DaemonHandle,
     QueueObserver,
     Received,
     api_client,
@@ -145,12 +146,14 @@ async def _create_starting_together(client: Any, count: int, seconds: float) -> 
     return sorted(int(dispatch.id) for dispatch in created)
 
 
-async def test_a_burst_is_published_in_parts(
+@pytest.fixture
+async def in_parts_of_two(
     amqp_url: str,
     unique_name: Callable[[str], str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> AsyncIterator[tuple[QueueObserver, DaemonHandle, _CommitSpy]]:
+    """A running daemon whose bursts start with a part of 2, its commits spied on."""
     monkeypatch.setattr(loop_module, "FIRST_PART", 2)
     exchange = unique_name("parts")
     async with (
@@ -160,55 +163,51 @@ async def test_a_burst_is_published_in_parts(
         assert handle.daemon.store is not None
         spy = _CommitSpy(handle.daemon.store)
         monkeypatch.setattr(handle.daemon.store, "commit", spy)
-        ids = await _create_starting_together(handle.client, 7, 2)
-        running = await _until_running(observer, len(ids))
-        assert sorted(r.dispatch_id for r in running) == ids
-        assert [r.dispatch_id for r in running] == ids  # one part after the other, by id
-        assert spy.running_commits == [2, 4, 1]
-        assert {r.running.scheduled_for for r in running} == {running[0].running.occurrence.start}
-        assert handle.daemon.publisher is not None
-        assert await handle.daemon.publisher.wait_idle(WAIT)
-        assert await handle.daemon.store.outbox() == []
+        yield observer, handle, spy
+
+
+async def test_a_burst_is_published_in_parts(
+    in_parts_of_two: tuple[QueueObserver, DaemonHandle, _CommitSpy],
+) -> None:
+    observer, handle, spy = in_parts_of_two
+    ids = await _create_starting_together(handle.client, 7, 2)
+    running = await _until_running(observer, len(ids))
+    assert sorted(r.dispatch_id for r in running) == ids
+    assert [r.dispatch_id for r in running] == ids  # one part after the other, by id
+    assert spy.running_commits == [2, 4, 1]
+    assert {r.running.scheduled_for for r in running} == {running[0].running.occurrence.start}
+    assert handle.daemon.publisher is not None and handle.daemon.store is not None
+    assert await handle.daemon.publisher.wait_idle(WAIT)
+    assert await handle.daemon.store.outbox() == []
     check_stream(observer.received)
 
 
 async def test_a_burst_commits_its_starts_in_parts_before_the_stops(
-    amqp_url: str,
-    unique_name: Callable[[str], str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    in_parts_of_two: tuple[QueueObserver, DaemonHandle, _CommitSpy],
 ) -> None:
-    monkeypatch.setattr(loop_module, "FIRST_PART", 2)
-    exchange = unique_name("parts-stops")
-    async with (
-        QueueObserver(amqp_url, exchange) as observer,
-        running_daemon(tmp_path, amqp_url, exchange) as handle,
-    ):
-        assert handle.daemon.store is not None
-        spy = _CommitSpy(handle.daemon.store)
-        monkeypatch.setattr(handle.daemon.store, "commit", spy)
-        first = whole_second(3)
-        second = first + timedelta(seconds=1)
-        ending = [
-            int((await handle.client.create(mg(), "ENDS", first, timedelta(seconds=1), t)).id)
-            for t in (TargetIds(1), TargetIds(2), TargetIds(3))
-        ]
-        starting = [
-            int((await handle.client.create(mg(), "STARTS", second, timedelta(seconds=30), t)).id)
-            for t in (TargetIds(4), TargetIds(5), TargetIds(6))
-        ]
-        assert datetime.now(UTC) < first, "created too late for the first instant"
-        last = (ending[-1], "running", "stopped")
-        await observer.seen(lambda r: (r.dispatch_id, r.kind, r.event) == last, WAIT)
-        running = [r for r in observer.received if r.kind == "running"]
-        assert [(r.dispatch_id, r.event) for r in running] == [
-            *((d, "running") for d in ending),
-            *((d, "running") for d in starting),
-            *((d, "stopped") for d in ending),
-        ]
-        # The first instant: 3 starts in parts of 2 and 1. The second: 3 starts
-        # cut where the stops begin (2, 1), then the 3 stops.
-        assert spy.running_commits == [2, 1, 2, 1, 3]
+    observer, handle, spy = in_parts_of_two
+    first = whole_second(3)
+    second = first + timedelta(seconds=1)
+    ending = [
+        int((await handle.client.create(mg(), "ENDS", first, timedelta(seconds=1), t)).id)
+        for t in (TargetIds(1), TargetIds(2), TargetIds(3))
+    ]
+    starting = [
+        int((await handle.client.create(mg(), "STARTS", second, timedelta(seconds=30), t)).id)
+        for t in (TargetIds(4), TargetIds(5), TargetIds(6))
+    ]
+    assert datetime.now(UTC) < first, "created too late for the first instant"
+    last = (ending[-1], "running", "stopped")
+    await observer.seen(lambda r: (r.dispatch_id, r.kind, r.event) == last, WAIT)
+    running = [r for r in observer.received if r.kind == "running"]
+    assert [(r.dispatch_id, r.event) for r in running] == [
+        *((d, "running") for d in ending),
+        *((d, "running") for d in starting),
+        *((d, "stopped") for d in ending),
+    ]
+    # The first instant: 3 starts in parts of 2 and 1. The second: 3 starts
+    # cut where the stops begin (2, 1), then the 3 stops.
+    assert spy.running_commits == [2, 1, 2, 1, 3]
     check_stream(observer.received)
 
 
