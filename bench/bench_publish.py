@@ -2,6 +2,11 @@
 
 Run: ``python bench/bench_publish.py [--amqp-url URL] [--sizes 1000 10000]``.
 
+First, the CPU to marshal one message's frames (publish method, content
+header, body), with pamqp's frame objects as aiormq's ``basic_publish`` does
+and with ``batchpublish.frames_bytes``: rounds of each, alternated so a change
+in the machine's speed hits both, the fastest round of each reported.
+
 "window" is ``max_in_flight_per_dispatch``: 1 (the default) keeps per-dispatch
 order even when the broker nacks, so a few dispatches with many messages each
 are confirm-latency bound; bursts over many dispatches are not.
@@ -24,20 +29,31 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import ChannelFrame
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
+from dispatchd.batchpublish import Outgoing, frames_bytes
 from dispatchd.core.wire import APP_ID, CONTENT_TYPE, Envelope
-from dispatchd.publisher import Publisher
+from dispatchd.publisher import Publisher, outgoing
 from dispatchd.store import OutboxItem, SqliteStore
 
+FRAME_ROUNDS = 7
+MAX_CONTENT_SIZE = 131_072 - 8
+"""RabbitMQ's default frame_max less a body frame's overhead, as aiormq splits bodies."""
 
-def envelopes(count: int, dispatches: int) -> list[Envelope]:
+
+def envelopes(count: int, dispatches: int, types: int | None = None) -> list[Envelope]:
+    """``count`` messages over ``dispatches`` dispatches of ``types`` types (default: one each)."""
     return [
         Envelope(
             message_id=f"bench-{n}",
-            routing_key=f"microgrid.7.running.running.BENCH{n % dispatches}",
+            routing_key=f"microgrid.7.running.running.BENCH{n % (types or dispatches)}",
             body=json.dumps({"n": n, "pad": "x" * 600}).encode(),
             headers={
                 "microgrid_id": 7,
@@ -52,6 +68,42 @@ def envelopes(count: int, dispatches: int) -> list[Envelope]:
         )
         for n in range(count)
     ]
+
+
+def marshal_with_frame_objects(messages: list[Outgoing]) -> None:
+    for message in messages:
+        frames = [
+            Basic.Publish(exchange="bench", routing_key=message.routing_key, mandatory=True),
+            ContentHeader(body_size=len(message.body), properties=message.properties),
+            *aiormq.Channel._split_body(
+                SimpleNamespace(max_content_size=MAX_CONTENT_SIZE), message.body
+            ),  # type: ignore[arg-type]
+        ]
+        ChannelFrame.marshall(channel_number=1, frames=frames)
+
+
+def marshal_with_frames_bytes(messages: list[Outgoing]) -> None:
+    for message in messages:
+        frames_bytes(1, MAX_CONTENT_SIZE, "bench", message, mandatory=True)
+
+
+def frame_costs(count: int) -> dict[str, float]:
+    """Fastest round's µs per message of each way to marshal, rounds alternated.
+
+    A message per dispatch, of three types: routing keys repeat, dispatch ids do not.
+    """
+    messages = [outgoing(envelope) for envelope in envelopes(count, count, types=3)]
+    ways = {
+        "pamqp frame objects (basic_publish)": marshal_with_frame_objects,
+        "batchpublish.frames_bytes": marshal_with_frames_bytes,
+    }
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(FRAME_ROUNDS):
+        for label, marshal in ways.items():
+            started = time.process_time()
+            marshal(messages)
+            best[label] = min(best[label], (time.process_time() - started) / count * 1e6)
+    return best
 
 
 async def drained_exchange(connection: AbstractRobustConnection, name: str) -> None:
@@ -137,6 +189,8 @@ async def main() -> None:
     parser.add_argument("--in-flight", type=int, default=1000)
     args = parser.parse_args()
 
+    for label, micros in frame_costs(10_000).items():
+        print(f"frames of one message, {label:<38} {micros:>5.1f} us CPU")
     exchange_name = f"bench-publish-{uuid.uuid4().hex[:8]}"
     consumer = await aio_pika.connect_robust(args.amqp_url)
     try:

@@ -864,7 +864,7 @@ class Publisher:
                 confirms = await batchpublish.publish_batch(
                     channel,
                     self._exchange_name,
-                    [self._outgoing(item.envelope) for item in items],
+                    [outgoing(item.envelope) for item in items],
                     mandatory=True,
                 )
             pending = dict(zip(confirms, items, strict=True))
@@ -912,21 +912,6 @@ class Publisher:
         else:
             self._window.abandon(item)
             self._fail_round(f"publish failed: {describe_error(exc)}")
-
-    def _outgoing(self, envelope: Envelope) -> batchpublish.Outgoing:
-        return batchpublish.Outgoing(
-            envelope.routing_key,
-            envelope.body,
-            aiormq.spec.Basic.Properties(
-                content_type=CONTENT_TYPE,
-                delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-                message_id=envelope.message_id,
-                timestamp=datetime.now(UTC),
-                message_type=envelope.type,
-                app_id=APP_ID,
-                headers=dict[str, Any](envelope.headers),
-            ),
-        )
 
     def _count_published(self, envelope: Envelope) -> None:
         """Labelled children cached: ``labels()`` takes a lock and builds a key per call."""
@@ -994,3 +979,20 @@ class Publisher:
         removed = collections.Counter(self._microgrid_of_done.pop(seq) for seq in seqs)
         for microgrid_id, count in removed.items():
             self._settle_microgrid(microgrid_id, count)
+
+
+def outgoing(envelope: Envelope) -> batchpublish.Outgoing:
+    """The AMQP message for an envelope, stamped now (docs/messages.md § 3)."""
+    return batchpublish.Outgoing(
+        envelope.routing_key,
+        envelope.body,
+        aiormq.spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+            message_id=envelope.message_id,
+            timestamp=datetime.now(UTC),
+            message_type=envelope.type,
+            app_id=APP_ID,
+            headers=dict[str, Any](envelope.headers),
+        ),
+    )

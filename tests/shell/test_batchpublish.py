@@ -6,15 +6,23 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
 
 import aio_pika
 import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError, PublishError
+from aiormq.abc import ChannelFrame
+from hypothesis import given
+from hypothesis import strategies as st
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
-from dispatchd.batchpublish import Outgoing, publish_batch
+from dispatchd import batchpublish
+from dispatchd.batchpublish import Outgoing, frames_bytes, publish_batch
 
 ANSWER_WITHIN = 10.0
 
@@ -144,3 +152,103 @@ async def test_needs_a_confirm_channel(amqp_url: str) -> None:
         assert isinstance(underlay, aiormq.Channel)
         with pytest.raises(RuntimeError, match="publisher confirms"):
             await publish_batch(underlay, "", [outgoing("q", "a")], mandatory=False)
+
+
+# --- the frames of one publish, byte for byte as aiormq and pamqp make them ---
+
+
+def pamqp_frames(
+    channel_number: int, max_content_size: int, exchange: str, message: Outgoing, mandatory: bool
+) -> bytes:
+    """What ``basic_publish`` writes: pamqp's frame objects, the body split as aiormq splits it."""
+    splitter = SimpleNamespace(max_content_size=max_content_size)
+    frames = [
+        Basic.Publish(exchange=exchange, routing_key=message.routing_key, mandatory=mandatory),
+        ContentHeader(body_size=len(message.body), properties=message.properties),
+        *aiormq.Channel._split_body(splitter, message.body),  # type: ignore[arg-type]
+    ]
+    return ChannelFrame.marshall(channel_number=channel_number, frames=frames).payload
+
+
+short_text = st.text(max_size=40)
+times = st.datetimes(
+    min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+)
+header_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.floats(allow_nan=False, width=32),
+        short_text,
+        times,
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(short_text, inner, max_size=3),
+    max_leaves=6,
+)
+properties = st.builds(
+    Basic.Properties,
+    content_type=st.none() | short_text,
+    content_encoding=st.none() | short_text,
+    headers=st.none() | st.dictionaries(short_text, header_values, max_size=6),
+    delivery_mode=st.none() | st.sampled_from([1, 2]),
+    priority=st.none() | st.integers(0, 255),
+    correlation_id=st.none() | short_text,
+    reply_to=st.none() | short_text,
+    expiration=st.none() | st.integers(0, 10**9).map(str),
+    message_id=st.none() | short_text,
+    timestamp=st.none() | times,
+    message_type=st.none() | short_text,
+    user_id=st.none() | short_text,
+    app_id=st.none() | short_text,
+    cluster_id=st.just(""),  # pamqp refuses any other (AMQP 0-9-1 deprecated it)
+)
+
+
+@given(
+    channel_number=st.integers(1, 65535),
+    max_content_size=st.integers(1, 64),
+    exchange=st.from_regex(r"[a-zA-Z0-9_.:-]{0,20}", fullmatch=True),
+    routing_key=short_text,
+    body=st.binary(max_size=200),
+    props=properties,
+    mandatory=st.booleans(),
+)
+def test_frames_are_the_bytes_pamqp_marshals(
+    channel_number: int,
+    max_content_size: int,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    props: Basic.Properties,
+    mandatory: bool,
+) -> None:
+    message = Outgoing(routing_key, body, props)
+    expected = pamqp_frames(channel_number, max_content_size, exchange, message, mandatory)
+    # Twice: the second time from what was kept of the first.
+    for _ in range(2):
+        got = frames_bytes(channel_number, max_content_size, exchange, message, mandatory=mandatory)
+        assert got == expected
+
+
+def test_kept_header_entries_are_bounded_and_stay_right() -> None:
+    """Every dispatch id is a new entry: the kept ones are dropped when there are too many."""
+    limit = batchpublish._HEADER_ENTRIES_KEPT
+    for dispatch_id in range(limit + 100):
+        headers: dict[str, Any] = {"dispatch_id": dispatch_id, "event": "running", "schema": "v1"}
+        message = Outgoing(
+            "k", b"{}", Basic.Properties(message_id=f"m{dispatch_id}", headers=headers)
+        )
+        got = frames_bytes(1, 1000, "x", message, mandatory=True)
+        assert len(batchpublish._header_entries) <= limit
+        if dispatch_id % 997 == 0 or dispatch_id >= limit - 2:
+            assert got == pamqp_frames(1, 1000, "x", message, True)
+
+
+def test_equal_header_values_of_other_types_are_kept_apart() -> None:
+    """``True == 1 == 1.0``, but each has its own AMQP field type."""
+    for value in (True, 1, 1.0, 1, True):
+        message = Outgoing("k", b"", Basic.Properties(headers={"flag": value}))
+        assert frames_bytes(1, 100, "x", message, mandatory=False) == pamqp_frames(
+            1, 100, "x", message, False
+        )
