@@ -130,8 +130,15 @@ slice of a large step (``loop.SLICE`` dispatches, a few MB), which fits in it.""
 WAL_LIMIT = 4 * 1024 * 1024
 """Bytes the WAL file may keep: a larger one is checkpointed and truncated after the
 commit that grew it (a first sync of 50k dispatches writes tens of MB at once)."""
-_AUTOCHECKPOINT_PAGES = 256
-"""SQLite checkpoints on its own every this many pages (1 MiB at 4 KiB pages)."""
+CHECKPOINT_BYTES = 1024 * 1024
+"""Bytes of records and messages committed (about half the WAL they fill) after which
+the next removal from the outbox checkpoints the WAL.
+
+SQLite's own automatic checkpoint runs inside whichever commit crosses its
+threshold: in a burst of starts, often one of the commits the starts wait
+for. Confirmed messages are removed once the broker answered the whole
+burst, off the event loop, so the checkpoint goes there: a burst's last start
+is committed about 2 ms sooner (``bench/bench_store_burst.py``)."""
 
 _EMPTY_RECORDS: Mapping[DispatchKey, str | None] = {}
 
@@ -158,6 +165,8 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._unremoved: set[int] = set()
         """Confirmed seqs whose delete failed (disk full); retried with the next write."""
+        self._uncheckpointed = 0
+        """Bytes of records and messages committed since the WAL was last checkpointed."""
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
@@ -170,7 +179,7 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-            self._db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_BYTES
             # With the default 2 MB page cache SQLite would spill and re-read pages
             # in the middle of a slice of a first sync.
             self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
@@ -280,6 +289,9 @@ class SqliteStore:
         upserts = [(mg, did, data) for (mg, did), data in records.items() if data is not None]
         deletes = [(mg, did) for (mg, did), data in records.items() if data is None]
         with self._transaction() as db:
+            self._uncheckpointed += sum(len(data) for _, _, data in upserts) + sum(
+                len(envelope.body) for envelope in envelopes
+            )
             if removing:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in removing])
             if deletes:
@@ -348,15 +360,21 @@ class SqliteStore:
             self._unremoved = pending
             return
         self._unremoved = set()
+        if self._uncheckpointed >= CHECKPOINT_BYTES:
+            self._checkpoint("PASSIVE")
         self._bound_wal()
 
     def _bound_wal(self) -> None:
         """Checkpoint and truncate a WAL that grew past ``WAL_LIMIT``."""
-        if self.wal_size() <= WAL_LIMIT:
-            return
+        if self.wal_size() > WAL_LIMIT:
+            self._checkpoint("TRUNCATE")
+
+    def _checkpoint(self, mode: str) -> None:
+        """Copy the WAL's pages into the database file (``TRUNCATE``: and empty the WAL)."""
         # On failure it is retried after the next commit; the WAL stays valid meanwhile.
         with self._lock, contextlib.suppress(sqlite3.OperationalError):
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})")
+            self._uncheckpointed = 0
 
     def wal_size(self) -> int:
         """Bytes of the WAL file now (0 when there is none)."""

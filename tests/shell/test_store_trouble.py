@@ -15,7 +15,7 @@ import pytest
 
 from dispatchd.core.wire import Envelope
 from dispatchd.store import SqliteStore, StateDirError, StoreError, StoreWriteError
-from dispatchd.store.sqlite import WAL_LIMIT
+from dispatchd.store.sqlite import CHECKPOINT_BYTES, WAL_LIMIT
 
 
 def envelope(n: int, size: int = 100) -> Envelope:
@@ -41,6 +41,31 @@ async def test_the_wal_is_truncated_after_a_commit_that_grew_it_past_the_limit(
         for n in range(200):  # and it stays bounded under a steady stream of small commits
             await store.commit(records={(2, n): "s" * 5000}, envelopes=[envelope(n)])
             assert store.wal_size() <= WAL_LIMIT
+    finally:
+        await store.close()
+
+
+async def test_commits_leave_the_checkpoint_to_the_removal_of_confirmed_messages(
+    tmp_path: Path,
+) -> None:
+    """A burst's commits are not slowed by a checkpoint; removing its confirmed messages,
+    off the event loop, copies the WAL into the database file."""
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStore(path)
+    try:
+        await store.commit(records={(1, 0): "first"})
+        size_before = path.stat().st_size
+        seqs = []
+        for n in range(CHECKPOINT_BYTES // 20_000 + 10):  # a little over the threshold
+            items = await store.commit(
+                records={(1, n): "r" * 10_000}, envelopes=[envelope(n, size=10_000)]
+            )
+            seqs += [item.seq for item in items]
+        assert WAL_LIMIT > store.wal_size() > CHECKPOINT_BYTES
+        assert path.stat().st_size == size_before  # every page still only in the WAL
+        await store.remove_from_outbox(seqs[:1])
+        assert path.stat().st_size > size_before + CHECKPOINT_BYTES
+        assert (await store.load(1)).records[(1, 5)] == "r" * 10_000
     finally:
         await store.close()
 
