@@ -135,9 +135,7 @@ def frames_bytes(
 ) -> bytes:
     """The method, content-header and body frames of one publish, as pamqp marshals them."""
     body = message.body
-    header = _CONTENT_HEAD.pack(Basic.Properties.frame_id, len(body)) + _properties_bytes(
-        message.properties
-    )
+    header = _CONTENT_HEAD.pack(Basic.frame_id, len(body)) + _properties_bytes(message.properties)
     parts = [
         _publish_frame(channel_number, exchange, message.routing_key, mandatory),
         _FRAME_HEAD.pack(constants.FRAME_HEADER, channel_number, len(header)),

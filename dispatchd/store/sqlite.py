@@ -371,7 +371,7 @@ class SqliteStore:
 
     def _checkpoint(self, mode: str) -> None:
         """Copy the WAL's pages into the database file (``TRUNCATE``: and empty the WAL)."""
-        # On failure it is retried after the next commit; the WAL stays valid meanwhile.
+        # On failure it is retried after a later commit or removal; the WAL stays valid.
         with self._lock, contextlib.suppress(sqlite3.OperationalError):
             self._db.execute(f"PRAGMA wal_checkpoint({mode})")
             self._uncheckpointed = 0
