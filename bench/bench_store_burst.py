@@ -8,8 +8,8 @@ dispatches (``bench_minutely.py``): parts of 50, 100 and 17 starts, then
 record text); then its messages are removed from the outbox, as once the
 broker confirmed them. Two stores are alternated burst by burst: dispatchd's
 (the WAL checkpointed by that removal, off the event loop), and the same with
-SQLite's own automatic checkpoint every 256 pages (what dispatchd did
-before), which runs inside whichever commit crosses it. Printed: the median
+SQLite's automatic checkpoint on for the commits too (what dispatchd did
+before), so it runs inside whichever commit crosses it. Printed: the median
 and p90 milliseconds of each part's commit and of the removal, and the time
 to the last start's commit.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dispatchd.core.wire import Envelope
 from dispatchd.store import SqliteStore
+from dispatchd.store.sqlite import CHECKPOINT_PAGES
 
 PARTS = (50, 100, 17, 167)
 """One second's burst as the loop commits it: three parts of starts, then the stops."""
@@ -49,7 +50,12 @@ def envelopes(first: int, count: int, dispatches: int) -> list[Envelope]:
 
 
 async def burst(
-    store: SqliteStore, first: int, dispatches: int, figures: dict[str, list[float]]
+    store: SqliteStore,
+    first: int,
+    dispatches: int,
+    figures: dict[str, list[float]],
+    *,
+    checkpoint_in_commits: bool,
 ) -> int:
     """Commit one burst in its parts, then remove its messages; returns the next message number."""
     seqs: list[int] = []
@@ -57,6 +63,8 @@ async def burst(
     for index, size in enumerate(PARTS):
         batch = envelopes(first, size, dispatches)
         records = {(1, e.dispatch_id): RECORD for e in batch}
+        if checkpoint_in_commits:  # as before: SQLite checkpoints in whichever commit crosses it
+            store._db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         started = time.perf_counter()
         items = await store.commit(records=records, envelopes=batch, meta={1: {"at": first}})
         done = time.perf_counter()
@@ -76,7 +84,7 @@ async def main() -> None:
     parser.add_argument("--bursts", type=int, default=60)
     parser.add_argument("--dispatches", type=int, default=10_000)
     args = parser.parse_args()
-    labels = {"dispatchd (checkpoint at removal)": None, "SQLite autocheckpoint 256 pages": 256}
+    labels = {"dispatchd (checkpoint at removal)": False, "SQLite checkpoints in commits": True}
     figures: dict[str, dict[str, list[float]]] = {
         label: {
             **{f"commit of part {i + 1} ({size})": [] for i, size in enumerate(PARTS)},
@@ -86,15 +94,19 @@ async def main() -> None:
         for label in labels
     }
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # the disk the state would be on
-        stores = {}
-        for n, (label, pages) in enumerate(labels.items()):
-            stores[label] = SqliteStore(Path(tmp) / f"state-{n}.sqlite3")
-            if pages is not None:
-                stores[label]._db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        stores = {
+            label: SqliteStore(Path(tmp) / f"state-{n}.sqlite3") for n, label in enumerate(labels)
+        }
         numbers = dict.fromkeys(labels, 0)
         for _ in range(args.bursts):
             for label, store in stores.items():
-                numbers[label] = await burst(store, numbers[label], args.dispatches, figures[label])
+                numbers[label] = await burst(
+                    store,
+                    numbers[label],
+                    args.dispatches,
+                    figures[label],
+                    checkpoint_in_commits=labels[label],
+                )
         for store in stores.values():
             await store.close()
     for label, rows in figures.items():

@@ -130,15 +130,14 @@ slice of a large step (``loop.SLICE`` dispatches, a few MB), which fits in it.""
 WAL_LIMIT = 4 * 1024 * 1024
 """Bytes the WAL file may keep: a larger one is checkpointed and truncated after the
 commit that grew it (a first sync of 50k dispatches writes tens of MB at once)."""
-CHECKPOINT_BYTES = 1024 * 1024
-"""Bytes of records and messages committed (about half the WAL they fill) after which
-the next removal from the outbox checkpoints the WAL.
+CHECKPOINT_PAGES = 256
+"""WAL pages (1 MiB at 4 KiB) after which SQLite checkpoints, at the end of a removal.
 
-SQLite's own automatic checkpoint runs inside whichever commit crosses its
-threshold: in a burst of starts, often one of the commits the starts wait
-for. Confirmed messages are removed once the broker answered the whole
-burst, off the event loop, so the checkpoint goes there: a burst's last start
-is committed about 2 ms sooner (``bench/bench_store_burst.py``)."""
+SQLite's automatic checkpoint runs inside whichever commit crosses it: in a
+burst of starts, often one of the commits the starts wait for. So it is
+off for commits and on only for removals of confirmed messages, which run
+once the broker answered the whole burst, off the event loop: a burst's last
+start is committed about 2 ms sooner (``bench/bench_store_burst.py``)."""
 
 _EMPTY_RECORDS: Mapping[DispatchKey, str | None] = {}
 
@@ -165,8 +164,6 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._unremoved: set[int] = set()
         """Confirmed seqs whose delete failed (disk full); retried with the next write."""
-        self._uncheckpointed = 0
-        """Bytes of records and messages committed since the WAL was last checkpointed."""
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
@@ -179,7 +176,7 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-            self._db.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_BYTES
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_PAGES
             # With the default 2 MB page cache SQLite would spill and re-read pages
             # in the middle of a slice of a first sync.
             self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
@@ -289,9 +286,6 @@ class SqliteStore:
         upserts = [(mg, did, data) for (mg, did), data in records.items() if data is not None]
         deletes = [(mg, did) for (mg, did), data in records.items() if data is None]
         with self._transaction() as db:
-            self._uncheckpointed += sum(len(data) for _, _, data in upserts) + sum(
-                len(envelope.body) for envelope in envelopes
-            )
             if removing:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in removing])
             if deletes:
@@ -354,27 +348,21 @@ class SqliteStore:
 
     def _remove(self, pending: set[int]) -> None:
         try:
-            with self._transaction() as db:
+            with _Transaction(self._db, self._lock, checkpoint_pages=CHECKPOINT_PAGES) as db:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in pending])
         except sqlite3.DatabaseError:  # disk full, or a damaged file the next commit names
             self._unremoved = pending
             return
         self._unremoved = set()
-        if self._uncheckpointed >= CHECKPOINT_BYTES:
-            self._checkpoint("PASSIVE")
         self._bound_wal()
 
     def _bound_wal(self) -> None:
         """Checkpoint and truncate a WAL that grew past ``WAL_LIMIT``."""
-        if self.wal_size() > WAL_LIMIT:
-            self._checkpoint("TRUNCATE")
-
-    def _checkpoint(self, mode: str) -> None:
-        """Copy the WAL's pages into the database file (``TRUNCATE``: and empty the WAL)."""
-        # On failure it is retried after a later commit or removal; the WAL stays valid.
+        if self.wal_size() <= WAL_LIMIT:
+            return
+        # On failure it is retried after the next commit; the WAL stays valid meanwhile.
         with self._lock, contextlib.suppress(sqlite3.OperationalError):
-            self._db.execute(f"PRAGMA wal_checkpoint({mode})")
-            self._uncheckpointed = 0
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def wal_size(self) -> int:
         """Bytes of the WAL file now (0 when there is none)."""
@@ -453,15 +441,24 @@ def _next_outbox_seq(db: sqlite3.Connection) -> int:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception, under the store lock."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception, under the store lock.
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+    With ``checkpoint_pages``, SQLite checkpoints at its ``COMMIT`` if the WAL
+    holds that many pages (``CHECKPOINT_PAGES``); other commits never do.
+    """
+
+    def __init__(
+        self, db: sqlite3.Connection, lock: threading.Lock, *, checkpoint_pages: int = 0
+    ) -> None:
         self._db = db
         self._lock = lock
+        self._checkpoint_pages = checkpoint_pages
 
     def __enter__(self) -> sqlite3.Connection:
         self._lock.acquire()
         try:
+            if self._checkpoint_pages:
+                self._db.execute(f"PRAGMA wal_autocheckpoint={self._checkpoint_pages:d}")
             self._db.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._lock.release()
@@ -481,4 +478,8 @@ class _Transaction:
             elif self._db.in_transaction:  # SQLite may have rolled back already (disk full)
                 self._db.execute("ROLLBACK")
         finally:
-            self._lock.release()
+            try:
+                if self._checkpoint_pages:
+                    self._db.execute("PRAGMA wal_autocheckpoint=0")
+            finally:
+                self._lock.release()
