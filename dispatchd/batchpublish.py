@@ -116,12 +116,6 @@ _FLAGS = struct.Struct(">H")
 _HEADER_ENTRIES_KEPT = 4096
 """Encoded headers-table entries kept; they are few but for the dispatch ids."""
 
-_PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes]], ...] = tuple(
-    (name, Basic.Properties.flags[name], encode.METHODS[Basic.Properties.amqp_type(name)])
-    for name in Basic.Properties.__slots__
-)
-"""Each property in wire order, with its flag bit and pamqp's encoder for its type."""
-
 _header_entries: dict[tuple[str, type, object], bytes] = {}
 
 
@@ -167,7 +161,7 @@ def _properties_bytes(properties: Basic.Properties) -> bytes:
         value = getattr(properties, name)
         if value is not None and value != "":
             flags |= flag
-            parts.append(_headers_bytes(value) if name == "headers" else encoder(value))
+            parts.append(encoder(value))
     return _FLAGS.pack(flags) + b"".join(parts)
 
 
@@ -194,3 +188,15 @@ def _headers_bytes(table: Mapping[str, object]) -> bytes:
 def _header_entry(key: str, value: object) -> bytes:
     """One key and value of a headers table, as pamqp encodes them."""
     return encode.field_table({key: value})[_TABLE_SIZE.size :]  # type: ignore[dict-item]
+
+
+_PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes]], ...] = tuple(
+    (
+        name,
+        Basic.Properties.flags[name],
+        _headers_bytes if name == "headers" else encode.METHODS[Basic.Properties.amqp_type(name)],
+    )
+    for name in Basic.Properties.__slots__
+)
+"""Each property in wire order, with its flag bit and its encoder: pamqp's for its type,
+but for the headers table, whose repeating entries are kept."""

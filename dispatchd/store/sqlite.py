@@ -215,8 +215,8 @@ class SqliteStore:
             row = self._db.execute("SELECT version FROM schema_version").fetchone()
         return int(row[0])
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
+    def _transaction(self, *, checkpoint_pages: int = 0) -> _Transaction:
+        return _Transaction(self._db, self._lock, checkpoint_pages=checkpoint_pages)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -348,7 +348,7 @@ class SqliteStore:
 
     def _remove(self, pending: set[int]) -> None:
         try:
-            with _Transaction(self._db, self._lock, checkpoint_pages=CHECKPOINT_PAGES) as db:
+            with self._transaction(checkpoint_pages=CHECKPOINT_PAGES) as db:
                 db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in pending])
         except sqlite3.DatabaseError:  # disk full, or a damaged file the next commit names
             self._unremoved = pending
