@@ -17,6 +17,11 @@ What is measured:
   ready; then publish throughput with confirms through the daemon: the
   ``created`` messages of the initial sync, counted at the consumer, and the
   outbox gauge from ``/metrics`` read back as 0 (everything confirmed).
+- right after ready, while the ``created`` backlog is still going out: an
+  update until the consumer has it, and a listed dispatch moved to start 1-2 s
+  later, its start's lag at a queue bound to running messages only (as the
+  SDK's ``running(type)`` binds) and at this script's ``#`` queue, where it
+  waits behind the ``created`` the broker already queued for this consumer.
 - update latency: an update of one dispatch's payload through the API (gRPC,
   ``DispatchApiClient``) until the consumer receives its ``lifecycle.updated``.
 - start lag: consumer receive time minus ``scheduled_for`` of each ``running``
@@ -131,9 +136,15 @@ class Consumer:
 
 @contextlib.asynccontextmanager
 async def bound_queue(
-    amqp_url: str, exchange_name: str, *, lean: bool = False
+    amqp_url: str,
+    exchange_name: str,
+    *,
+    lean: bool = False,
+    binding: str = "#",
+    owner: bool = True,
 ) -> AsyncIterator[Consumer]:
-    """A queue on ``#`` of the exchange, consumed by this process.
+    """A queue on ``binding`` (by default ``#``) of the exchange, consumed by this process;
+    its ``owner`` deletes the exchange at the end.
 
     ``lean`` consumes with aiormq's ``basic_consume`` instead of aio-pika's
     ``Queue.consume``, whose message object and task per message delay the
@@ -157,16 +168,17 @@ async def bound_queue(
             exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, "#")
+        await queue.bind(exchange, binding)
         if lean:
             underlay = await channel.get_underlay_channel()
             await underlay.basic_consume(queue.name, consumer.receive_frames, no_ack=True)
         else:
             await queue.consume(consumer.receive, no_ack=True)
         yield consumer
-        await channel.exchange_delete(exchange_name)
-        with contextlib.suppress(Exception):
-            await channel.queue_delete(f"{exchange_name}.rpc")
+        if owner:
+            await channel.exchange_delete(exchange_name)
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(f"{exchange_name}.rpc")
     finally:
         await connection.close()
         if collecting:
@@ -404,18 +416,30 @@ async def bench_sync(amqp_url: str, size: int, updates: int) -> None:
         seconds,
     ):
         rss = daemon.rss_mib()
+        ready_at = time.time()
         at_ready = await update_latency(daemon, consumer, size, 1 + size // 2, 0)
+        out_at_update = len(consumer.messages)
+        due = await start_due_after_ready(daemon, consumer, 1 + size // 3)
         show(f"sync {size}: spawn -> ready", f"{seconds:.2f} s", "50k within 5 s")
         show(
             f"sync {size}: update right after ready -> consumer",
-            f"{at_ready * 1e3:.1f} ms, {len(consumer.messages):,} of {size:,} created out by then",
+            f"{at_ready * 1e3:.1f} ms, {out_at_update:,} of {size:,} created out by then",
             "within 50 ms",
+        )
+        at_actor, at_all, created_out = await due
+        show(
+            f"sync {size}: start due 1-2 s after ready",
+            f"{at_actor * 1e3:.1f} ms late at a running-only queue",
+            "on time",
+        )
+        show(
+            f"sync {size}: the same start at the # queue",
+            f"{at_all * 1e3:.1f} ms late, behind {created_out:,} of {size:,} created",
         )
         show(f"sync {size}: first log line -> ready", f"{daemon.internal_ready_seconds():.2f} s")
         listed = daemon.logged("listed dispatches")["seconds"]
         show(f"sync {size}: API list", f"{listed:.2f} s")
         show(f"sync {size}: daemon RSS at ready", f"{rss:.0f} MiB")
-        ready_at = time.time()
         await consumer.wait_count(lambda: len(consumer.messages) >= size, 600)
         await wait_outbox_empty(daemon)
         published = consumer.messages[size - 1].at - ready_at
@@ -500,6 +524,54 @@ async def update_latency(
         if m.body["event"] == "updated" and m.body["dispatch"]["id"] == dispatch_id
     )
     return got.at - started
+
+
+async def start_due_after_ready(
+    daemon: Daemon, consumer: Consumer, dispatch_id: int
+) -> asyncio.Task[tuple[float, float, int]]:
+    """Move one listed dispatch (its ``created`` likely still in the backlog) to start
+    1-2 s from now. The task gives its start's lag at an actor's queue bound to
+    running messages only, at this script's ``#`` queue (behind every ``created`` the
+    broker holds for it), and how many ``created`` that queue had delivered by then."""
+    amqp_url = daemon.env["DISPATCHD_AMQP__URL"]
+    exchange = daemon.env["DISPATCHD_AMQP__EXCHANGE"]
+    actor = contextlib.AsyncExitStack()
+    running_only = await actor.enter_async_context(
+        bound_queue(
+            amqp_url, exchange, binding=f"microgrid.{MICROGRID}.running.#", lean=True, owner=False
+        )
+    )
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    await daemon.client().update(
+        microgrid_id=MicrogridId(MICROGRID),
+        dispatch_id=dispatch_id,  # type: ignore[arg-type]
+        new_fields={"start_time": start},
+    )
+
+    def started(where: Consumer) -> Received | None:
+        return next(
+            (
+                m
+                for m in where.messages
+                if m.body["event"] == "running" and m.body["dispatch"]["id"] == dispatch_id
+            ),
+            None,
+        )
+
+    def lag(got: Received) -> float:
+        return got.at - datetime.fromisoformat(got.body["scheduled_for"]).timestamp()
+
+    async def measure() -> tuple[float, float, int]:
+        async with actor:
+            await running_only.wait_count(lambda: started(running_only) is not None, 60)
+            await consumer.wait_count(lambda: started(consumer) is not None, 60)
+        at_actor, at_all = started(running_only), started(consumer)
+        assert at_actor is not None and at_all is not None
+        before = consumer.messages[: consumer.messages.index(at_all)]
+        created_out = sum(1 for m in before if m.body["event"] == "created")
+        return lag(at_actor), lag(at_all), created_out
+
+    return asyncio.create_task(measure())
 
 
 async def bench_updates(daemon: Daemon, consumer: Consumer, size: int, updates: int) -> None:
