@@ -5,11 +5,12 @@ default 4 MiB receive limit: a List page or stream event larger than that
 fails the whole sync. This client builds the same kind of channel (same URL
 forms, TLS options, keep-alive, auth and signing interceptors) with the
 options it is given, such as ``grpc.max_receive_message_length``.
+``ClientPool`` spreads many microgrids' streams over several such channels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import EllipsisType
@@ -108,3 +109,56 @@ def _millis(duration: timedelta) -> int:
 
 def _read(path: Path | None) -> bytes | None:
     return path.read_bytes() if path is not None else None
+
+
+class ClientPool:
+    """API clients for many microgrids: one gRPC channel per ``per_channel`` of them.
+
+    Every microgrid holds one stream open for as long as it runs, and an
+    HTTP/2 connection carries at most as many at once as the server allows
+    (``MAX_CONCURRENT_STREAMS``: 100 in HAProxy's default, 128 in nginx's and
+    AWS ALB's). The streams beyond it, and the listings behind them, would wait
+    for a slot that never frees. So a channel takes at most ``per_channel``
+    microgrids, leaving room for listings, and the next one opens a channel of
+    its own; ``make`` gives each its own connection (``SUBCHANNEL_OF_ITS_OWN``).
+    """
+
+    def __init__(self, make: Callable[[], DispatchApiClient], per_channel: int) -> None:
+        self._make = make
+        self._per_channel = per_channel
+        self._clients: list[DispatchApiClient] = []
+        self._members: list[set[int]] = []
+        self._client_of: dict[int, int] = {}
+
+    def client_for(self, microgrid_id: int) -> DispatchApiClient:
+        """The microgrid's client: the first channel with room, else a new one."""
+        index = self._client_of.get(microgrid_id)
+        if index is None:
+            index = next(
+                (i for i, members in enumerate(self._members) if len(members) < self._per_channel),
+                len(self._clients),
+            )
+            if index == len(self._clients):
+                self._clients.append(self._make())
+                self._members.append(set())
+            self._members[index].add(microgrid_id)
+            self._client_of[microgrid_id] = index
+        return self._clients[index]
+
+    def release(self, microgrid_id: int) -> None:
+        """The microgrid's sync has stopped: its place on the channel is free again."""
+        index = self._client_of.pop(microgrid_id, None)
+        if index is not None:
+            self._members[index].discard(microgrid_id)
+
+    @property
+    def channels(self) -> int:
+        return len(self._clients)
+
+    async def disconnect(self) -> None:
+        for client in self._clients:
+            await client.disconnect()
+
+
+SUBCHANNEL_OF_ITS_OWN: ChannelOption = ("grpc.use_local_subchannel_pool", 1)
+"""Without it, gRPC lets channels to the same target share one connection."""

@@ -46,7 +46,7 @@ from frequenz.client.dispatch.types import DispatchEvent
 from grpc import ChannelConnectivity
 
 from dispatchd import metrics
-from dispatchd.apichannel import ApiClient
+from dispatchd.apichannel import SUBCHANNEL_OF_ITS_OWN, ApiClient, ClientPool
 from dispatchd.core.model import Dispatch
 from dispatchd.settings import Settings, split_host_port
 
@@ -81,7 +81,7 @@ def api_url(settings: Settings, local_port: int | None = None) -> str:
 
 
 OPENING_AT_ONCE: Final = 32
-"""Microgrids that open their stream and list at the same time (per channel). A
+"""Microgrids that open their stream and list at the same time (over all channels). A
 thousand streams opened at once make the API answer every stream's headers late,
 past ``HEADERS_GRACE``, and each microgrid would be listed twice."""
 
@@ -91,14 +91,24 @@ RECONNECT_BACKOFF_MS: Final = (250, 1000)
 reached within about a second, instead of gRPC's default of up to 120 s."""
 
 
+def api_clients(settings: Settings, local_port: int | None = None) -> ClientPool:
+    """Clients with the configured credentials and timeouts, one channel (and
+    connection) per ``api.max_streams_per_channel`` microgrids."""
+    return ClientPool(
+        lambda: api_client(settings, local_port), settings.api.max_streams_per_channel
+    )
+
+
 def api_client(settings: Settings, local_port: int | None = None) -> DispatchApiClient:
-    """A ``DispatchApiClient`` with the configured credentials and timeouts."""
+    """A ``DispatchApiClient`` with the configured credentials and timeouts, on a
+    connection of its own."""
     api = settings.api
     return ApiClient(
         channel_options=[
             ("grpc.max_receive_message_length", api.max_receive_bytes),
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+            SUBCHANNEL_OF_ITS_OWN,
         ],
         server_url=api_url(settings, local_port),
         # The client insists on a key; a server without auth ignores this one.
@@ -282,7 +292,7 @@ class ApiSync:
     ) -> None:
         self._client = client
         self._opening = opening or asyncio.Semaphore(1)
-        """Shared by the microgrids of one channel: how many may open and list at once."""
+        """Shared by the daemon's microgrids: how many may open and list at once."""
         self._microgrid_id = microgrid_id
         self._deliver = deliver
         self._backoff = backoff

@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from frequenz.client.dispatch import DispatchApiClient
 
 from dispatchd import __version__, metrics, status
-from dispatchd.apisync import ApiSync, api_client, api_url
+from dispatchd.apichannel import ClientPool
+from dispatchd.apisync import ApiSync, api_clients, api_url
 from dispatchd.core import wire
 from dispatchd.core.engine import Engine, SnapshotEntry, stored_snapshot
 from dispatchd.core.records import record_from_text
@@ -174,7 +174,7 @@ class Daemon:
             unpublished=lambda: publisher.unconfirmed,
         )
         tasks: list[asyncio.Task[None]] = []
-        client: DispatchApiClient | None = None
+        clients: ClientPool | None = None
         microgrids: Microgrids | None = None
         try:
             # Each microgrid's outbox is republished when it is started (microgrids.py).
@@ -185,12 +185,12 @@ class Daemon:
             await rpc.start(wait=publisher.connected)
             self.http_port = await http.start()
             metrics.BUILD_INFO.labels(version=__version__).set(1)
-            client = api_client(self._settings, self.local_api_port)
+            clients = api_clients(self._settings, self.local_api_port)
             # Restart order per microgrid: load, republish its outbox, re-list, then
             # converge: the stored view is not announced before the microgrid's first
             # list, which may show it changed while it ran nowhere.
             microgrids = self.microgrids = Microgrids(
-                settings, ownership, store, loop, publisher, client, without_sync=unconfigured
+                settings, ownership, store, loop, publisher, clients, without_sync=unconfigured
             )
             tasks.append(asyncio.create_task(loop.run(), name="engine"))
             tasks.append(asyncio.create_task(loop.save_unsaved(), name="store-retry"))
@@ -214,14 +214,14 @@ class Daemon:
                 raise taken.result()
         finally:
             await self._shutdown(
-                tasks, microgrids, client, rpc, publisher, http, local_api, loop, store, keeper
+                tasks, microgrids, clients, rpc, publisher, http, local_api, loop, store, keeper
             )
 
     async def _shutdown(
         self,
         tasks: list[asyncio.Task[None]],
         microgrids: Microgrids | None,
-        client: DispatchApiClient | None,
+        clients: ClientPool | None,
         rpc: SnapshotRpc,
         publisher: Publisher,
         http: HttpServer,
@@ -259,8 +259,8 @@ class Daemon:
         await _within(
             rpc.close(), min(left(), _RPC_CLOSE_GRACE), "closing the snapshot rpc channel"
         )
-        if client is not None:
-            await client.disconnect()
+        if clients is not None:
+            await clients.disconnect()
         # The publisher waits at most CLOSE_GRACE for its own Close-Ok: drain for the rest.
         drain = max(0.0, left() - CLOSE_GRACE)
         await _within(

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from frequenz.client.dispatch import DispatchApiClient
 
+from dispatchd.apichannel import ClientPool
 from dispatchd.apisync import OPENING_AT_ONCE, ApiSync
 from dispatchd.core.records import last_seen_from_meta, record_from_text
 from dispatchd.loop import Loop
@@ -59,7 +59,7 @@ class Microgrids:
         store: Store,
         loop: Loop,
         publisher: Publisher,
-        client: DispatchApiClient,
+        clients: ClientPool,
         *,
         without_sync: Collection[int] = (),
     ) -> None:
@@ -68,9 +68,9 @@ class Microgrids:
         self._store = store
         self._loop = loop
         self._opening = asyncio.Semaphore(OPENING_AT_ONCE)
-        """How many microgrids may open their stream and list at once (one channel)."""
+        """How many microgrids may open their stream and list at once (over all channels)."""
         self._publisher = publisher
-        self._client = client
+        self._clients = clients
         self._without_sync = frozenset(without_sync)
         """Stored microgrids no longer configured: converged and published, never synced."""
         self.running: dict[int, _Running] = {}
@@ -183,7 +183,10 @@ class Microgrids:
         if syncing:
             self._loop.syncing.add(microgrid_id)
             running.sync = ApiSync(
-                self._client, microgrid_id, self._loop.inbox.put, opening=self._opening
+                self._clients.client_for(microgrid_id),
+                microgrid_id,
+                self._loop.inbox.put,
+                opening=self._opening,
             )
             running.tasks.append(
                 asyncio.create_task(running.sync.run(), name=f"sync-{microgrid_id}")
@@ -217,6 +220,7 @@ class Microgrids:
             task.cancel()
         if running.tasks:
             await asyncio.wait(running.tasks)
+        self._clients.release(microgrid_id)
         self._loop.syncing.discard(microgrid_id)
         return running
 

@@ -342,6 +342,9 @@ class ApiConfig:
     first_sync_timeout: PositiveFloat = 30.0
     max_receive_bytes: Annotated[int, Ge(4 * 1024 * 1024), Le(2**31 - 1)] = 64 * 1024 * 1024
     """Largest List page or stream event accepted from the API (gRPC's default is 4 MiB)."""
+    max_streams_per_channel: Annotated[int, Ge(1)] = 64
+    """Microgrids per gRPC channel (connection): below the stream limits of common
+    servers and proxies, with room for listings (``apichannel.ClientPool``)."""
     local: LocalApiConfig = field(default_factory=LocalApiConfig)
 
     @property
