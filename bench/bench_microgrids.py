@@ -1,12 +1,17 @@
 """A thousand microgrids in one daemon: time to ready, memory, idle CPU, update latency.
 
 Run: ``python bench/bench_microgrids.py [--microgrids 1000] [--per 20] [--updates 100]
-[--idle-seconds 60]``.
+[--idle-seconds 60] [--server-stream-limit N] [--streams-per-channel N] [--within 600]``.
 
 The local dispatch API runs in its own process (``dispatchd api``), as a
 remote API would, seeded with ``--per`` one-off dispatches (starting tomorrow)
 in each of ``--microgrids`` microgrids. ``dispatchd run`` syncs all of them:
-one API stream per microgrid over the daemon's one gRPC channel. Figures:
+one API stream per microgrid, ``api.max_streams_per_channel`` of them per gRPC
+channel (``--streams-per-channel``; by default the daemon's own default).
+``--server-stream-limit`` makes the API server allow only that many calls at
+once per connection (HTTP/2 ``MAX_CONCURRENT_STREAMS``), as a proxy in front
+of a real API does (HAProxy: 100, nginx: 128); without it gRPC's server
+allows practically any number. Figures:
 spawn -> ``/readyz`` 200 (every microgrid listed), RSS of both processes, the
 daemon's CPU while idle, and one payload update on each of ``--updates``
 random microgrids until the consumer (this script) gets its ``updated``.
@@ -76,6 +81,24 @@ async def wait_ready(daemon: Daemon, started: float, within: float) -> float:
     return time.perf_counter() - started
 
 
+def synced(daemon: Daemon) -> int:
+    """Microgrids whose first sync the daemon logged."""
+    return sum(1 for line in daemon.log if line.get("event") == "first sync done")
+
+
+def api_with_stream_limit(limit: int) -> tuple[str, ...]:
+    """``python_args`` for ``dispatchd api`` whose gRPC server allows ``limit`` concurrent
+    calls per connection (none: ``()``, the plain command)."""
+    if not limit:
+        return ()
+    code = (
+        "import sys; from dispatchd.localapi import server; "
+        f"server._SERVER_OPTIONS.append(('grpc.max_concurrent_streams', {limit:d})); "
+        "from dispatchd.cli import main; sys.argv = ['dispatchd', 'api']; raise SystemExit(main())"
+    )
+    return ("-c", code)
+
+
 def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -90,21 +113,31 @@ async def bench(args: argparse.Namespace) -> None:
             "seeded (not measured)", f"{count:,} dispatches in {time.perf_counter() - began:.1f} s"
         )
         api = Daemon(daemon_env(args.amqp_url, exchange, Path(api_tmp)), command="api")
-        await api.start()
+        await api.start(python_args=api_with_stream_limit(args.server_stream_limit))
         try:
             async with bound_queue(args.amqp_url, exchange) as consumer:
                 env = daemon_env(args.amqp_url, exchange, Path(tmp))
                 env["DISPATCHD_API__URL"] = f"grpc://127.0.0.1:{api.api_port}?ssl=false"
                 env["DISPATCHD_API__AUTH_KEY"] = "bench"
+                if args.streams_per_channel:
+                    env["DISPATCHD_API__MAX_STREAMS_PER_CHANNEL"] = str(args.streams_per_channel)
                 env["DISPATCHD_MICROGRID_IDS"] = (
                     f"[{','.join(map(str, range(1, args.microgrids + 1)))}]"
                 )
                 daemon = Daemon(env)
                 started = time.perf_counter()
-                spawn = daemon.start(within=600)
+                spawn = daemon.start(within=args.within)
                 spawned = asyncio.create_task(spawn)
                 try:
-                    seconds = await wait_ready(daemon, started, 600)
+                    try:
+                        seconds = await wait_ready(daemon, started, args.within)
+                    except TimeoutError:
+                        show(
+                            f"{args.microgrids} microgrids x {args.per}: spawn -> ready",
+                            f"not ready within {args.within:.0f} s: "
+                            f"{synced(daemon)} of {args.microgrids} microgrids synced",
+                        )
+                        return
                     await spawned
                     assert daemon.process is not None
                     show(
@@ -185,6 +218,16 @@ async def main() -> None:
     parser.add_argument("--per", type=int, default=20)
     parser.add_argument("--updates", type=int, default=100)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--server-stream-limit",
+        type=int,
+        default=0,
+        help="calls the API server allows at once per connection (0: gRPC's default)",
+    )
+    parser.add_argument(
+        "--streams-per-channel", type=int, default=0, help="api.max_streams_per_channel"
+    )
+    parser.add_argument("--within", type=float, default=600.0, help="seconds to wait for ready")
     args = parser.parse_args()
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()}", flush=True)
     await bench(args)
