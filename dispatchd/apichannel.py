@@ -127,7 +127,8 @@ class ClientPool:
         self._make = make
         self._per_channel = per_channel
         self._clients: list[DispatchApiClient] = []
-        self._members: list[set[int]] = []
+        self._taken: list[int] = []
+        """Microgrids on each channel."""
         self._client_of: dict[int, int] = {}
 
     def client_for(self, microgrid_id: int) -> DispatchApiClient:
@@ -135,13 +136,13 @@ class ClientPool:
         index = self._client_of.get(microgrid_id)
         if index is None:
             index = next(
-                (i for i, members in enumerate(self._members) if len(members) < self._per_channel),
+                (i for i, taken in enumerate(self._taken) if taken < self._per_channel),
                 len(self._clients),
             )
             if index == len(self._clients):
                 self._clients.append(self._make())
-                self._members.append(set())
-            self._members[index].add(microgrid_id)
+                self._taken.append(0)
+            self._taken[index] += 1
             self._client_of[microgrid_id] = index
         return self._clients[index]
 
@@ -149,7 +150,7 @@ class ClientPool:
         """The microgrid's sync has stopped: its place on the channel is free again."""
         index = self._client_of.pop(microgrid_id, None)
         if index is not None:
-            self._members[index].discard(microgrid_id)
+            self._taken[index] -= 1
 
     @property
     def channels(self) -> int:
